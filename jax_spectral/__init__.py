@@ -1,0 +1,45 @@
+"""jax-spectral: Hessian eigenvalue densities, eigenpairs and traces for neural networks.
+
+A JAX-native successor to google/spectral-density. The pipeline is
+
+    loss + params + data -> hessian_operator (v -> H v over the whole dataset)
+                         -> lanczos (tridiagonal T, basis V)
+                         -> density.tridiag_to_density (Gauss quadrature, smoothed).
+
+``import jax_spectral`` imports JAX and NumPy only (no Keras, TensorFlow or matplotlib).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from . import density as density
+from .density import eigv_to_density as eigv_to_density
+from .density import tridiag_to_density as tridiag_to_density
+from .density import tridiag_to_eigv as tridiag_to_eigv
+from .hvp import full_hessian as full_hessian
+from .hvp import hvp as hvp
+from .lanczos import LanczosResult as LanczosResult
+from .lanczos import lanczos as lanczos
+from .lanczos import lanczos_alg as lanczos_alg
+from .lanczos import ritz as ritz
+from .operators import HessianOperator as HessianOperator
+from .operators import hessian_operator as hessian_operator
+
+try:
+    __version__ = version("jax-spectral")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "HessianOperator",
+    "LanczosResult",
+    "density",
+    "eigv_to_density",
+    "full_hessian",
+    "hessian_operator",
+    "hvp",
+    "lanczos",
+    "lanczos_alg",
+    "ritz",
+    "tridiag_to_density",
+    "tridiag_to_eigv",
+]

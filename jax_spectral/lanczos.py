@@ -1,0 +1,432 @@
+"""The Lanczos algorithm with full reorthogonalisation, as one ``lax.scan``.
+
+Given a symmetric operator ``A`` (``matvec(v) = A v``) and a unit start vector ``v_0``,
+``m`` steps build an orthonormal basis ``V = [v_0 .. v_{m-1}]`` of the Krylov space and a
+symmetric tridiagonal ``T = V^T A V`` with diagonal ``alpha`` and off-diagonal ``beta``:
+
+    A V^T = V^T T + beta_m v_m e_m^T.
+
+Step ``i`` computes ``w = A v_i``, ``alpha_i = v_i . w``,
+``w <- w - alpha_i v_i - beta_{i-1} v_{i-1}``, then reorthogonalises ``w`` against the
+whole basis by classical Gram-Schmidt applied twice (two products with the ``(m, P)``
+basis matrix, never a loop over earlier vectors), and sets ``beta_i = |w|``,
+``v_{i+1} = w / beta_i``. The eigenvalues of ``T`` (Ritz values) approximate the extreme
+eigenvalues of ``A``; the eigenvalues and squared first eigenvector components of ``T``
+are the nodes and weights of the Gauss quadrature rule for the spectral measure of ``A``
+seen from ``v_0`` (see :mod:`jax_spectral.density`).
+
+Breakdown: when ``beta_i <= breakdown_tol * |A v_i|`` the Krylov space is invariant (for
+example when ``order`` exceeds the rank of ``A``): the recurrence stops, ``num_steps``
+says how many steps are valid, ``T[:k, :k]`` and ``V[:k]`` are exact and everything after
+them is zero. No NaN is produced.
+
+Non-finite products: a NaN or Inf from ``matvec`` at step ``i`` stops the recurrence;
+``nonfinite_step`` is ``i`` and the rows and columns of ``T`` from ``i`` on are NaN. When
+called outside ``jit``/``vmap``, :func:`lanczos` raises ``FloatingPointError`` naming the
+step.
+
+The recurrence runs in the dtype of the operator (float32 for a float32 model); the
+reorthogonalisation products use ``Precision.HIGHEST`` so that accelerators do not drop to
+reduced-precision matrix units there.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+PyTree = Any
+
+__all__ = ["LanczosResult", "lanczos", "lanczos_alg", "lanczos_step", "ritz"]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class LanczosResult(NamedTuple):
+    """The output of :func:`lanczos` (``k = num_steps``)."""
+
+    tridiag: jax.Array  # shape=(order, order), operator dtype; T[:k, :k] valid, zero after
+    basis: jax.Array  # shape=(order, dim), operator dtype; rows v_0..v_{k-1}, zero after
+    num_steps: jax.Array  # shape=(), int32; k, the number of valid steps
+    residual_norm: jax.Array  # shape=(); beta_k, the coupling to v_k (0 after breakdown)
+    nonfinite_step: jax.Array  # shape=(), int32; first step with a NaN/Inf product, else -1
+
+
+class LanczosState(NamedTuple):
+    """Carry of the recurrence; one step is :func:`lanczos_step`."""
+
+    basis: jax.Array  # shape=(order, dim); row i is v_i once written
+    alphas: jax.Array  # shape=(order,)
+    betas: jax.Array  # shape=(order,); betas[i] couples v_i and v_{i+1}
+    num_steps: jax.Array  # shape=(), int32
+    stopped: jax.Array  # shape=(), bool; breakdown or non-finite product seen
+    nonfinite_step: jax.Array  # shape=(), int32; -1 if none
+
+
+def init_state(v0: jax.Array, order: int) -> LanczosState:
+    """State before step 0, with the normalised start vector as ``v_0``."""
+    dtype = v0.dtype
+    v0 = v0 / jnp.linalg.norm(v0)
+    basis = jnp.zeros((order, v0.shape[0]), dtype).at[0].set(v0)
+    zeros = jnp.zeros((order,), dtype)
+    return LanczosState(
+        basis, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool), -jnp.ones((), jnp.int32)
+    )
+
+
+def lanczos_step(
+    state: LanczosState, step: jax.Array, w: jax.Array, *, reorthogonalize: bool, tol: float
+) -> LanczosState:
+    """Advance the recurrence by one step, given ``w = A v_step``.
+
+    A pure function shared by the scanned and the host-driven drivers. Steps after a
+    breakdown or a non-finite product leave the state unchanged.
+    """
+    basis = state.basis
+    order = basis.shape[0]
+    v = basis[step]
+    prev = jnp.maximum(step - 1, 0)
+    beta_prev = jnp.where(step > 0, state.betas[prev], 0).astype(w.dtype)
+
+    finite = jnp.all(jnp.isfinite(w))
+    w = jnp.where(finite, w, 0)
+    w_norm = jnp.linalg.norm(w)
+    alpha = jnp.dot(v, w, precision=_HIGHEST)
+    w = w - alpha * v - beta_prev * basis[prev]
+    if reorthogonalize:
+        for _ in range(2):  # classical Gram-Schmidt, twice ("twice is enough")
+            w = w - jnp.dot(jnp.dot(basis, w, precision=_HIGHEST), basis, precision=_HIGHEST)
+    beta = jnp.linalg.norm(w)
+    broke = beta <= tol * w_norm
+
+    active = ~state.stopped & finite
+    grow = active & ~broke
+    nxt = jnp.minimum(step + 1, order - 1)
+    write = grow & (step + 1 < order)
+    v_next = w / jnp.where(grow, beta, 1)
+    basis = basis.at[nxt].set(jnp.where(write, v_next, basis[nxt]))
+    alphas = state.alphas.at[step].set(jnp.where(active, alpha, state.alphas[step]))
+    betas = state.betas.at[step].set(jnp.where(grow, beta, state.betas[step]))
+    return LanczosState(
+        basis=basis,
+        alphas=alphas,
+        betas=betas,
+        num_steps=jnp.where(active, step + 1, state.num_steps).astype(jnp.int32),
+        stopped=state.stopped | ~finite | broke,
+        nonfinite_step=jnp.where(~state.stopped & ~finite, step, state.nonfinite_step).astype(
+            jnp.int32
+        ),
+    )
+
+
+def pack_result(state: LanczosState) -> LanczosResult:
+    """Assemble ``T`` and mask everything past the valid steps."""
+    order = state.alphas.shape[0]
+    k = state.num_steps
+    idx = jnp.arange(order)
+    valid = idx < k
+    alphas = jnp.where(valid, state.alphas, 0)
+    off = jnp.where(idx[:-1] + 1 < k, state.betas[:-1], 0)
+    tridiag = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
+    bad = state.nonfinite_step
+    poisoned = (bad >= 0) & ((idx[:, None] >= bad) | (idx[None, :] >= bad))
+    tridiag = jnp.where(poisoned, jnp.nan, tridiag)
+    basis = jnp.where(valid[:, None], state.basis, 0)
+    residual = jnp.where(k > 0, state.betas[jnp.maximum(k - 1, 0)], 0)
+    return LanczosResult(tridiag, basis, k, residual, state.nonfinite_step)
+
+
+# -- matvec plumbing ----------------------------------------------------------------------
+
+
+def _is_operator(obj: Any) -> bool:
+    return hasattr(obj, "matvec") and hasattr(obj, "dim") and hasattr(obj, "dtype")
+
+
+def _flat_matvec(fn: Callable | None, operator: Any, template: PyTree | None) -> Callable:
+    """The flat ``(dim,) -> (dim,)`` product for a user function or an operator."""
+    if operator is not None:
+        return operator.matvec
+    if template is None:
+        return fn
+    flat, unravel = ravel_pytree(template)
+
+    def matvec(x):
+        return ravel_pytree(fn(unravel(x)))[0].astype(flat.dtype)
+
+    return matvec
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "order", "reorthogonalize", "tol"))
+def _scan_lanczos(fn, operator, template, v0, *, order, reorthogonalize, tol):
+    matvec = _flat_matvec(fn, operator, template)
+    step_fn = functools.partial(lanczos_step, reorthogonalize=reorthogonalize, tol=tol)
+
+    def body(state, step):
+        v = state.basis[step]
+        w = jax.lax.cond(
+            state.stopped, lambda: jnp.zeros_like(v), lambda: matvec(v).astype(v.dtype)
+        )
+        return step_fn(state, step, w), None
+
+    state, _ = jax.lax.scan(body, init_state(v0, order), jnp.arange(order))
+    return pack_result(state)
+
+
+_init_jit = jax.jit(init_state, static_argnums=1)
+_step_jit = jax.jit(lanczos_step, static_argnames=("reorthogonalize", "tol"), donate_argnums=0)
+_pack_jit = jax.jit(pack_result)
+
+
+def _report(progress, step, order, state, started):
+    if not progress:
+        return
+    elapsed = time.perf_counter() - started
+    if callable(progress):
+        progress(step + 1, order, elapsed)
+        return
+    print(
+        f"lanczos step {step + 1}/{order}: alpha={float(state.alphas[step]):.6g} "
+        f"beta={float(state.betas[step]):.6g} ({elapsed:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _host_lanczos(matvec, v0, *, order, reorthogonalize, tol, progress):
+    state = _init_jit(v0, order)
+    started = time.perf_counter()
+    for step in range(order):
+        w = jnp.asarray(matvec(state.basis[step]), v0.dtype)
+        state = _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
+        _report(progress, step, order, state, started)
+        if bool(state.stopped):
+            break
+    return _pack_jit(state)
+
+
+def _is_tracer(x: Any) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _default_tol(dtype) -> float:
+    return float(100 * jnp.finfo(dtype).eps)
+
+
+def lanczos(
+    matvec: Callable | Any,
+    key: jax.Array | None,
+    order: int,
+    *,
+    dim: int | None = None,
+    v0: jax.Array | PyTree | None = None,
+    like: PyTree | None = None,
+    reorthogonalize: bool = True,
+    loop: str | None = None,
+    breakdown_tol: float | None = None,
+    progress: bool | Callable[[int, int, float], None] = False,
+) -> LanczosResult:
+    """Run ``order`` steps of Lanczos on a symmetric operator.
+
+    Parameters
+    ----------
+    matvec:
+        The operator: a function ``v -> A v`` on flat ``(dim,)`` vectors, a function on
+        params-shaped pytrees (give ``like=params`` or a pytree ``v0``), or an operator such
+        as :func:`jax_spectral.hessian_operator`'s (``dim`` and ``dtype`` come from it).
+    key:
+        PRNG key for the start vector (standard normal, normalised). May be ``None`` when
+        ``v0`` is given.
+    order:
+        Number of steps ``m``; the tridiagonal is ``(m, m)``.
+    dim:
+        Length of the flat vectors, for a flat ``matvec`` without ``v0``.
+    v0:
+        Explicit start vector (flat or params-shaped); normalised here.
+    like:
+        A params-shaped template: ``matvec`` then acts on pytrees and is flattened once
+        with ``ravel_pytree``; ``dim`` and dtype come from the template.
+    reorthogonalize:
+        Full reorthogonalisation (two classical Gram-Schmidt passes per step).
+    loop:
+        ``"scan"``: the whole recurrence is one ``lax.scan`` inside ``jit`` (compiles once
+        per shape; works under ``jit`` and ``vmap`` over keys). ``"host"``: a Python loop
+        calling the same jitted step function, for operators that cannot be traced
+        (streamed data) or run slowly inside a compiled loop. ``None`` picks ``"host"`` for
+        an operator with ``traceable == False`` and ``"scan"`` otherwise.
+    breakdown_tol:
+        Breakdown when ``beta_i <= breakdown_tol * |A v_i|``; default ``100 * eps``.
+    progress:
+        Host loop only: ``True`` prints one line per step to stderr; a callable is called
+        as ``progress(step, order, elapsed_seconds)``.
+
+    Returns
+    -------
+    LanczosResult
+        ``tridiag`` (order, order), ``basis`` (order, dim), ``num_steps``,
+        ``residual_norm``, ``nonfinite_step``.
+
+    Raises
+    ------
+    ValueError
+        ``order <= 0``; no way to know ``dim``; ``loop="scan"`` on a host-only operator or
+        ``loop="host"`` under ``jit``/``vmap``; unknown ``loop``.
+    TypeError
+        ``order`` is not an int.
+    FloatingPointError
+        A product was NaN or Inf (outside ``jit``/``vmap``); the message names the step and
+        the exception's ``result`` attribute holds the result up to that step.
+
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> A = jnp.diag(jnp.arange(1.0, 6.0))
+    >>> res = lanczos(lambda v: A @ v, jax.random.key(0), 5, dim=5)
+    >>> np.round(np.linalg.eigvalsh(np.asarray(res.tridiag)), 4)
+    array([1., 2., 3., 4., 5.], dtype=float32)
+    """
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)):
+        raise TypeError(f"order must be a positive int, got {order!r}.")
+    if order <= 0:
+        raise ValueError(f"order must be a positive int (the number of Lanczos steps), got {order}.")
+    order = int(order)
+
+    operator = None
+    if _is_operator(matvec):
+        operator = matvec
+    elif _is_operator(getattr(matvec, "__self__", None)) and getattr(matvec, "__name__", "") in (
+        "matvec",
+        "__call__",
+    ):
+        operator = matvec.__self__
+    template = None
+    if operator is None:
+        if not callable(matvec):
+            raise TypeError(f"matvec must be callable or an operator, got {type(matvec)}.")
+        if like is None and v0 is not None and not _is_array_vector(v0):
+            like = v0
+        if like is not None:
+            template = like
+            flat_like, _ = ravel_pytree(like)
+            dim, dtype = flat_like.shape[0], flat_like.dtype
+            if v0 is not None:
+                v0 = ravel_pytree(v0)[0]
+        else:
+            if v0 is not None:
+                v0 = jnp.asarray(v0)
+                if v0.ndim != 1:
+                    raise ValueError(f"v0 must be a flat vector, got shape {v0.shape}.")
+                dim = v0.shape[0] if dim is None else dim
+            if dim is None:
+                raise ValueError(
+                    "lanczos cannot tell the vector length: give dim=, a start vector v0=, "
+                    "or like=params for a matvec on params-shaped pytrees."
+                )
+            dtype = v0.dtype if v0 is not None else jnp.zeros(()).dtype
+    else:
+        dim, dtype = operator.dim, operator.dtype
+        if v0 is not None and not _is_array_vector(v0):
+            v0 = operator.ravel(v0)
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+        raise ValueError(f"dim must be a positive int, got {dim!r}.")
+    dim = int(dim)
+
+    if v0 is None:
+        if key is None:
+            raise ValueError("lanczos needs a PRNG key for its start vector, or an explicit v0.")
+        v0 = jax.random.normal(key, (dim,), dtype)
+    v0 = jnp.asarray(v0, dtype)
+    if v0.shape != (dim,):
+        raise ValueError(f"the start vector has shape {v0.shape}, expected ({dim},).")
+
+    traceable = getattr(operator, "traceable", True)
+    if loop is None:
+        loop = "scan" if traceable else "host"
+    if loop not in ("scan", "host"):
+        raise ValueError(f"loop must be 'scan', 'host' or None, got {loop!r}.")
+    if loop == "scan" and not traceable:
+        raise ValueError(
+            "this operator reads its data from the host and cannot run inside lax.scan; "
+            "use loop='host' (the default for it)."
+        )
+    tol = _default_tol(dtype) if breakdown_tol is None else float(breakdown_tol)
+
+    if loop == "host":
+        if _is_tracer(v0):
+            raise ValueError(
+                "host-driven Lanczos cannot run under jit or vmap; use a traceable operator "
+                "with loop='scan', or call lanczos outside the transformation."
+            )
+        flat = _flat_matvec(matvec if operator is None else None, operator, template)
+        result = _host_lanczos(
+            flat, v0, order=order, reorthogonalize=reorthogonalize, tol=tol, progress=progress
+        )
+    else:
+        result = _scan_lanczos(
+            None if operator is not None else matvec,
+            operator,
+            template,
+            v0,
+            order=order,
+            reorthogonalize=reorthogonalize,
+            tol=tol,
+        )
+    if not _is_tracer(result.nonfinite_step) and int(result.nonfinite_step) >= 0:
+        step = int(result.nonfinite_step)
+        err = FloatingPointError(
+            f"Lanczos step {step} (0-based): the matrix-vector product contained NaN or Inf "
+            "(for a Hessian operator: the loss or the HVP was non-finite). The first "
+            f"{step} steps are valid and kept in this exception's 'result' attribute. Check "
+            "the loss for overflow or log(0), the data for NaN, or use float64."
+        )
+        err.result = result
+        raise err
+    return result
+
+
+def _is_array_vector(x: Any) -> bool:
+    return isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 1
+
+
+def ritz(
+    result: LanczosResult, *, like: PyTree | None = None, unravel: Callable | None = None
+) -> tuple[np.ndarray, jax.Array | PyTree]:
+    """Ritz values and vectors from a Lanczos result.
+
+    The ``k = num_steps`` eigenvalues of ``T[:k, :k]`` (ascending, float64, computed on
+    the host) and the Ritz vectors ``S^T V[:k]``: a ``(k, dim)`` array, or with ``like``
+    (a params template) or ``unravel`` a params-shaped pytree whose leaves have a leading
+    axis of length ``k``.
+    """
+    k = int(result.num_steps)
+    tridiag = np.asarray(result.tridiag, np.float64)[:k, :k]
+    if not np.all(np.isfinite(tridiag)):
+        raise ValueError("the tridiagonal contains NaN or Inf; the Lanczos run failed.")
+    values, vectors = np.linalg.eigh(tridiag)
+    basis = result.basis[:k]
+    ritz_vectors = jnp.dot(jnp.asarray(vectors.T, basis.dtype), basis, precision=_HIGHEST)
+    if like is not None:
+        unravel = ravel_pytree(like)[1]
+    if unravel is not None:
+        ritz_vectors = jax.vmap(unravel)(ritz_vectors)
+    return values, ritz_vectors
+
+
+def lanczos_alg(
+    matrix_vector_product: Callable[[jax.Array], jax.Array], dim: int, order: int, rng_key
+) -> tuple[jax.Array, jax.Array]:
+    """The original package's ``lanczos_alg``: returns ``(tridiag (order, order), vecs (order, dim))``.
+
+    Same meaning as in google/spectral-density's ``jax/lanczos.py``, computed by
+    :func:`lanczos` (full reorthogonalisation, breakdown handled, float64 under x64).
+    """
+    result = lanczos(matrix_vector_product, rng_key, order, dim=dim)
+    return result.tridiag, result.basis

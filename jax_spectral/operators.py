@@ -1,0 +1,358 @@
+"""Curvature operators over a whole dataset.
+
+``hessian_operator(loss, params, data)`` returns a :class:`HessianOperator`: the Hessian
+of the dataset loss at ``params`` as a linear map on flat vectors of length ``dim``
+(the ``ravel_pytree`` order of ``params``), built from per-batch Hessian-vector products.
+
+Reductions
+----------
+``reduce="mean"`` is the exact mean over samples: with batches of ``n_b`` samples whose
+loss is the batch mean, ``H = sum_b (n_b / N) H_b``, so a ragged last batch is weighted
+correctly. (The original package divided by the number of batches, which is wrong when
+batches differ in size.) ``reduce="sum"`` is the plain sum ``sum_b H_b`` of the batch
+Hessians.
+
+Loops over batches
+------------------
+In-memory arrays can run entirely inside ``jit`` (``loop="scan"``: a ``lax.scan`` over
+the stacked equal batches plus the remainder batch), so Lanczos can wrap the whole
+operator in one compiled program. Streams, and models that XLA runs slowly inside a loop,
+use ``loop="host"``: a Python loop over batches calling one jitted per-batch step.
+``loop="auto"`` picks ``"host"`` on CPU when the loss contains a convolution (XLA's CPU
+backend runs convolution gradients many times slower inside a while loop, see
+jax-ml/jax#12868 and ``benchmarks/bench_core.py``) and ``"scan"`` otherwise.
+
+Non-finite values
+-----------------
+The loss value is a by-product of each HVP. If the dataset loss or any HVP entry is NaN or
+Inf, ``matvec`` returns a vector of NaN; :func:`jax_spectral.lanczos` then raises, naming
+the step. NaN never passes silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from .data import BatchStream, batch_size_of, is_array_data, split_arrays
+from .hvp import check_params, check_scalar_loss, loss_and_hvp
+
+PyTree = Any
+
+__all__ = ["HessianOperator", "hessian_operator"]
+
+_REDUCTIONS = ("mean", "sum")
+_LOOPS = ("auto", "scan", "host")
+_SLOW_IN_LOOP_ON_CPU = frozenset({"conv_general_dilated"})
+
+
+@functools.lru_cache(maxsize=256)
+def _unraveler(treedef: Any, avals: tuple) -> Callable[[jax.Array], PyTree]:
+    template = jax.tree_util.tree_unflatten(treedef, [np.zeros(s, d) for s, d in avals])
+    return ravel_pytree(template)[1]
+
+
+def _layout(params: PyTree) -> tuple[Any, tuple]:
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
+
+
+def _accumulate(loss, params, batch, v, acc, loss_sum, weight):
+    value, hv = loss_and_hvp(loss, params, batch, v)
+    acc = jax.tree_util.tree_map(lambda a, h: a + weight.astype(h.dtype) * h, acc, hv)
+    return acc, loss_sum + value
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
+def _batch_step(loss, params, batch, v, acc, loss_sum, weight):
+    return _accumulate(loss, params, batch, v, acc, loss_sum, weight)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(5,))
+def _stacked_step(loss, params, stacked, index, v, acc, loss_sum, weight):
+    batch = jax.tree_util.tree_map(lambda a: a[index], stacked)
+    return _accumulate(loss, params, batch, v, acc, loss_sum, weight)
+
+
+def _finish(acc: PyTree, loss_sum: jax.Array, scale) -> jax.Array:
+    flat = ravel_pytree(acc)[0] * scale
+    ok = jnp.isfinite(loss_sum) & jnp.all(jnp.isfinite(flat))
+    return jnp.where(ok, flat, jnp.nan)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["params", "stacked", "remainder"],
+    meta_fields=[
+        "loss",
+        "reduce",
+        "loop",
+        "num_samples",
+        "batch_size",
+        "stream",
+        "layout",
+    ],
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class HessianOperator:
+    """The Hessian of a dataset loss as a linear operator on flat vectors.
+
+    A pytree: the parameters and in-memory batches are its leaves, the loss and settings
+    its static part, so an operator can be passed through ``jax.jit`` without its arrays
+    being baked into the program as constants.
+
+    Attributes
+    ----------
+    dim: number of parameters ``P``; ``matvec`` maps shape ``(P,)`` to ``(P,)``.
+    dtype: the dtype of the flattened parameters and of ``matvec``'s output.
+    traceable: ``True`` when ``matvec`` can run under ``jit``/``vmap``/``lax.scan``
+        (in-memory data with ``loop="scan"``); host-driven operators are not traceable,
+        and :func:`jax_spectral.lanczos` drives them from a Python loop.
+    num_samples: ``N`` for in-memory data; for streams, known after the first pass.
+    """
+
+    params: PyTree
+    stacked: PyTree | None  # equal batches stacked on a leading axis (in-memory data)
+    remainder: PyTree | None  # the last, smaller batch (in-memory data)
+    loss: Callable = dataclasses.field(repr=False)
+    reduce: str = "mean"
+    loop: str = "scan"
+    num_samples: int | None = None
+    batch_size: int | None = None
+    stream: BatchStream | None = dataclasses.field(default=None, repr=False)
+    layout: tuple = dataclasses.field(default=(), repr=False)
+
+    # -- shapes and conversions -------------------------------------------------------
+    @property
+    def unravel(self) -> Callable[[jax.Array], PyTree]:
+        """Map a flat ``(dim,)`` vector to a pytree shaped like ``params``."""
+        return _unraveler(*self.layout)
+
+    def ravel(self, tree: PyTree) -> jax.Array:
+        """Map a params-shaped pytree to a flat ``(dim,)`` vector (``ravel_pytree`` order)."""
+        return ravel_pytree(tree)[0].astype(self.dtype)
+
+    @property
+    def dim(self) -> int:
+        return int(sum(int(np.prod(s, dtype=np.int64)) for s, _ in self.layout[1]))
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(jnp.result_type(*[d for _, d in self.layout[1]]))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    @property
+    def traceable(self) -> bool:
+        return self.loop == "scan"
+
+    # -- products ---------------------------------------------------------------------
+    def matvec(self, v: jax.Array) -> jax.Array:
+        """``H v`` for a flat vector ``v`` of shape ``(dim,)``; returns shape ``(dim,)``."""
+        v = jnp.asarray(v)
+        if v.shape != (self.dim,):
+            raise ValueError(f"matvec expects a vector of shape ({self.dim},), got {v.shape}.")
+        tangent = self.unravel(v.astype(self.dtype))
+        if self.stream is not None:
+            return self._stream_matvec(tangent)
+        if self.loop == "host":
+            return self._host_matvec(tangent)
+        return self._scan_matvec(tangent)
+
+    __call__ = matvec
+
+    def matvec_tree(self, v: PyTree) -> PyTree:
+        """``H v`` for a params-shaped pytree ``v``; returns a params-shaped pytree."""
+        return self.unravel(self.matvec(self.ravel(v)))
+
+    def _weights(self) -> tuple[float, float]:
+        """Weights of a full batch and of the remainder batch in the reduction."""
+        if self.reduce == "sum":
+            return 1.0, 1.0
+        rest = self.num_samples % self.batch_size
+        return self.batch_size / self.num_samples, rest / self.num_samples
+
+    def _zeros(self) -> tuple[PyTree, jax.Array]:
+        acc = jax.tree_util.tree_map(jnp.zeros_like, self.params)
+        return acc, jnp.zeros((), self.dtype)
+
+    def _scan_matvec(self, tangent: PyTree) -> jax.Array:
+        w_full, w_rest = (jnp.asarray(w, self.dtype) for w in self._weights())
+        acc, loss_sum = self._zeros()
+        if self.stacked is not None:
+
+            def body(carry, batch):
+                return _accumulate(self.loss, self.params, batch, tangent, *carry, w_full), None
+
+            (acc, loss_sum), _ = jax.lax.scan(body, (acc, loss_sum), self.stacked)
+        if self.remainder is not None:
+            acc, loss_sum = _accumulate(
+                self.loss, self.params, self.remainder, tangent, acc, loss_sum, w_rest
+            )
+        return _finish(acc, loss_sum, 1.0)
+
+    def _host_matvec(self, tangent: PyTree) -> jax.Array:
+        w_full, w_rest = (jnp.asarray(w, self.dtype) for w in self._weights())
+        acc, loss_sum = self._zeros()
+        if self.stacked is not None:
+            num_full = jax.tree_util.tree_leaves(self.stacked)[0].shape[0]
+            for i in range(num_full):
+                acc, loss_sum = _stacked_step(
+                    self.loss, self.params, self.stacked, i, tangent, acc, loss_sum, w_full
+                )
+        if self.remainder is not None:
+            acc, loss_sum = _batch_step(
+                self.loss, self.params, self.remainder, tangent, acc, loss_sum, w_rest
+            )
+        return _finish(acc, loss_sum, 1.0)
+
+    def _stream_matvec(self, tangent: PyTree) -> jax.Array:
+        acc, loss_sum = self._zeros()
+        count = 0
+        for batch in self.stream:
+            n = batch_size_of(batch)
+            weight = jnp.asarray(n if self.reduce == "mean" else 1, self.dtype)
+            acc, loss_sum = _batch_step(self.loss, self.params, batch, tangent, acc, loss_sum, weight)
+            count += n
+        expected = self.stream.num_samples
+        if count == 0:
+            raise ValueError(
+                "the data yielded no batches on this pass"
+                + (" although an earlier pass had data" if expected else "")
+                + ". Lanczos needs one full pass per step: pass a re-iterable (a list of "
+                "batches, a callable returning a fresh iterator, or a tf.data.Dataset), "
+                "not a one-shot iterator or generator."
+            )
+        if expected is not None and count != expected:
+            raise ValueError(
+                f"the data yielded {count} samples on this pass but {expected} on the first; "
+                "every pass must see the same dataset (turn off shuffling or fix its seed)."
+            )
+        self.stream.num_samples = count
+        scale = 1.0 / count if self.reduce == "mean" else 1.0
+        return _finish(acc, loss_sum, jnp.asarray(scale, self.dtype))
+
+
+class _Stream(BatchStream):
+    """A :class:`BatchStream` that remembers how many samples a pass holds."""
+
+    def __init__(self, source: Any):
+        super().__init__(source)
+        self.num_samples: int | None = None
+
+
+def _primitive_names(jaxpr) -> Iterator[str]:
+    for eqn in jaxpr.eqns:
+        yield eqn.primitive.name
+        for param in eqn.params.values():
+            subs = param if isinstance(param, (tuple, list)) else (param,)
+            for sub in subs:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _primitive_names(inner)
+
+
+def _choose_loop(loss: Callable, params: PyTree, batch: PyTree) -> str:
+    """``"host"`` on CPU for models with convolutions, ``"scan"`` otherwise (measured)."""
+    if jax.default_backend() != "cpu":
+        return "scan"
+    jaxpr = jax.make_jaxpr(loss)(params, batch).jaxpr
+    return "host" if _SLOW_IN_LOOP_ON_CPU & set(_primitive_names(jaxpr)) else "scan"
+
+
+def hessian_operator(
+    loss: Callable[[PyTree, Any], jax.Array],
+    params: PyTree,
+    data: Any,
+    *,
+    reduce: str = "mean",
+    batch_size: int | None = None,
+    loop: str = "auto",
+) -> HessianOperator:
+    """The Hessian of the loss over a whole dataset, as a linear operator.
+
+    Parameters
+    ----------
+    loss:
+        ``loss(params, batch) -> scalar``, the loss of one batch (usually its mean).
+    params:
+        Pytree of real floating arrays at which the Hessian is taken.
+    data:
+        In-memory arrays (an array, or a tuple/dict of arrays sharing a leading sample
+        axis), cut into batches of ``batch_size`` (all samples in one batch if ``None``);
+        or a re-iterable of batches: a list of batches such as ``[(x, y), ...]``, a
+        callable returning a fresh iterator on each call, or a ``tf.data.Dataset``.
+    reduce:
+        ``"mean"``: the exact mean over samples, each batch weighted by its sample count;
+        ``"sum"``: the sum of the per-batch Hessians.
+    batch_size:
+        Batch size for in-memory arrays; must be ``None`` for a re-iterable.
+    loop:
+        ``"scan"`` (in-memory only; the operator is traceable), ``"host"`` (a Python loop
+        over batches with a jitted per-batch step), or ``"auto"`` (see the module notes).
+
+    Returns
+    -------
+    HessianOperator
+        With ``matvec(v_flat) -> Hv_flat``, ``dim``, ``dtype``, ``ravel``, ``unravel``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``reduce`` or ``loop``; empty data; a one-shot iterator; a non-scalar loss;
+        ``batch_size`` given with a re-iterable.
+    TypeError
+        A params leaf is integer or complex; ``data`` is of an unsupported type.
+
+    Examples
+    --------
+    >>> import jax.numpy as jnp
+    >>> loss = lambda w, b: jnp.mean((b[0] @ w - b[1]) ** 2)
+    >>> X, y = jnp.eye(3), jnp.zeros(3)
+    >>> op = hessian_operator(loss, jnp.zeros(3), (X, y), batch_size=2)
+    >>> op.matvec(jnp.ones(3))  # 2 X^T X / N applied to ones
+    Array([0.6666667, 0.6666667, 0.6666667], dtype=float32)
+    """
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+    if loop not in _LOOPS:
+        raise ValueError(f"loop must be one of {_LOOPS}, got {loop!r}.")
+    check_params(params)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    layout = _layout(params)
+
+    if is_array_data(data):
+        split = split_arrays(data, batch_size)
+        stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
+        remainder = jax.tree_util.tree_map(jnp.asarray, split.remainder)
+        first = jax.tree_util.tree_map(lambda a: a[0], stacked) if stacked is not None else remainder
+        check_scalar_loss(loss, params, first)
+        if loop == "auto":
+            loop = _choose_loop(loss, params, first)
+        return HessianOperator(
+            params, stacked, remainder, loss, reduce, loop, split.num_samples,
+            split.batch_size, None, layout,
+        )  # fmt: skip
+
+    if batch_size is not None:
+        raise ValueError(
+            "batch_size applies to in-memory arrays only; a re-iterable of batches "
+            f"({type(data).__name__}) already defines its batches."
+        )
+    if loop == "scan":
+        raise ValueError(
+            "loop='scan' needs in-memory arrays; a re-iterable of batches is read from the "
+            "host (loop='host' or 'auto')."
+        )
+    stream = _Stream(data)
+    check_scalar_loss(loss, params, stream.first())
+    return HessianOperator(params, None, None, loss, reduce, "host", None, None, stream, layout)

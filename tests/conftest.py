@@ -1,0 +1,50 @@
+"""Shared fixtures: float64 on demand and tiny models with dense references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def x64():
+    """Run the test body with 64-bit floats enabled."""
+    with jax.enable_x64(True):
+        yield
+
+
+def init_mlp(key, sizes, dtype=jnp.float32):
+    """Nested-dict MLP params: {'layer0': {'w': .., 'b': ..}, ...}."""
+    params = {}
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        key, kw, kb = jax.random.split(key, 3)
+        params[f"layer{i}"] = {
+            "w": (jax.random.normal(kw, (n_in, n_out)) / np.sqrt(n_in)).astype(dtype),
+            "b": (0.1 * jax.random.normal(kb, (n_out,))).astype(dtype),
+        }
+    return params
+
+
+def mlp_apply(params, x):
+    n = len(params)
+    for i in range(n):
+        layer = params[f"layer{i}"]
+        x = x @ layer["w"] + layer["b"]
+        if i < n - 1:
+            x = jnp.tanh(x)
+    return x
+
+
+def mlp_loss(params, batch):
+    """Mean softmax cross-entropy of the MLP on (x, integer labels)."""
+    x, y = batch
+    logits = mlp_apply(params, x)
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+
+def classification_data(key, n, n_in, n_classes, dtype=jnp.float32):
+    kx, ky = jax.random.split(key)
+    x = jax.random.normal(kx, (n, n_in)).astype(dtype)
+    y = jax.random.randint(ky, (n,), 0, n_classes)
+    return np.asarray(x), np.asarray(y)

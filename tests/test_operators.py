@@ -1,0 +1,210 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import classification_data, init_mlp, mlp_loss
+from jax.flatten_util import ravel_pytree
+
+from jax_spectral import hessian_operator, lanczos
+
+N, BATCH = 103, 10  # ten full batches and a ragged batch of three
+
+
+@pytest.fixture
+def problem(x64):
+    params = init_mlp(jax.random.key(0), [4, 5, 3], jnp.float64)
+    x, y = classification_data(jax.random.key(1), N, 4, 3, jnp.float64)
+    flat, unravel = ravel_pytree(params)
+    whole_mean = jax.hessian(lambda f: mlp_loss(unravel(f), (x, y)))(flat)
+    batches = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, N, BATCH)]
+    sum_of_batches = sum(
+        jax.hessian(lambda f, b=b: mlp_loss(unravel(f), b))(flat) for b in batches
+    )
+    v = jax.random.normal(jax.random.key(2), flat.shape, jnp.float64)
+    return params, (x, y), batches, {"mean": whole_mean, "sum": sum_of_batches}, v
+
+
+def _operators(params, arrays, batches, reduce):
+    yield "arrays/scan", hessian_operator(
+        mlp_loss, params, arrays, batch_size=BATCH, reduce=reduce, loop="scan"
+    )
+    yield "arrays/host", hessian_operator(
+        mlp_loss, params, arrays, batch_size=BATCH, reduce=reduce, loop="host"
+    )
+    yield "list", hessian_operator(mlp_loss, params, batches, reduce=reduce)
+    yield "callable", hessian_operator(mlp_loss, params, lambda: iter(batches), reduce=reduce)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_dataset_hessian_matches_dense(problem, reduce):
+    params, arrays, batches, dense, v = problem
+    want = dense[reduce] @ v
+    for name, op in _operators(params, arrays, batches, reduce):
+        assert op.dim == v.shape[0] and op.dtype == np.float64, name
+        got = op.matvec(v)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=name)
+        got_twice = op.matvec(v)  # a second pass sees the same data
+        np.testing.assert_allclose(got_twice, want, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_mean_is_not_the_mean_over_batches(problem):
+    """The original package divided the summed batch HVPs by the number of batches."""
+    params, arrays, batches, dense, v = problem
+    op = hessian_operator(mlp_loss, params, batches)
+    wrong = dense["sum"] @ v / len(batches)
+    assert not np.allclose(op.matvec(v), wrong, rtol=1e-3)
+
+
+def test_operator_matvec_on_pytrees_and_jit(problem):
+    params, arrays, batches, dense, v = problem
+    op = hessian_operator(mlp_loss, params, arrays, batch_size=BATCH)
+    tree = op.unravel(v)
+    np.testing.assert_allclose(op.ravel(op.matvec_tree(tree)), dense["mean"] @ v, rtol=1e-10)
+    # The operator is a pytree: its arrays are arguments of the compiled program.
+    jitted = jax.jit(lambda o, x: o.matvec(x))(op, v)
+    np.testing.assert_allclose(jitted, dense["mean"] @ v, rtol=1e-10)
+
+
+def test_whole_arrays_without_batch_size_is_one_batch(problem):
+    params, arrays, batches, dense, v = problem
+    op = hessian_operator(mlp_loss, params, arrays)
+    assert op.batch_size == N and op.num_samples == N
+    np.testing.assert_allclose(op.matvec(v), dense["mean"] @ v, rtol=1e-10)
+
+
+def test_duck_typed_tf_data_is_read_with_as_numpy_iterator(problem):
+    params, arrays, batches, dense, v = problem
+
+    class FakeDataset:  # the part of tf.data.Dataset the operator uses
+        def __iter__(self):
+            raise AssertionError("a tf.data.Dataset must be read through as_numpy_iterator")
+
+        def as_numpy_iterator(self):
+            return iter([tuple(np.asarray(a) for a in b) for b in batches])
+
+    op = hessian_operator(mlp_loss, params, FakeDataset())
+    np.testing.assert_allclose(op.matvec(v), dense["mean"] @ v, rtol=1e-10)
+
+
+def test_auto_loop_choice():
+    params = init_mlp(jax.random.key(0), [4, 5, 3])
+    x, y = classification_data(jax.random.key(1), 20, 4, 3)
+    mlp_op = hessian_operator(mlp_loss, params, (x, y), batch_size=8)
+    assert mlp_op.loop == "scan" and mlp_op.traceable
+
+    def conv_loss(p, batch):
+        images, labels = batch
+        out = jax.lax.conv_general_dilated(images, p["k"], (1, 1), "SAME")
+        return jnp.mean((out.mean(axis=(1, 2, 3)) - labels) ** 2)
+
+    images = np.ones((6, 2, 5, 5), np.float32)
+    conv_op = hessian_operator(
+        conv_loss, {"k": jnp.ones((3, 2, 3, 3))}, (images, np.zeros(6, np.float32)), batch_size=4
+    )
+    expected = "host" if jax.default_backend() == "cpu" else "scan"
+    assert conv_op.loop == expected
+
+
+# -- documented errors ------------------------------------------------------------------
+
+
+def test_unknown_reduce_and_loop():
+    params = {"w": jnp.ones(2)}
+    data = (np.ones((4, 2)),)
+    loss = lambda p, b: jnp.sum(b[0] @ p["w"])  # noqa: E731
+    with pytest.raises(ValueError, match="reduce must be one of .* got 'MEAN'"):
+        hessian_operator(loss, params, data, reduce="MEAN")
+    with pytest.raises(ValueError, match="loop must be one of"):
+        hessian_operator(loss, params, data, loop="fast")
+
+
+def test_empty_data():
+    params = {"w": jnp.ones(2)}
+    loss = lambda p, b: jnp.sum(b[0] @ p["w"])  # noqa: E731
+    with pytest.raises(ValueError, match="empty: the arrays have 0 samples"):
+        hessian_operator(loss, params, (np.ones((0, 2)),), batch_size=4)
+    with pytest.raises(ValueError, match="empty: iterating it yielded no batches"):
+        hessian_operator(loss, params, [])
+    with pytest.raises(ValueError, match="empty: iterating it yielded no batches"):
+        hessian_operator(loss, params, lambda: iter(()))
+
+
+def test_one_shot_iterator_is_rejected():
+    params = {"w": jnp.ones(2)}
+    loss = lambda p, b: jnp.sum(b[0] @ p["w"])  # noqa: E731
+    batches = [(np.ones((3, 2)),), (np.ones((2, 2)),)]
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        hessian_operator(loss, params, iter(batches))
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        hessian_operator(loss, params, (b for b in batches))
+
+
+def test_exhausted_second_pass_raises_instead_of_returning_zeros():
+    params = {"w": jnp.ones(2)}
+    loss = lambda p, b: jnp.sum((b[0] @ p["w"]) ** 2)  # noqa: E731
+    shared = iter([(np.ones((3, 2)),)] * 3)  # a callable that hands out one shared iterator
+    op = hessian_operator(loss, params, lambda: shared)
+    op.matvec(jnp.ones(2))  # the construction peeked one batch; this pass reads the rest
+    with pytest.raises(ValueError, match="yielded no batches on this pass although an earlier"):
+        op.matvec(jnp.ones(2))
+
+
+def test_changing_dataset_between_passes_raises():
+    params = {"w": jnp.ones(2)}
+    loss = lambda p, b: jnp.sum((b[0] @ p["w"]) ** 2)  # noqa: E731
+    sizes = iter([3, 3, 5])
+    op = hessian_operator(loss, params, lambda: iter([(np.ones((next(sizes), 2)),)]))
+    op.matvec(jnp.ones(2))
+    with pytest.raises(ValueError, match="5 samples on this pass but 3 on the first"):
+        op.matvec(jnp.ones(2))
+
+
+def test_batch_size_and_scan_need_arrays():
+    params = {"w": jnp.ones(2)}
+    loss = lambda p, b: jnp.sum(b[0] @ p["w"])  # noqa: E731
+    with pytest.raises(ValueError, match="batch_size applies to in-memory arrays only"):
+        hessian_operator(loss, params, [(np.ones((3, 2)),)], batch_size=2)
+    with pytest.raises(ValueError, match="loop='scan' needs in-memory arrays"):
+        hessian_operator(loss, params, [(np.ones((3, 2)),)], loop="scan")
+
+
+def test_bad_batch_size_and_ragged_arrays():
+    params = {"w": jnp.ones(2)}
+    loss = lambda p, b: jnp.sum(b[0] @ p["w"])  # noqa: E731
+    with pytest.raises(ValueError, match="batch_size must be positive"):
+        hessian_operator(loss, params, (np.ones((3, 2)),), batch_size=0)
+    with pytest.raises(ValueError, match="share a leading sample axis"):
+        hessian_operator(loss, params, (np.ones((3, 2)), np.ones(4)), batch_size=2)
+
+
+def test_operator_rejects_bad_params_and_loss():
+    data = (np.ones((3, 2)),)
+    with pytest.raises(TypeError, match="dtype int32"):
+        hessian_operator(lambda p, b: jnp.sum(b[0]) * 1.0, {"n": jnp.ones(2, jnp.int32)}, data)
+    with pytest.raises(ValueError, match="must return a scalar"):
+        hessian_operator(lambda p, b: b[0] @ p["w"], {"w": jnp.ones(2)}, data)
+
+
+@pytest.mark.parametrize("data_kind", ["arrays", "list"])
+def test_non_finite_loss_raises_naming_the_step(data_kind):
+    params = {"w": jnp.ones(2)}
+    x = np.ones((4, 2), np.float32)
+    x[2, 0] = np.nan
+    data = (x,) if data_kind == "arrays" else [(x[:2],), (x[2:],)]
+
+    def loss(p, b):
+        return jnp.mean((b[0] @ p["w"]) ** 2)
+
+    op = hessian_operator(loss, params, data)
+    assert np.all(np.isnan(op.matvec(jnp.ones(2))))
+    with pytest.raises(FloatingPointError, match="Lanczos step 0 .*NaN or Inf"):
+        lanczos(op, jax.random.key(0), 2)
+
+
+def test_nan_from_the_log_of_zero_is_caught_even_when_the_hvp_is_finite():
+    # The loss is -inf (log 0) but its gradient does not depend on it.
+    def loss(p, b):
+        return jnp.sum(p["w"] ** 2) + jnp.log(jnp.sum(b[0]) * 0.0)
+
+    op = hessian_operator(loss, {"w": jnp.ones(2)}, (np.ones((3, 2)),))
+    assert np.all(np.isnan(op.matvec(jnp.ones(2))))
