@@ -89,7 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         try:
             run_demo(
-                args.out, order=args.order, seed=args.seed, batch_size=args.batch_size,
+                args.out,
+                order=args.order,
+                seed=args.seed,
+                batch_size=args.batch_size,
                 train_steps=args.train_steps,
             )
         except ImportError as err:

@@ -51,7 +51,8 @@ def mlp(hidden: Sequence[int] = (32,), num_classes: int = 10, activation: str = 
 
 
 def cross_entropy_loss(apply_fn: Callable[[Any, jax.Array], jax.Array]):
-    """``loss(params, (x, y))``: mean softmax cross-entropy of ``apply_fn({'params': params}, x)``."""
+    """``loss(params, (x, y))``: mean softmax cross-entropy of the logits
+    ``apply_fn({'params': params}, x)`` against integer labels ``y``."""
 
     def loss(params, batch):
         x, y = batch
@@ -62,7 +63,11 @@ def cross_entropy_loss(apply_fn: Callable[[Any, jax.Array], jax.Array]):
 
 
 def train_classifier(
-    loss: Callable, params: Any, data: tuple[np.ndarray, np.ndarray], *, steps: int = 300,
+    loss: Callable,
+    params: Any,
+    data: tuple[np.ndarray, np.ndarray],
+    *,
+    steps: int = 300,
     learning_rate: float = 1e-2,
 ) -> Any:
     """Full-batch Adam for ``steps`` steps, compiled as one ``lax.scan``; returns the params."""

@@ -199,6 +199,4 @@ def tridiag_to_density(
     Returns ``(density, grids)``, both ``(grid_len,)`` float64.
     """
     eig_vals, all_weights = tridiag_to_eigv(tridiag_list)
-    return eigv_to_density(
-        eig_vals, all_weights, grid_len=grid_len, sigma_squared=sigma_squared
-    )
+    return eigv_to_density(eig_vals, all_weights, grid_len=grid_len, sigma_squared=sigma_squared)

@@ -62,8 +62,7 @@ def _check_tangent(params: PyTree, v: PyTree) -> None:
     v_def = jax.tree_util.tree_structure(v)
     if p_def != v_def:
         raise ValueError(
-            "v must have the same pytree structure as params; "
-            f"got params {p_def} and v {v_def}."
+            f"v must have the same pytree structure as params; got params {p_def} and v {v_def}."
         )
 
 

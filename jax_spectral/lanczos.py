@@ -296,7 +296,9 @@ def lanczos(
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)):
         raise TypeError(f"order must be a positive int, got {order!r}.")
     if order <= 0:
-        raise ValueError(f"order must be a positive int (the number of Lanczos steps), got {order}.")
+        raise ValueError(
+            f"order must be a positive int (the number of Lanczos steps), got {order}."
+        )
     order = int(order)
 
     operator = None
@@ -423,7 +425,7 @@ def ritz(
 def lanczos_alg(
     matrix_vector_product: Callable[[jax.Array], jax.Array], dim: int, order: int, rng_key
 ) -> tuple[jax.Array, jax.Array]:
-    """The original package's ``lanczos_alg``: returns ``(tridiag (order, order), vecs (order, dim))``.
+    """The original package's ``lanczos_alg``: ``(tridiag (order, order), vecs (order, dim))``.
 
     Same meaning as in google/spectral-density's ``jax/lanczos.py``, computed by
     :func:`lanczos` (full reorthogonalisation, breakdown handled, float64 under x64).

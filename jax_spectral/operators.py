@@ -221,7 +221,9 @@ class HessianOperator:
         for batch in self.stream:
             n = batch_size_of(batch)
             weight = jnp.asarray(n if self.reduce == "mean" else 1, self.dtype)
-            acc, loss_sum = _batch_step(self.loss, self.params, batch, tangent, acc, loss_sum, weight)
+            acc, loss_sum = _batch_step(
+                self.loss, self.params, batch, tangent, acc, loss_sum, weight
+            )
             count += n
         expected = self.stream.num_samples
         if count == 0:
@@ -334,7 +336,9 @@ def hessian_operator(
         split = split_arrays(data, batch_size)
         stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
         remainder = jax.tree_util.tree_map(jnp.asarray, split.remainder)
-        first = jax.tree_util.tree_map(lambda a: a[0], stacked) if stacked is not None else remainder
+        first = (
+            jax.tree_util.tree_map(lambda a: a[0], stacked) if stacked is not None else remainder
+        )
         check_scalar_loss(loss, params, first)
         if loop == "auto":
             loop = _choose_loop(loss, params, first)

@@ -17,19 +17,19 @@ def problem(x64):
     flat, unravel = ravel_pytree(params)
     whole_mean = jax.hessian(lambda f: mlp_loss(unravel(f), (x, y)))(flat)
     batches = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, N, BATCH)]
-    sum_of_batches = sum(
-        jax.hessian(lambda f, b=b: mlp_loss(unravel(f), b))(flat) for b in batches
-    )
+    sum_of_batches = sum(jax.hessian(lambda f, b=b: mlp_loss(unravel(f), b))(flat) for b in batches)
     v = jax.random.normal(jax.random.key(2), flat.shape, jnp.float64)
     return params, (x, y), batches, {"mean": whole_mean, "sum": sum_of_batches}, v
 
 
 def _operators(params, arrays, batches, reduce):
-    yield "arrays/scan", hessian_operator(
-        mlp_loss, params, arrays, batch_size=BATCH, reduce=reduce, loop="scan"
+    yield (
+        "arrays/scan",
+        hessian_operator(mlp_loss, params, arrays, batch_size=BATCH, reduce=reduce, loop="scan"),
     )
-    yield "arrays/host", hessian_operator(
-        mlp_loss, params, arrays, batch_size=BATCH, reduce=reduce, loop="host"
+    yield (
+        "arrays/host",
+        hessian_operator(mlp_loss, params, arrays, batch_size=BATCH, reduce=reduce, loop="host"),
     )
     yield "list", hessian_operator(mlp_loss, params, batches, reduce=reduce)
     yield "callable", hessian_operator(mlp_loss, params, lambda: iter(batches), reduce=reduce)

@@ -1,0 +1,294 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import classification_data, init_mlp, mlp_loss
+from jax.flatten_util import ravel_pytree
+
+from jax_spectral import hessian_operator, lanczos, lanczos_alg, ritz
+
+
+def _sym(key, n, dtype=jnp.float64):
+    a = jax.random.normal(key, (n, n), dtype)
+    return (a + a.T) / 2
+
+
+def _dense_mlp_hessian(params, batch):
+    flat, unravel = ravel_pytree(params)
+    return np.asarray(jax.hessian(lambda f: mlp_loss(unravel(f), batch))(flat))
+
+
+def test_original_linear_check(x64):
+    """16 features, 50 samples, MSE: V^T T V equals 2 X^T X / 50 at order 16."""
+    x = np.asarray(jax.random.normal(jax.random.key(0), (50, 16), jnp.float64))
+    y = np.asarray(jax.random.normal(jax.random.key(1), (50,), jnp.float64))
+
+    def loss(w, batch):
+        xb, yb = batch
+        return jnp.mean((xb @ w - yb) ** 2)
+
+    op = hessian_operator(loss, jnp.zeros(16), (x, y), batch_size=7)
+    res = lanczos(op, jax.random.key(2), 16)
+    assert int(res.num_steps) == 16
+    v, t = np.asarray(res.basis), np.asarray(res.tridiag)
+    want = 2 * x.T @ x / 50
+    np.testing.assert_allclose(v.T @ t @ v, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_order_equal_dim_reproduces_every_eigenvalue(x64):
+    params = init_mlp(jax.random.key(0), [6, 8, 4], jnp.float64)  # 92 parameters
+    batch = classification_data(jax.random.key(1), 40, 6, 4, jnp.float64)
+    dense = _dense_mlp_hessian(params, batch)
+    dim = dense.shape[0]
+    assert 80 <= dim <= 120
+    op = hessian_operator(mlp_loss, params, batch)
+    res = lanczos(op, jax.random.key(3), dim)
+    assert int(res.num_steps) == dim
+    got = np.linalg.eigvalsh(np.asarray(res.tridiag))
+    want = np.linalg.eigvalsh(dense)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+def test_partial_order_basis_and_three_term_relation():
+    a = _sym(jax.random.key(0), 60, jnp.float32)
+    m = 12
+    res = lanczos(lambda v: a @ v, jax.random.key(1), m, dim=60)
+    v, t = np.asarray(res.basis, np.float64), np.asarray(res.tridiag, np.float64)
+    assert res.basis.dtype == jnp.float32
+    np.testing.assert_allclose(v @ v.T, np.eye(m), atol=1e-5)
+    # A V^T - V^T T = beta_m v_m e_m^T: zero except in the last column.
+    resid = np.asarray(a, np.float64) @ v.T - v.T @ t
+    scale = np.abs(np.asarray(a)).max()
+    np.testing.assert_allclose(resid[:, :-1], 0, atol=2e-5 * scale)
+    last = np.linalg.norm(resid[:, -1])
+    assert last > 1e-2 * scale
+    np.testing.assert_allclose(last, float(res.residual_norm), rtol=1e-4)
+    # T is symmetric tridiagonal.
+    assert np.all(np.triu(t, 2) == 0) and np.all(t == t.T)
+
+
+def test_gauss_quadrature_is_exact_to_degree_2m_minus_1(x64):
+    n, m = 40, 6
+    a = np.asarray(_sym(jax.random.key(0), n)) / 3
+    v0 = np.array(jax.random.normal(jax.random.key(1), (n,), jnp.float64))
+    v0 /= np.linalg.norm(v0)
+    res = lanczos(lambda v: jnp.asarray(a) @ v, None, m, v0=jnp.asarray(v0))
+    theta, s = np.linalg.eigh(np.asarray(res.tridiag))
+    w = s[0] ** 2
+    power = v0.copy()
+    for p in range(2 * m):
+        moment = v0 @ power  # v0^T A^p v0
+        np.testing.assert_allclose(np.sum(w * theta**p), moment, rtol=1e-8, atol=1e-12)
+        power = a @ power
+
+
+def test_digits_mlp_top_ritz_values_match_dense_eigh():
+    """A 2,410-parameter MLP trained on digits: top 5 at order 80 vs float64 eigh."""
+    from jax_spectral import datasets
+
+    x, y = datasets.load_digits()
+    model = datasets.mlp()
+    loss = datasets.cross_entropy_loss(model.apply)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    params = datasets.train_classifier(loss, params, (x, y), steps=200)
+    # Lanczos in the model's float32, as a user runs it.
+    op = hessian_operator(loss, params, (x, y), batch_size=512)
+    res = lanczos(op, jax.random.key(1), 80)
+    top = np.sort(np.linalg.eigvalsh(np.asarray(res.tridiag, np.float64)))[-5:]
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        op64 = hessian_operator(loss, p64, (x.astype(np.float64), y), batch_size=512)
+        eye = np.eye(op64.dim)
+        columns = [
+            jax.vmap(op64.matvec)(jnp.asarray(eye[i : i + 256])) for i in range(0, op64.dim, 256)
+        ]
+        dense = np.asarray(jnp.concatenate(columns))
+    dense = (dense + dense.T) / 2
+    want = np.linalg.eigvalsh(dense)[-5:]
+    np.testing.assert_allclose(top, want, rtol=1e-5)
+
+
+def test_breakdown_when_order_exceeds_rank(x64):
+    u = np.linalg.qr(np.asarray(jax.random.normal(jax.random.key(0), (10, 3), jnp.float64)))[0]
+    a = jnp.asarray(u @ np.diag([1.0, 2.0, 5.0]) @ u.T)  # rank 3: distinct eigenvalues 0, 1, 2, 5
+    res = lanczos(lambda v: a @ v, jax.random.key(1), 8, dim=10)
+    k = int(res.num_steps)
+    assert k == 4
+    t, v = np.asarray(res.tridiag), np.asarray(res.basis)
+    assert np.all(np.isfinite(t)) and np.all(np.isfinite(v))
+    np.testing.assert_allclose(np.linalg.eigvalsh(t[:k, :k]), [0, 1, 2, 5], atol=1e-10)
+    assert np.all(t[k:] == 0) and np.all(t[:, k:] == 0) and np.all(v[k:] == 0)
+    np.testing.assert_allclose(v[:k] @ v[:k].T, np.eye(k), atol=1e-12)
+    assert float(res.residual_norm) == 0
+    assert int(res.nonfinite_step) == -1
+
+
+def test_breakdown_when_order_exceeds_dim_float32():
+    a = jnp.diag(jnp.arange(1.0, 6.0))
+    res = lanczos(lambda v: a @ v, jax.random.key(0), 9, dim=5)
+    assert int(res.num_steps) == 5
+    assert np.all(np.isfinite(np.asarray(res.tridiag)))
+    np.testing.assert_allclose(
+        np.linalg.eigvalsh(np.asarray(res.tridiag)[:5, :5]), [1, 2, 3, 4, 5], rtol=1e-5
+    )
+
+
+def test_zero_operator_breaks_down_at_the_first_step():
+    res = lanczos(lambda v: 0 * v, jax.random.key(0), 4, dim=6)
+    assert int(res.num_steps) == 1
+    assert np.all(np.asarray(res.tridiag) == 0)
+
+
+def test_scan_and_host_loops_agree():
+    params = init_mlp(jax.random.key(0), [5, 6, 3])
+    batch = classification_data(jax.random.key(1), 37, 5, 3)
+    op_scan = hessian_operator(mlp_loss, params, batch, batch_size=8, loop="scan")
+    op_host = hessian_operator(mlp_loss, params, batch, batch_size=8, loop="host")
+    key = jax.random.key(2)
+    a = lanczos(op_scan, key, 20)
+    b = lanczos(op_host, key, 20)
+    c = lanczos(op_scan, key, 20, loop="host")
+    for other in (b, c):
+        np.testing.assert_allclose(a.tridiag, other.tridiag, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.basis, other.basis, atol=1e-4)
+        assert int(a.num_steps) == int(other.num_steps) == 20
+
+
+def test_compiles_once_per_shape_and_vmaps_over_keys():
+    a = _sym(jax.random.key(0), 30, jnp.float32)
+    traces = []
+
+    def matvec(v):
+        traces.append(1)  # Python side effect: runs only when traced
+        return a @ v
+
+    keys = jax.random.split(jax.random.key(1), 3)
+    single = [lanczos(matvec, k, 10, dim=30) for k in keys]
+    assert len(traces) == 1
+    batched = jax.vmap(lambda k: lanczos(matvec, k, 10, dim=30))(keys)
+    assert batched.tridiag.shape == (3, 10, 10) and batched.basis.shape == (3, 10, 30)
+    for i, res in enumerate(single):
+        np.testing.assert_allclose(batched.tridiag[i], res.tridiag, rtol=1e-5, atol=1e-5)
+    jitted = jax.jit(lambda k: lanczos(matvec, k, 10, dim=30).tridiag)(keys[0])
+    np.testing.assert_allclose(jitted, single[0].tridiag, rtol=1e-5, atol=1e-5)
+
+
+def test_operator_data_are_arguments_not_constants_and_compile_once():
+    params = init_mlp(jax.random.key(0), [50, 6, 3])
+    batch = classification_data(jax.random.key(1), 2000, 50, 3)  # 100,000 floats of data
+    op = hessian_operator(mlp_loss, params, batch, batch_size=500)
+    lowered = jax.jit(lambda o, v: o.matvec(v)).lower(op, jnp.ones(op.dim)).as_text()
+    assert len(lowered) < 100_000  # embedded as constants, the data alone would take ~1 MB
+
+    from jax_spectral.lanczos import _scan_lanczos
+
+    lanczos(op, jax.random.key(0), 6)
+    before = _scan_lanczos._cache_size()
+    lanczos(op, jax.random.key(5), 6)
+    lanczos(op.matvec, jax.random.key(6), 6)
+    assert _scan_lanczos._cache_size() == before
+
+
+def test_lanczos_on_params_pytrees():
+    params = init_mlp(jax.random.key(0), [5, 6, 3])
+    batch = classification_data(jax.random.key(1), 30, 5, 3)
+    op = hessian_operator(mlp_loss, params, batch)
+
+    def tree_matvec(tree):
+        return op.matvec_tree(tree)
+
+    key = jax.random.key(2)
+    flat = lanczos(op, key, 8)
+    tree = lanczos(tree_matvec, key, 8, like=params)
+    np.testing.assert_allclose(tree.tridiag, flat.tridiag, rtol=1e-5, atol=1e-6)
+    # A params-shaped start vector works as the template too.
+    start = jax.tree_util.tree_map(jnp.ones_like, params)
+    from_start = lanczos(tree_matvec, None, 8, v0=start)
+    from_flat = lanczos(op, None, 8, v0=jnp.ones(op.dim))
+    np.testing.assert_allclose(from_start.tridiag, from_flat.tridiag, rtol=1e-5, atol=1e-6)
+    # Ritz vectors come back params-shaped and orthonormal, with the residual that the
+    # Lanczos relation predicts: |A y - theta y| = beta_m |s_m| (last component of s).
+    values, vectors = ritz(flat, like=params)
+    assert vectors["layer0"]["w"].shape == (8, 5, 6)
+    flat_vecs = jax.vmap(lambda t: ravel_pytree(t)[0])(vectors)
+    np.testing.assert_allclose(flat_vecs @ flat_vecs.T, np.eye(8), atol=1e-5)
+    top = flat_vecs[-1]
+    residual = np.linalg.norm(op.matvec(top) - values[-1] * top)
+    s_last = np.linalg.eigh(np.asarray(flat.tridiag, np.float64))[1][-1, -1]
+    np.testing.assert_allclose(residual, float(flat.residual_norm) * abs(s_last), rtol=1e-3)
+
+
+def test_lanczos_alg_compat_shapes():
+    a = jnp.diag(jnp.arange(1.0, 9.0))
+    tridiag, vecs = lanczos_alg(lambda v: a @ v, 8, 5, jax.random.key(0))
+    assert tridiag.shape == (5, 5) and vecs.shape == (5, 8)
+
+
+def test_progress_callback_on_host_loop(capsys):
+    a = jnp.diag(jnp.arange(1.0, 9.0))
+    seen = []
+    lanczos(
+        lambda v: a @ v,
+        jax.random.key(0),
+        4,
+        dim=8,
+        loop="host",
+        progress=lambda *s: seen.append(s),
+    )
+    assert [s[:2] for s in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    lanczos(lambda v: a @ v, jax.random.key(0), 2, dim=8, loop="host", progress=True)
+    assert "lanczos step 2/2" in capsys.readouterr().err
+
+
+# -- documented errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("order, exc", [(0, ValueError), (-3, ValueError), (2.5, TypeError)])
+def test_bad_order(order, exc):
+    with pytest.raises(exc, match="order must be a positive int"):
+        lanczos(lambda v: v, jax.random.key(0), order, dim=4)
+
+
+def test_missing_dim_and_key():
+    with pytest.raises(ValueError, match="cannot tell the vector length"):
+        lanczos(lambda v: v, jax.random.key(0), 3)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        lanczos(lambda v: v, None, 3, dim=4)
+    with pytest.raises(ValueError, match="loop must be"):
+        lanczos(lambda v: v, jax.random.key(0), 3, dim=4, loop="python")
+
+
+def test_host_only_operator_refuses_scan_and_tracing():
+    op = hessian_operator(lambda p, b: jnp.sum((b[0] @ p) ** 2), jnp.ones(2), [(np.ones((3, 2)),)])
+    assert not op.traceable
+    with pytest.raises(ValueError, match="cannot run inside lax.scan"):
+        lanczos(op, jax.random.key(0), 2, loop="scan")
+    with pytest.raises(ValueError, match="cannot run under jit or vmap"):
+        jax.vmap(lambda k: lanczos(op, k, 2).tridiag)(jax.random.split(jax.random.key(0), 2))
+    res = lanczos(op, jax.random.key(0), 2)  # the default for it is the host loop
+    assert int(res.num_steps) == 2
+
+
+def test_non_finite_product_raises_naming_the_step_and_keeps_the_valid_part():
+    a = jnp.diag(jnp.arange(1.0, 9.0))
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return a @ v if len(calls) != 4 else jnp.full_like(v, jnp.inf)
+
+    with pytest.raises(FloatingPointError, match="Lanczos step 3 ") as info:
+        lanczos(matvec, jax.random.key(0), 6, dim=8, loop="host")
+    partial = info.value.result
+    assert int(partial.num_steps) == 3
+    assert np.all(np.isfinite(np.asarray(partial.tridiag)[:3, :3]))
+    assert np.all(np.isnan(np.asarray(partial.tridiag)[3:, 3:]))
+
+
+def test_non_finite_product_under_vmap_is_reported_not_hidden():
+    def matvec(v):
+        return v * jnp.nan
+
+    res = jax.vmap(lambda k: lanczos(matvec, k, 3, dim=4))(jax.random.split(jax.random.key(0), 2))
+    assert np.all(np.asarray(res.nonfinite_step) == 0)
+    assert np.all(np.isnan(np.asarray(res.tridiag)))
