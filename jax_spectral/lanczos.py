@@ -83,14 +83,24 @@ def init_state(v0: jax.Array, order: int) -> LanczosState:
 
 
 def lanczos_step(
-    state: LanczosState, step: jax.Array, w: jax.Array, *, reorthogonalize: bool, tol: float
+    state: LanczosState,
+    step: jax.Array,
+    w: jax.Array,
+    *,
+    reorthogonalize: bool,
+    tol: float,
+    rows: int | None = None,
 ) -> LanczosState:
     """Advance the recurrence by one step, given ``w = A v_step``.
 
     A pure function shared by the scanned and the host-driven drivers. Steps after a
-    breakdown or a non-finite product leave the state unchanged.
+    breakdown or a non-finite product leave the state unchanged. ``rows`` (static) limits
+    the reorthogonalisation products to the first ``rows`` basis rows; it must be at least
+    ``step + 1``. Rows not yet written are zero, so the result is the same as with the whole
+    basis; the host driver uses it to skip reading the empty part of a large basis.
     """
     basis = state.basis
+    written = basis if rows is None else basis[:rows]
     order = basis.shape[0]
     v = basis[step]
     prev = jnp.maximum(step - 1, 0)
@@ -103,7 +113,7 @@ def lanczos_step(
     w = w - alpha * v - beta_prev * basis[prev]
     if reorthogonalize:
         for _ in range(2):  # classical Gram-Schmidt, twice ("twice is enough")
-            w = w - jnp.dot(jnp.dot(basis, w, precision=_HIGHEST), basis, precision=_HIGHEST)
+            w = w - jnp.dot(jnp.dot(written, w, precision=_HIGHEST), written, precision=_HIGHEST)
     beta = jnp.linalg.norm(w)
     broke = beta <= tol * w_norm
 
@@ -182,7 +192,10 @@ def _scan_lanczos(fn, operator, template, v0, *, order, reorthogonalize, tol):
 
 
 _init_jit = jax.jit(init_state, static_argnums=1)
-_step_jit = jax.jit(lanczos_step, static_argnames=("reorthogonalize", "tol"), donate_argnums=0)
+_step_jit = jax.jit(
+    lanczos_step, static_argnames=("reorthogonalize", "tol", "rows"), donate_argnums=0
+)
+_ROW_BLOCK = 16  # the host driver compiles one step per block of basis rows in use
 _pack_jit = jax.jit(pack_result)
 
 
@@ -206,7 +219,8 @@ def _host_lanczos(matvec, v0, *, order, reorthogonalize, tol, progress):
     started = time.perf_counter()
     for step in range(order):
         w = jnp.asarray(matvec(state.basis[step]), v0.dtype)
-        state = _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
+        rows = min(order, _ROW_BLOCK * (step // _ROW_BLOCK + 1))
+        state = _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol, rows=rows)
         _report(progress, step, order, state, started)
         if bool(state.stopped):
             break

@@ -166,7 +166,7 @@ class HessianOperator:
             return self._stream_matvec(tangent)
         if self.loop == "host":
             return self._host_matvec(tangent)
-        return self._scan_matvec(tangent)
+        return _jitted_scan_matvec(self, tangent)
 
     __call__ = matvec
 
@@ -242,6 +242,12 @@ class HessianOperator:
         self.stream.num_samples = count
         scale = 1.0 / count if self.reduce == "mean" else 1.0
         return _finish(acc, loss_sum, jnp.asarray(scale, self.dtype))
+
+
+@jax.jit
+def _jitted_scan_matvec(operator: HessianOperator, tangent: PyTree) -> jax.Array:
+    # The operator is a pytree argument: its arrays are inputs, not compiled-in constants.
+    return operator._scan_matvec(tangent)
 
 
 class _Stream(BatchStream):

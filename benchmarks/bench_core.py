@@ -1,0 +1,171 @@
+"""Core engine speed: gradient pass, HVP pass and Lanczos, for an MLP and a CNN.
+
+Run by hand (not part of the tests):
+
+    python benchmarks/bench_core.py            # both models
+    python benchmarks/bench_core.py --model mlp --skip-scan-cnn
+
+Models
+------
+(a) the digits MLP of the demo (64-32-10, tanh; 2,410 parameters) on the 1,797 digits
+    samples in batches of 512 (three full batches and a ragged one);
+(b) the original package's CIFAR-10 CNN (conv64, conv64, maxpool, conv128, conv128,
+    maxpool, dense1024, dense10; 'VALID' 3x3 convolutions; 3,548,234 parameters) on 256
+    synthetic 32x32x3 images in batches of 128.
+
+For each it prints one full-data gradient pass, one HVP pass through
+``hessian_operator`` with each batch loop (``scan``: one compiled lax.scan over batches;
+``host``: a Python loop over a jitted per-batch step) and with the default that
+``loop="auto"`` picks, a Lanczos run of ``m`` steps on the default operator, and the
+ratios HVP/gradient and Lanczos / (m x HVP pass). Times are medians of repeats after a
+compile-and-warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+from jax_spectral import datasets, hessian_operator, lanczos
+from jax_spectral.data import split_arrays
+
+
+def _time(fn, repeats):
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class CifarCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for width in (64, 64):
+            x = nn.relu(nn.Conv(width, (3, 3), padding="VALID")(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        for width in (128, 128):
+            x = nn.relu(nn.Conv(width, (3, 3), padding="VALID")(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(nn.Dense(1024)(x))
+        return nn.Dense(10)(x)
+
+
+def _classifier_loss(model):
+    def loss(params, batch):
+        x, y = batch
+        logits = model.apply({"params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return loss
+
+
+def _gradient_pass(loss, params, data, batch_size, loop):
+    """One full-data pass of gradients, with the same batch loop as the operator."""
+    split = split_arrays(data, batch_size)
+    stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
+    grad = jax.grad(loss)
+
+    if loop == "scan":
+
+        @jax.jit
+        def run(params):
+            def body(acc, batch):
+                return jax.tree_util.tree_map(jnp.add, acc, grad(params, batch)), None
+
+            zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+            return jax.lax.scan(body, zero, stacked)[0]
+
+        return lambda: run(params)
+
+    step = jax.jit(
+        lambda params, stacked, i: grad(params, jax.tree_util.tree_map(lambda a: a[i], stacked))
+    )
+    num = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+
+    def run_host():
+        acc = None
+        for i in range(num):
+            g = step(params, stacked, i)
+            acc = g if acc is None else jax.tree_util.tree_map(jnp.add, acc, g)
+        return acc
+
+    return run_host
+
+
+def bench(name, loss, params, data, batch_size, order, repeats, skip_scan):
+    num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    auto = hessian_operator(loss, params, data, batch_size=batch_size)
+    rows = []
+    grad_time = _time(_gradient_pass(loss, params, data, batch_size, auto.loop), repeats)
+    rows.append(("gradient pass", grad_time))
+    v = jax.random.normal(jax.random.key(0), (auto.dim,), auto.dtype)
+    hvp_times = {}
+    for loop in ("scan", "host"):
+        if loop == "scan" and skip_scan:
+            continue
+        op = hessian_operator(loss, params, data, batch_size=batch_size, loop=loop)
+        reps = 1 if (loop == "scan" and auto.loop == "host") else repeats
+        hvp_times[loop] = _time(lambda op=op: op.matvec(v), reps)
+        rows.append((f"HVP pass, loop={loop}", hvp_times[loop]))
+    hvp_time = hvp_times[auto.loop]
+    keys = iter(jax.random.split(jax.random.key(1), repeats + 1))
+    lanczos_time = _time(lambda: lanczos(auto, next(keys), order).tridiag, max(1, repeats // 3))
+    rows.append((f"Lanczos, m={order} (loop={auto.loop})", lanczos_time))
+    print(f"\n## {name}: {num_params:,} parameters, default loop: {auto.loop}")
+    print(f"{'measurement':<34}{'seconds':>12}")
+    for label, seconds in rows:
+        print(f"{label:<34}{seconds:>12.4f}")
+    print(f"{'HVP / gradient':<34}{hvp_time / grad_time:>12.2f}")
+    if "scan" in hvp_times and "host" in hvp_times:
+        print(f"{'HVP scan / HVP host':<34}{hvp_times['scan'] / hvp_times['host']:>12.2f}")
+    print(f"{f'Lanczos / ({order} x HVP pass)':<34}{lanczos_time / (order * hvp_time):>12.3f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["mlp", "cnn", "both"], default="both")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-scan-cnn", action="store_true", help="skip the slow CNN scan pass")
+    args = parser.parse_args()
+
+    print("# jax-spectral core benchmark")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs; "
+        f"python {platform.python_version()}; jax {jax.__version__}; flax {flax.__version__}; "
+        f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})"
+    )
+    if args.model in ("mlp", "both"):
+        x, y = datasets.load_digits()
+        model = datasets.mlp()
+        loss = datasets.cross_entropy_loss(model.apply)
+        params = model.init(jax.random.key(0), x[:1])["params"]
+        params = datasets.train_classifier(loss, params, (x, y), steps=100)
+        bench("digits MLP, 1,797 samples, batch 512", loss, params, (x, y), 512, 80,
+              args.repeats, skip_scan=False)  # fmt: skip
+    if args.model in ("cnn", "both"):
+        model = CifarCNN()
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((256, 32, 32, 3), dtype=np.float32)
+        labels = rng.integers(0, 10, 256).astype(np.int32)
+        params = model.init(jax.random.key(0), images[:1])["params"]
+        bench("CIFAR CNN, 256 images, batch 128", _classifier_loss(model), params,
+              (images, labels), 128, 20, max(1, args.repeats // 2),
+              skip_scan=args.skip_scan_cnn)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

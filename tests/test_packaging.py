@@ -1,0 +1,81 @@
+"""The package as a user meets it: imports, the README's code, the command line."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jax_spectral
+from jax_spectral.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_is_light():
+    heavy = "('keras', 'tensorflow', 'matplotlib', 'flax')"
+    code = f"import sys, jax_spectral; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_public_names_and_version():
+    for name in jax_spectral.__all__:
+        assert hasattr(jax_spectral, name), name
+    assert isinstance(jax_spectral.__version__, str) and jax_spectral.__version__
+
+
+def test_readme_code_runs_as_written():
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 2
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
+    lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()]
+    commands = [ln for ln in lines[:12] if ln.startswith("python3 -m venv")]
+    assert len(commands) == 2
+    assert commands[0].endswith("jax-spectral demo")
+    assert commands[1].endswith("python -m pytest")
+    assert commands[1] in (ROOT / ".ci" / "run").read_text()
+
+
+def test_demo_in_process(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--order", "30", "--train-steps", "50"]) == 0
+    printed = capsys.readouterr().out
+    assert "top eigenvalues:" in printed and str(tmp_path / "density.npz") in printed
+    saved = np.load(tmp_path / "density.npz")
+    grid, density = saved["grid"], saved["density"]
+    assert np.all(density >= 0)
+    assert np.sum(density) * (grid[1] - grid[0]) == pytest.approx(1.0)
+    summary = json.loads((tmp_path / "spectrum.json").read_text())
+    assert summary["num_params"] == 2410 and summary["lanczos_steps"] == 30
+    top = summary["top_eigenvalues"]
+    assert top == sorted(top, reverse=True) and top[0] > 0
+    np.testing.assert_allclose(top[0], np.linalg.eigvalsh(saved["tridiag"])[-1])
+
+
+def test_demo_as_a_subprocess(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "jax_spectral", "demo", "--out", str(tmp_path), "--order", "10",
+         "--train-steps", "20"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "density.npz").is_file() and (tmp_path / "spectrum.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv", [["demo", "--order", "0"], ["demo", "--order", "ten"], ["nonsense"], []]
+)
+def test_bad_arguments_exit_with_code_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
