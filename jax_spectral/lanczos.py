@@ -89,18 +89,13 @@ def lanczos_step(
     *,
     reorthogonalize: bool,
     tol: float,
-    rows: int | None = None,
 ) -> LanczosState:
     """Advance the recurrence by one step, given ``w = A v_step``.
 
     A pure function shared by the scanned and the host-driven drivers. Steps after a
-    breakdown or a non-finite product leave the state unchanged. ``rows`` (static) limits
-    the reorthogonalisation products to the first ``rows`` basis rows; it must be at least
-    ``step + 1``. Rows not yet written are zero, so the result is the same as with the whole
-    basis; the host driver uses it to skip reading the empty part of a large basis.
+    breakdown or a non-finite product leave the state unchanged.
     """
     basis = state.basis
-    written = basis if rows is None else basis[:rows]
     order = basis.shape[0]
     v = basis[step]
     prev = jnp.maximum(step - 1, 0)
@@ -113,7 +108,7 @@ def lanczos_step(
     w = w - alpha * v - beta_prev * basis[prev]
     if reorthogonalize:
         for _ in range(2):  # classical Gram-Schmidt, twice ("twice is enough")
-            w = w - jnp.dot(jnp.dot(written, w, precision=_HIGHEST), written, precision=_HIGHEST)
+            w = w - jnp.dot(jnp.dot(basis, w, precision=_HIGHEST), basis, precision=_HIGHEST)
     beta = jnp.linalg.norm(w)
     broke = beta <= tol * w_norm
 
@@ -192,10 +187,7 @@ def _scan_lanczos(fn, operator, template, v0, *, order, reorthogonalize, tol):
 
 
 _init_jit = jax.jit(init_state, static_argnums=1)
-_step_jit = jax.jit(
-    lanczos_step, static_argnames=("reorthogonalize", "tol", "rows"), donate_argnums=0
-)
-_ROW_BLOCK = 16  # the host driver compiles one step per block of basis rows in use
+_step_jit = jax.jit(lanczos_step, static_argnames=("reorthogonalize", "tol"), donate_argnums=0)
 _pack_jit = jax.jit(pack_result)
 
 
@@ -219,8 +211,7 @@ def _host_lanczos(matvec, v0, *, order, reorthogonalize, tol, progress):
     started = time.perf_counter()
     for step in range(order):
         w = jnp.asarray(matvec(state.basis[step]), v0.dtype)
-        rows = min(order, _ROW_BLOCK * (step // _ROW_BLOCK + 1))
-        state = _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol, rows=rows)
+        state = _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
         _report(progress, step, order, state, started)
         if bool(state.stopped):
             break
@@ -291,8 +282,9 @@ def lanczos(
     Raises
     ------
     ValueError
-        ``order <= 0``; no way to know ``dim``; ``loop="scan"`` on a host-only operator or
-        ``loop="host"`` under ``jit``/``vmap``; unknown ``loop``.
+        ``order <= 0``; no way to know ``dim``; a zero or non-finite ``v0``;
+        ``loop="scan"`` on a host-only operator or ``loop="host"`` under ``jit``/``vmap``;
+        unknown ``loop``.
     TypeError
         ``order`` is not an int.
     FloatingPointError
@@ -362,6 +354,10 @@ def lanczos(
     v0 = jnp.asarray(v0, dtype)
     if v0.shape != (dim,):
         raise ValueError(f"the start vector has shape {v0.shape}, expected ({dim},).")
+    if not _is_tracer(v0):
+        norm = float(jnp.linalg.norm(v0))
+        if not (np.isfinite(norm) and norm > 0):
+            raise ValueError(f"the start vector must be finite and non-zero; its norm is {norm}.")
 
     traceable = getattr(operator, "traceable", True)
     if loop is None:

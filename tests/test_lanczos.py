@@ -254,6 +254,10 @@ def test_missing_dim_and_key():
         lanczos(lambda v: v, jax.random.key(0), 3)
     with pytest.raises(ValueError, match="needs a PRNG key"):
         lanczos(lambda v: v, None, 3, dim=4)
+    with pytest.raises(ValueError, match="finite and non-zero; its norm is 0.0"):
+        lanczos(lambda v: v, None, 3, v0=jnp.zeros(4))
+    with pytest.raises(ValueError, match="finite and non-zero; its norm is nan"):
+        lanczos(lambda v: v, None, 3, v0=jnp.array([1.0, jnp.nan]))
     with pytest.raises(ValueError, match="loop must be"):
         lanczos(lambda v: v, jax.random.key(0), 3, dim=4, loop="python")
 
