@@ -137,6 +137,13 @@ class BatchStream:
                 f"returning an iterator of batches, or a tf.data.Dataset; got {type(source)}."
             )
         self.source = source
+        if iter(self._new_pass()) is iter(self._new_pass()):
+            raise ValueError(
+                f"data ({type(source).__name__}) hands out the same iterator on every pass, so "
+                "the second pass would find it exhausted. Make the callable create a new "
+                "iterator on each call (e.g. lambda: iter(batches) over a list, or a generator "
+                "function), or pass the list itself."
+            )
 
     def __iter__(self) -> Iterator[PyTree]:
         return iter(self._new_pass())

@@ -22,10 +22,11 @@ smooths each node with a Gaussian kernel,
     s^2 = sigma_squared * max(1, lambda_max - lambda_min),
 
 then normalises it so that ``sum_j phi(g_j) * dg = 1`` (it integrates to one on its grid).
-``lambda_min``/``lambda_max`` are the extreme nodes, the grid runs from
-``lambda_min - grid_expand`` to ``lambda_max + grid_expand`` with ``grid_len`` points, and
-``sigma_squared`` defaults to ``1e-5``. The original package advises ``sigma_squared``
-between ``1e-5`` and ``1e-1``.
+``lambda_min``/``lambda_max`` are the grid's ends: the extreme nodes widened by
+``grid_expand`` on each side (so the range in the kernel variance includes
+``2 * grid_expand``, as in the original package), with ``grid_len`` points; with an explicit
+``grids`` they are its first and last points. ``sigma_squared`` defaults to ``1e-5``; the
+original package advises values between ``1e-5`` and ``1e-1``.
 
 Conversions to other conventions in use (to match a figure from another tool):
 

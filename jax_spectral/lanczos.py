@@ -15,19 +15,23 @@ eigenvalues of ``A``; the eigenvalues and squared first eigenvector components o
 are the nodes and weights of the Gauss quadrature rule for the spectral measure of ``A``
 seen from ``v_0`` (see :mod:`jax_spectral.density`).
 
-Breakdown: when ``beta_i <= breakdown_tol * |A v_i|`` the Krylov space is invariant (for
-example when ``order`` exceeds the rank of ``A``): the recurrence stops, ``num_steps``
-says how many steps are valid, ``T[:k, :k]`` and ``V[:k]`` are exact and everything after
-them is zero. No NaN is produced.
+Breakdown: when ``beta_i <= breakdown_tol * s`` with ``s`` the largest ``|A v_j|`` seen so
+far (an estimate of the scale of ``A`` and of ``T``), the Krylov space is invariant to
+working precision (for example when ``order`` exceeds the number of distinct eigenvalues,
+or the basis has reached the null space of a rank-deficient ``A``): the recurrence stops,
+``num_steps`` says how many steps are valid, ``T[:k, :k]`` and ``V[:k]`` are exact and
+everything after them is zero. No NaN is produced.
 
 Non-finite products: a NaN or Inf from ``matvec`` at step ``i`` stops the recurrence;
 ``nonfinite_step`` is ``i`` and the rows and columns of ``T`` from ``i`` on are NaN. When
 called outside ``jit``/``vmap``, :func:`lanczos` raises ``FloatingPointError`` naming the
 step.
 
-The recurrence runs in the dtype of the operator (float32 for a float32 model); the
-reorthogonalisation products use ``Precision.HIGHEST`` so that accelerators do not drop to
-reduced-precision matrix units there.
+The recurrence runs in the dtype of the operator promoted to at least float32 (float32 for
+a float32, bfloat16 or float16 model; float64 for a float64 one under x64): half-precision
+norms and tolerances would overflow or stop the recurrence at once. Norms are computed with
+scaling, so large entries do not overflow. The reorthogonalisation products use
+``Precision.HIGHEST`` so that accelerators do not drop to reduced-precision matrix units.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -69,16 +74,29 @@ class LanczosState(NamedTuple):
     num_steps: jax.Array  # shape=(), int32
     stopped: jax.Array  # shape=(), bool; breakdown or non-finite product seen
     nonfinite_step: jax.Array  # shape=(), int32; -1 if none
+    scale: jax.Array  # shape=(); the largest |A v_j| so far, the scale for breakdown
+
+
+def _norm(x: jax.Array) -> jax.Array:
+    """Euclidean norm with scaling, so that squares of large entries do not overflow."""
+    peak = jnp.max(jnp.abs(x))
+    return peak * jnp.sqrt(jnp.sum((x / jnp.where(peak > 0, peak, 1)) ** 2))
 
 
 def init_state(v0: jax.Array, order: int) -> LanczosState:
     """State before step 0, with the normalised start vector as ``v_0``."""
     dtype = v0.dtype
-    v0 = v0 / jnp.linalg.norm(v0)
+    v0 = v0 / _norm(v0)
     basis = jnp.zeros((order, v0.shape[0]), dtype).at[0].set(v0)
     zeros = jnp.zeros((order,), dtype)
     return LanczosState(
-        basis, zeros, zeros, jnp.zeros((), jnp.int32), jnp.zeros((), bool), -jnp.ones((), jnp.int32)
+        basis,
+        zeros,
+        zeros,
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), bool),
+        -jnp.ones((), jnp.int32),
+        jnp.zeros((), dtype),
     )
 
 
@@ -101,16 +119,18 @@ def lanczos_step(
     prev = jnp.maximum(step - 1, 0)
     beta_prev = jnp.where(step > 0, state.betas[prev], 0).astype(w.dtype)
 
-    finite = jnp.all(jnp.isfinite(w))
-    w = jnp.where(finite, w, 0)
-    w_norm = jnp.linalg.norm(w)
+    finite_w = jnp.all(jnp.isfinite(w))
+    w = jnp.where(finite_w, w, 0)
+    w_norm = _norm(w)
     alpha = jnp.dot(v, w, precision=_HIGHEST)
     w = w - alpha * v - beta_prev * basis[prev]
     if reorthogonalize:
         for _ in range(2):  # classical Gram-Schmidt, twice ("twice is enough")
             w = w - jnp.dot(jnp.dot(basis, w, precision=_HIGHEST), basis, precision=_HIGHEST)
-    beta = jnp.linalg.norm(w)
-    broke = beta <= tol * w_norm
+    beta = _norm(w)
+    finite = finite_w & jnp.isfinite(alpha) & jnp.isfinite(beta)
+    scale = jnp.maximum(state.scale, w_norm)
+    broke = beta <= tol * scale
 
     active = ~state.stopped & finite
     grow = active & ~broke
@@ -129,6 +149,7 @@ def lanczos_step(
         nonfinite_step=jnp.where(~state.stopped & ~finite, step, state.nonfinite_step).astype(
             jnp.int32
         ),
+        scale=jnp.where(active, scale, state.scale),
     )
 
 
@@ -156,23 +177,28 @@ def _is_operator(obj: Any) -> bool:
     return hasattr(obj, "matvec") and hasattr(obj, "dim") and hasattr(obj, "dtype")
 
 
-def _flat_matvec(fn: Callable | None, operator: Any, template: PyTree | None) -> Callable:
-    """The flat ``(dim,) -> (dim,)`` product for a user function or an operator."""
-    if operator is not None:
-        return operator.matvec
+def _flat_matvec(fn: Callable | None, operand: Any, template: PyTree | None) -> Callable:
+    """The flat ``(dim,) -> (dim,)`` product.
+
+    ``fn`` is a user function (a static part of the compiled program); ``operand`` is a
+    pytree that carries its arrays as arguments: an operator, or a ``jax.tree_util.Partial``.
+    """
+    if _is_operator(operand):
+        return operand.matvec
+    base = fn if operand is None else operand
     if template is None:
-        return fn
+        return base
     flat, unravel = ravel_pytree(template)
 
     def matvec(x):
-        return ravel_pytree(fn(unravel(x)))[0].astype(flat.dtype)
+        return ravel_pytree(base(unravel(x.astype(flat.dtype))))[0]
 
     return matvec
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "order", "reorthogonalize", "tol"))
-def _scan_lanczos(fn, operator, template, v0, *, order, reorthogonalize, tol):
-    matvec = _flat_matvec(fn, operator, template)
+def _scan_lanczos(fn, operand, template, v0, *, order, reorthogonalize, tol):
+    matvec = _flat_matvec(fn, operand, template)
     step_fn = functools.partial(lanczos_step, reorthogonalize=reorthogonalize, tol=tol)
 
     def body(state, step):
@@ -223,7 +249,7 @@ def _is_tracer(x: Any) -> bool:
 
 
 def _default_tol(dtype) -> float:
-    return float(100 * jnp.finfo(dtype).eps)
+    return float(50 * jnp.finfo(dtype).eps)
 
 
 def lanczos(
@@ -246,7 +272,12 @@ def lanczos(
     matvec:
         The operator: a function ``v -> A v`` on flat ``(dim,)`` vectors, a function on
         params-shaped pytrees (give ``like=params`` or a pytree ``v0``), or an operator such
-        as :func:`jax_spectral.hessian_operator`'s (``dim`` and ``dtype`` come from it).
+        as :func:`jax_spectral.hessian_operator`'s (``dim`` and ``dtype`` come from it; its
+        bound ``matvec``/``matvec_tree`` are recognised as the operator). A plain function is
+        a static part of the compiled program: arrays it closes over are compiled in as
+        constants, and a new function object compiles anew. Pass the operator itself, or
+        wrap the function as ``jax.tree_util.Partial(f, *arrays)`` so that its arrays are
+        arguments.
     key:
         PRNG key for the start vector (standard normal, normalised). May be ``None`` when
         ``v0`` is given.
@@ -268,7 +299,8 @@ def lanczos(
         (streamed data) or run slowly inside a compiled loop. ``None`` picks ``"host"`` for
         an operator with ``traceable == False`` and ``"scan"`` otherwise.
     breakdown_tol:
-        Breakdown when ``beta_i <= breakdown_tol * |A v_i|``; default ``100 * eps``.
+        Breakdown when ``beta_i <= breakdown_tol * max_j |A v_j|``; default ``50 * eps`` of
+        the recurrence's dtype.
     progress:
         Host loop only: ``True`` prints one line per step to stderr; a callable is called
         as ``progress(step, order, elapsed_seconds)``.
@@ -282,11 +314,12 @@ def lanczos(
     Raises
     ------
     ValueError
-        ``order <= 0``; no way to know ``dim``; a zero or non-finite ``v0``;
+        ``order <= 0``; no way to know ``dim`` (or a non-positive ``dim``); a start vector of
+        the wrong length, zero or non-finite;
         ``loop="scan"`` on a host-only operator or ``loop="host"`` under ``jit``/``vmap``;
         unknown ``loop``.
     TypeError
-        ``order`` is not an int.
+        ``order`` is not an int; ``matvec`` is neither callable nor an operator.
     FloatingPointError
         A product was NaN or Inf (outside ``jit``/``vmap``); the message names the step and
         the exception's ``result`` attribute holds the result up to that step.
@@ -307,31 +340,33 @@ def lanczos(
         )
     order = int(order)
 
-    operator = None
-    if _is_operator(matvec):
-        operator = matvec
-    elif _is_operator(getattr(matvec, "__self__", None)) and getattr(matvec, "__name__", "") in (
-        "matvec",
-        "__call__",
-    ):
-        operator = matvec.__self__
+    operand, fn = None, None  # operand: a pytree passed as an argument; fn: static
+    owner = getattr(matvec, "__self__", None)
+    if _is_operator(matvec) or isinstance(matvec, jax.tree_util.Partial):
+        operand = matvec
+    elif _is_operator(owner) and getattr(matvec, "__name__", "") in _OPERATOR_METHODS:
+        operand = owner  # matvec_tree is unravel . matvec . ravel: the same operator
+    elif callable(matvec):
+        fn = matvec
+    else:
+        raise TypeError(f"matvec must be callable or an operator, got {type(matvec)}.")
+
     template = None
-    if operator is None:
-        if not callable(matvec):
-            raise TypeError(f"matvec must be callable or an operator, got {type(matvec)}.")
+    if _is_operator(operand):
+        dim, dtype = operand.dim, operand.dtype
+        if v0 is not None and not _is_array_vector(v0):
+            v0 = operand.ravel(v0)
+    else:
         if like is None and v0 is not None and not _is_array_vector(v0):
-            like = v0
+            like = v0  # a params-shaped (or any non-flat) start vector is the template
         if like is not None:
             template = like
-            flat_like, _ = ravel_pytree(like)
+            flat_like = ravel_pytree(like)[0]
             dim, dtype = flat_like.shape[0], flat_like.dtype
             if v0 is not None:
                 v0 = ravel_pytree(v0)[0]
         else:
             if v0 is not None:
-                v0 = jnp.asarray(v0)
-                if v0.ndim != 1:
-                    raise ValueError(f"v0 must be a flat vector, got shape {v0.shape}.")
                 dim = v0.shape[0] if dim is None else dim
             if dim is None:
                 raise ValueError(
@@ -339,13 +374,10 @@ def lanczos(
                     "or like=params for a matvec on params-shaped pytrees."
                 )
             dtype = v0.dtype if v0 is not None else jnp.zeros(()).dtype
-    else:
-        dim, dtype = operator.dim, operator.dtype
-        if v0 is not None and not _is_array_vector(v0):
-            v0 = operator.ravel(v0)
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
         raise ValueError(f"dim must be a positive int, got {dim!r}.")
     dim = int(dim)
+    dtype = jnp.promote_types(dtype, jnp.float32)  # the recurrence runs in >= float32
 
     if v0 is None:
         if key is None:
@@ -359,7 +391,7 @@ def lanczos(
         if not (np.isfinite(norm) and norm > 0):
             raise ValueError(f"the start vector must be finite and non-zero; its norm is {norm}.")
 
-    traceable = getattr(operator, "traceable", True)
+    traceable = getattr(operand, "traceable", True)
     if loop is None:
         loop = "scan" if traceable else "host"
     if loop not in ("scan", "host"):
@@ -377,14 +409,14 @@ def lanczos(
                 "host-driven Lanczos cannot run under jit or vmap; use a traceable operator "
                 "with loop='scan', or call lanczos outside the transformation."
             )
-        flat = _flat_matvec(matvec if operator is None else None, operator, template)
+        flat = _flat_matvec(fn, operand, template)
         result = _host_lanczos(
             flat, v0, order=order, reorthogonalize=reorthogonalize, tol=tol, progress=progress
         )
     else:
         result = _scan_lanczos(
-            None if operator is not None else matvec,
-            operator,
+            fn,
+            operand,
             template,
             v0,
             order=order,
@@ -402,6 +434,9 @@ def lanczos(
         err.result = result
         raise err
     return result
+
+
+_OPERATOR_METHODS = ("matvec", "__call__", "matvec_tree")
 
 
 def _is_array_vector(x: Any) -> bool:
@@ -439,6 +474,18 @@ def lanczos_alg(
 
     Same meaning as in google/spectral-density's ``jax/lanczos.py``, computed by
     :func:`lanczos` (full reorthogonalisation, breakdown handled, float64 under x64).
+    After a breakdown at step ``k < order`` (where the original produced NaN), rows and
+    columns from ``k`` on are zero and a ``RuntimeWarning`` says so: eigenvalues of the whole
+    ``tridiag`` then include ``order - k`` zeros that belong to the padding, not to the
+    operator (their quadrature weights are zero). Use :func:`lanczos` to get ``num_steps``.
     """
     result = lanczos(matrix_vector_product, rng_key, order, dim=dim)
+    if not _is_tracer(result.num_steps) and int(result.num_steps) < order:
+        warnings.warn(
+            f"Lanczos broke down after {int(result.num_steps)} of {order} steps (the Krylov "
+            "space is invariant); tridiag is zero past that block, so its eigenvalues include "
+            "padding zeros with zero weight. Use jax_spectral.lanczos for num_steps.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return result.tridiag, result.basis

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -216,6 +217,12 @@ class HessianOperator:
         return _finish(acc, loss_sum, 1.0)
 
     def _stream_matvec(self, tangent: PyTree) -> jax.Array:
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tangent)):
+            raise ValueError(
+                "this operator reads its batches from the host and cannot be traced (jit, "
+                "vmap, lax.scan would compile the whole dataset into the program); call "
+                "matvec outside transformations, or use in-memory arrays with batch_size."
+            )
         acc, loss_sum = self._zeros()
         count = 0
         for batch in self.stream:
@@ -335,6 +342,15 @@ def hessian_operator(
     if loop not in _LOOPS:
         raise ValueError(f"loop must be one of {_LOOPS}, got {loop!r}.")
     check_params(params)
+    if not jax.config.jax_enable_x64 and any(
+        getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(params)
+    ):
+        warnings.warn(
+            "params hold float64 arrays but jax_enable_x64 is off, so the Hessian is computed "
+            "in float32. Enable it (jax.config.update('jax_enable_x64', True)) for float64.",
+            UserWarning,
+            stacklevel=2,
+        )
     params = jax.tree_util.tree_map(jnp.asarray, params)
     layout = _layout(params)
 

@@ -124,3 +124,10 @@ def test_bad_shapes_and_grids():
         eigv_to_density(np.zeros((1, 3)), sigma_squared=0.0)
     with pytest.raises(ValueError, match="expected tridiagonals"):
         tridiag_to_eigv(np.zeros((2, 3)))
+
+
+def test_degenerate_inputs():
+    with pytest.raises(ValueError, match="no node has positive weight"):
+        eigv_to_density(np.array([[1.0, 2.0]]), np.array([[0.0, 0.0]]))
+    with pytest.raises(ValueError, match="the density vanishes on the grid"):
+        eigv_to_density(np.array([[0.0]]), grids=np.linspace(1e6, 1e6 + 1, 5), sigma_squared=1e-9)

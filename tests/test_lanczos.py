@@ -2,10 +2,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import classification_data, init_mlp, mlp_loss
+from conftest import classification_data, init_mlp, mlp_apply, mlp_loss
 from jax.flatten_util import ravel_pytree
 
-from jax_spectral import hessian_operator, lanczos, lanczos_alg, ritz
+from jax_spectral import hessian_operator, lanczos, lanczos_alg, ritz, tridiag_to_eigv
 
 
 def _sym(key, n, dtype=jnp.float64):
@@ -36,17 +36,42 @@ def test_original_linear_check(x64):
 
 
 def test_order_equal_dim_reproduces_every_eigenvalue(x64):
-    params = init_mlp(jax.random.key(0), [6, 8, 4], jnp.float64)  # 92 parameters
-    batch = classification_data(jax.random.key(1), 40, 6, 4, jnp.float64)
-    dense = _dense_mlp_hessian(params, batch)
+    """A regression MLP (no continuous symmetry, so no repeated eigenvalues)."""
+    params = init_mlp(jax.random.key(0), [6, 9, 3], jnp.float64)  # 93 parameters
+    x = jax.random.normal(jax.random.key(1), (40, 6), jnp.float64)
+    y = jax.random.normal(jax.random.key(2), (40, 3), jnp.float64)
+
+    def mse(p, batch):
+        return jnp.mean((mlp_apply(p, batch[0]) - batch[1]) ** 2)
+
+    flat, unravel = ravel_pytree(params)
+    dense = np.asarray(jax.hessian(lambda f: mse(unravel(f), (x, y)))(flat))
     dim = dense.shape[0]
     assert 80 <= dim <= 120
-    op = hessian_operator(mlp_loss, params, batch)
+    op = hessian_operator(mse, params, (x, y), batch_size=16)
     res = lanczos(op, jax.random.key(3), dim)
     assert int(res.num_steps) == dim
     got = np.linalg.eigvalsh(np.asarray(res.tridiag))
     want = np.linalg.eigvalsh(dense)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+def test_softmax_null_space_is_one_node_and_the_run_stops_there(x64):
+    """Softmax cross-entropy is invariant to shifting all logits: the last layer adds
+    hidden + 1 exact zero eigenvalues. From one start vector Lanczos sees each distinct
+    eigenvalue once, so it breaks down after (number of distinct eigenvalues) steps."""
+    params = init_mlp(jax.random.key(0), [6, 8, 4], jnp.float64)  # 92 parameters
+    batch = classification_data(jax.random.key(1), 40, 6, 4, jnp.float64)
+    dense = _dense_mlp_hessian(params, batch)
+    want = np.linalg.eigvalsh(dense)
+    scale = np.abs(want).max()
+    null = np.abs(want) < 1e-10 * scale
+    assert null.sum() == 8 + 1
+    res = lanczos(hessian_operator(mlp_loss, params, batch), jax.random.key(3), dense.shape[0])
+    k = int(res.num_steps)
+    assert k == dense.shape[0] - null.sum() + 1
+    got = np.linalg.eigvalsh(np.asarray(res.tridiag)[:k, :k])
+    np.testing.assert_allclose(np.sort(np.r_[want[~null], 0.0]), got, rtol=0, atol=1e-6 * scale)
 
 
 def test_partial_order_basis_and_three_term_relation():
@@ -218,10 +243,90 @@ def test_lanczos_on_params_pytrees():
     np.testing.assert_allclose(residual, float(flat.residual_norm) * abs(s_last), rtol=1e-3)
 
 
-def test_lanczos_alg_compat_shapes():
-    a = jnp.diag(jnp.arange(1.0, 9.0))
-    tridiag, vecs = lanczos_alg(lambda v: a @ v, 8, 5, jax.random.key(0))
+def test_lanczos_alg_compat(x64):
+    a = _sym(jax.random.key(0), 8)
+    tridiag, vecs = lanczos_alg(lambda v: a @ v, 8, 5, jax.random.key(1))
     assert tridiag.shape == (5, 5) and vecs.shape == (5, 8)
+    tridiag, vecs = lanczos_alg(lambda v: a @ v, 8, 8, jax.random.key(1))
+    np.testing.assert_allclose(
+        np.linalg.eigvalsh(np.asarray(tridiag)), np.linalg.eigvalsh(np.asarray(a)), atol=1e-10
+    )
+    np.testing.assert_allclose(vecs @ vecs.T, np.eye(8), atol=1e-12)
+
+
+def test_lanczos_alg_warns_about_padding_after_breakdown():
+    a = jnp.diag(jnp.arange(11.0, 19.0))
+    with pytest.warns(RuntimeWarning, match="broke down after 8 of 10 steps"):
+        tridiag, _ = lanczos_alg(lambda v: a @ v, 8, 10, jax.random.key(0))
+    assert np.all(np.asarray(tridiag)[8:] == 0)
+
+
+def test_null_space_ends_the_recurrence(x64):
+    """Rank 10 in dimension 50: the basis reaches the null space after 11 steps."""
+    q = np.linalg.qr(np.asarray(jax.random.normal(jax.random.key(0), (50, 50), jnp.float64)))[0]
+    evals = np.r_[np.logspace(-4, 2, 10), np.zeros(40)]
+    a = jnp.asarray((q * evals) @ q.T)
+    v0 = np.asarray(jax.random.normal(jax.random.key(1), (50,), jnp.float64))
+    res = lanczos(lambda v: a @ v, None, 30, v0=jnp.asarray(v0))
+    assert int(res.num_steps) == 11
+    nodes, weights = tridiag_to_eigv(np.asarray(res.tridiag)[:11, :11])
+    null_mass = np.sum((q[:, 10:].T @ (v0 / np.linalg.norm(v0))) ** 2)
+    assert weights[0][np.abs(nodes[0]) < 1e-10].sum() == pytest.approx(null_mass, rel=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_operators_run_the_recurrence_in_float32(dtype):
+    a = jnp.diag(jnp.linspace(300.0, 2400.0, 12)).astype(dtype)  # |A v|^2 overflows float16
+    res = lanczos(lambda v: a @ v.astype(dtype), jax.random.key(0), 12, dim=12)
+    assert res.tridiag.dtype == jnp.float32 and res.basis.dtype == jnp.float32
+    assert int(res.num_steps) == 12
+    got = np.linalg.eigvalsh(np.asarray(res.tridiag, np.float64))
+    np.testing.assert_allclose(got, np.linspace(300.0, 2400.0, 12), rtol=1e-2)
+
+
+def test_large_entries_do_not_overflow_the_norms():
+    a = jnp.diag(jnp.linspace(1.0, 4.0, 6) * 1e20)  # squares overflow float32
+    res = lanczos(lambda v: a @ v, jax.random.key(0), 6, dim=6)
+    assert int(res.num_steps) == 6 and int(res.nonfinite_step) == -1
+    got = np.linalg.eigvalsh(np.asarray(res.tridiag, np.float64))
+    np.testing.assert_allclose(got, np.linspace(1.0, 4.0, 6) * 1e20, rtol=1e-4)
+
+
+def test_without_reorthogonalisation_both_drivers_agree():
+    a = jnp.diag(jnp.linspace(0.0, 1.0, 200) ** 3)
+    scan = lanczos(lambda v: a @ v, jax.random.key(0), 40, dim=200, reorthogonalize=False)
+    host = lanczos(
+        lambda v: a @ v, jax.random.key(0), 40, dim=200, reorthogonalize=False, loop="host"
+    )
+    np.testing.assert_allclose(scan.tridiag, host.tridiag, rtol=1e-5, atol=1e-6)
+    # Plain Lanczos still finds the extreme eigenvalue.
+    assert np.linalg.eigvalsh(np.asarray(scan.tridiag, np.float64))[-1] == pytest.approx(
+        1.0, rel=1e-5
+    )
+
+
+def test_partial_and_bound_methods_pass_arrays_as_arguments():
+    params = init_mlp(jax.random.key(0), [50, 6, 3])
+    batch = classification_data(jax.random.key(1), 2000, 50, 3)
+    op = hessian_operator(mlp_loss, params, batch, batch_size=500)
+    from jax_spectral.lanczos import _scan_lanczos
+
+    key = jax.random.key(0)
+    reference = lanczos(op, key, 5)
+    before = _scan_lanczos._cache_size()
+    tree = lanczos(op.matvec_tree, key, 5, like=params)  # recognised as the operator
+    assert _scan_lanczos._cache_size() == before
+    np.testing.assert_allclose(tree.tridiag, reference.tridiag, rtol=1e-6)
+
+    def apply(operator, v):
+        return operator.matvec(v)
+
+    wrapped = jax.tree_util.Partial(apply, op)
+    hlo = _scan_lanczos.lower(None, wrapped, None, jnp.ones(op.dim), order=5,
+                              reorthogonalize=True, tol=1e-5).as_text()  # fmt: skip
+    assert len(hlo) < 200_000  # the 100,000 data floats are arguments, not constants
+    np.testing.assert_allclose(lanczos(wrapped, key, 5, dim=op.dim).tridiag, reference.tridiag,
+                               rtol=1e-6)  # fmt: skip
 
 
 def test_progress_callback_on_host_loop(capsys):
@@ -247,6 +352,30 @@ def test_progress_callback_on_host_loop(capsys):
 def test_bad_order(order, exc):
     with pytest.raises(exc, match="order must be a positive int"):
         lanczos(lambda v: v, jax.random.key(0), order, dim=4)
+
+
+def test_bad_dim_start_vector_and_matvec():
+    with pytest.raises(ValueError, match="dim must be a positive int"):
+        lanczos(lambda v: v, jax.random.key(0), 3, dim=0)
+    with pytest.raises(ValueError, match="start vector has shape \\(3,\\), expected \\(4,\\)"):
+        lanczos(lambda v: v, None, 3, dim=4, v0=jnp.ones(3))
+    with pytest.raises(TypeError, match="matvec must be callable or an operator"):
+        lanczos(np.eye(3), jax.random.key(0), 3, dim=3)
+
+
+def test_ritz_refuses_a_failed_run():
+    a = jnp.diag(jnp.arange(1.0, 9.0))
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return a @ v if len(calls) < 3 else v * jnp.nan
+
+    with pytest.raises(FloatingPointError) as info:
+        lanczos(matvec, jax.random.key(0), 5, dim=8, loop="host")
+    failed = info.value.result._replace(num_steps=jnp.asarray(4))  # pretend the NaN step is valid
+    with pytest.raises(ValueError, match="contains NaN or Inf"):
+        ritz(failed)
 
 
 def test_missing_dim_and_key():

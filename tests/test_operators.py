@@ -139,20 +139,58 @@ def test_one_shot_iterator_is_rejected():
         hessian_operator(loss, params, (b for b in batches))
 
 
+def test_a_callable_handing_out_one_shared_iterator_is_rejected():
+    params = {"w": jnp.ones(2)}
+    loss = lambda p, b: jnp.sum((b[0] @ p["w"]) ** 2)  # noqa: E731
+    shared = iter([(np.ones((3, 2)),)] * 3)
+    with pytest.raises(ValueError, match="hands out the same iterator on every pass"):
+        hessian_operator(loss, params, lambda: shared)
+
+
 def test_exhausted_second_pass_raises_instead_of_returning_zeros():
     params = {"w": jnp.ones(2)}
     loss = lambda p, b: jnp.sum((b[0] @ p["w"]) ** 2)  # noqa: E731
-    shared = iter([(np.ones((3, 2)),)] * 3)  # a callable that hands out one shared iterator
-    op = hessian_operator(loss, params, lambda: shared)
-    op.matvec(jnp.ones(2))  # the construction peeked one batch; this pass reads the rest
+    batches = [(np.ones((3, 2)),)] * 3
+    calls = []
+
+    def source():  # fresh iterators, but the data runs dry after the first pass
+        calls.append(1)
+        return iter(batches if len(calls) <= 4 else [])
+
+    op = hessian_operator(loss, params, source)  # construction checks and peeks: 3 calls
+    np.testing.assert_allclose(op.matvec(jnp.ones(2)), [12.0, 12.0])  # 3 batches x 2 x X^T X 1
     with pytest.raises(ValueError, match="yielded no batches on this pass although an earlier"):
         op.matvec(jnp.ones(2))
+
+
+def test_stream_operator_refuses_to_be_traced():
+    op = hessian_operator(lambda p, b: jnp.sum((b[0] @ p) ** 2), jnp.ones(2), [(np.ones((3, 2)),)])
+    with pytest.raises(ValueError, match="cannot be traced"):
+        jax.jit(lambda o, v: o.matvec(v))(op, jnp.ones(2))
+
+
+def test_float64_params_without_x64_warn():
+    data = (np.ones((3, 2), np.float32),)
+    with pytest.warns(UserWarning, match="jax_enable_x64 is off"):
+        op = hessian_operator(lambda p, b: jnp.sum((b[0] @ p) ** 2), np.ones(2), data)
+    assert op.dtype == np.float32
+
+
+def test_unsupported_data_and_batch_size_types():
+    params = {"w": jnp.ones(2)}
+    loss = lambda p, b: jnp.sum(b[0] @ p["w"])  # noqa: E731
+    with pytest.raises(TypeError, match="data must be in-memory arrays"):
+        hessian_operator(loss, params, 5)
+    with pytest.raises(TypeError, match="batch_size must be a positive int"):
+        hessian_operator(loss, params, (np.ones((3, 2)),), batch_size=2.5)
+    with pytest.raises(ValueError, match="no array leaves"):
+        hessian_operator(loss, {}, (np.ones((3, 2)),))
 
 
 def test_changing_dataset_between_passes_raises():
     params = {"w": jnp.ones(2)}
     loss = lambda p, b: jnp.sum((b[0] @ p["w"]) ** 2)  # noqa: E731
-    sizes = iter([3, 3, 5])
+    sizes = iter([3, 3, 3, 3, 5])  # three calls at construction, then one per pass
     op = hessian_operator(loss, params, lambda: iter([(np.ones((next(sizes), 2)),)]))
     op.matvec(jnp.ones(2))
     with pytest.raises(ValueError, match="5 samples on this pass but 3 on the first"):
