@@ -112,8 +112,11 @@ class BatchStream:
     """A re-iterable source of batches, read from the host once per pass.
 
     Each call of ``iter(stream)`` starts a new pass over the data. Hashing and equality
-    are by identity, so a stream can sit in the static part of a pytree.
+    are by identity, so a stream can sit in the static part of a pytree. ``num_samples``
+    is recorded by the first full pass of an operator, which checks later passes against it.
     """
+
+    num_samples: int | None = None
 
     def __init__(self, source: Any):
         if isinstance(source, BatchStream):

@@ -257,14 +257,6 @@ def _jitted_scan_matvec(operator: HessianOperator, tangent: PyTree) -> jax.Array
     return operator._scan_matvec(tangent)
 
 
-class _Stream(BatchStream):
-    """A :class:`BatchStream` that remembers how many samples a pass holds."""
-
-    def __init__(self, source: Any):
-        super().__init__(source)
-        self.num_samples: int | None = None
-
-
 def _primitive_names(jaxpr) -> Iterator[str]:
     for eqn in jaxpr.eqns:
         yield eqn.primitive.name
@@ -379,6 +371,6 @@ def hessian_operator(
             "loop='scan' needs in-memory arrays; a re-iterable of batches is read from the "
             "host (loop='host' or 'auto')."
         )
-    stream = _Stream(data)
+    stream = BatchStream(data)
     check_scalar_loss(loss, params, stream.first())
     return HessianOperator(params, None, None, loss, reduce, "host", None, None, stream, layout)
