@@ -1,7 +1,16 @@
-"""Keras bridge for jax-spectral (the original package's ``approximate_hessian``).
+"""Keras bridge for jax-spectral: the original package's ``approximate_hessian`` on the JAX
+engine, and Keras loss closures as pure JAX functions.
 
-Not implemented yet: this package is reserved for the Keras bridge issue. Importing it
-works so that the distribution layout is in place; it exports nothing.
+Requires Keras 3 with ``KERAS_BACKEND=jax`` set before Keras is imported
+(``pip install 'jax-spectral[keras]'``). Importing this package does not import Keras.
+
+    from keras_bridge import lanczos_algorithm
+    V, T = lanczos_algorithm.approximate_hessian(model, loss_fn, dataset, order)
 """
 
-__all__: list[str] = []
+from . import lanczos_algorithm as lanczos_algorithm
+from .closure import pure_loss as pure_loss
+from .closure import trainable_values as trainable_values
+from .lanczos_algorithm import approximate_hessian as approximate_hessian
+
+__all__ = ["approximate_hessian", "lanczos_algorithm", "pure_loss", "trainable_values"]

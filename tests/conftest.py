@@ -1,9 +1,14 @@
 """Shared fixtures: float64 on demand and tiny models with dense references."""
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
+
+# The Keras bridge needs the JAX backend, chosen before Keras is first imported.
+os.environ["KERAS_BACKEND"] = "jax"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture

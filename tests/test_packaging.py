@@ -20,6 +20,9 @@ def test_import_is_light():
     code = f"import sys, jax_spectral; print(sorted(m for m in {heavy} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+    code = code.replace("import sys, jax_spectral", "import sys, keras_bridge")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"  # the bridge imports Keras only when it is used
 
 
 def test_public_names_and_version():

@@ -1,0 +1,190 @@
+"""The Keras bridge against TensorFlow's own gradient tapes and exact identities."""
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+from keras_bridge import approximate_hessian, lanczos_algorithm, pure_loss  # noqa: E402
+
+
+def test_original_linear_notebook_example():
+    """As in the original notebook, apart from the import: V T V^T equals 2 X^T X."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 16)).astype(np.float32)
+    y = rng.standard_normal((50, 1)).astype(np.float32)
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, use_bias=False)])
+    model.build((None, 16))
+
+    def loss_fn(model, inputs):
+        x, y = inputs
+        preds = model(x, training=False)
+        return tf.keras.losses.mse(y, preds)
+
+    with pytest.warns(UserWarning, match="differentiated as its sum"):
+        V, T = lanczos_algorithm.approximate_hessian(model, loss_fn, [(X, y)], order=16)
+    assert V.shape == (16, 16) and T.shape == (16, 16) and V.dtype == np.float64
+    want = 2 * X.astype(np.float64).T @ X
+    np.testing.assert_allclose(V @ T @ V.T, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _small_classifier():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)]
+    )
+    rng = np.random.default_rng(1)
+    model.set_weights([0.5 * rng.standard_normal(w.shape) for w in model.get_weights()])
+    return model
+
+
+def _tf_dataset_hessian(weights, batches, reduce_op):
+    """Dense Hessian of the dataset loss by TensorFlow nested GradientTapes (float64)."""
+    shapes = [w.shape for w in weights]
+    flat = tf.Variable(np.concatenate([w.ravel() for w in weights]).astype(np.float64))
+    total = sum(len(b[0]) for b in batches)
+
+    def batch_loss(vector, x, y):
+        parts, start = [], 0
+        for shape in shapes:
+            size = int(np.prod(shape))
+            parts.append(tf.reshape(vector[start : start + size], shape))
+            start += size
+        k1, b1, k2, b2 = parts
+        logits = tf.tanh(x @ k1 + b1) @ k2 + b2
+        losses = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+        return tf.reduce_mean(losses)
+
+    hessian = np.zeros((flat.shape[0], flat.shape[0]))
+    for x, y in batches:
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                value = batch_loss(flat, tf.constant(x, tf.float64), tf.constant(y))
+            grad = inner.gradient(value, flat)
+        h = outer.jacobian(grad, flat).numpy()
+        hessian += h * (len(x) / total if reduce_op == "MEAN" else 1.0)
+    return hessian
+
+
+@pytest.mark.parametrize("reduce_op", ["MEAN", "SUM"])
+def test_full_order_matches_tensorflow_tapes_on_ragged_batches(reduce_op):
+    model = _small_classifier()
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((23, 3)).astype(np.float32)
+    Y = rng.integers(0, 3, 23).astype(np.int32)
+    batches = [(X[i : i + 5], Y[i : i + 5]) for i in range(0, 23, 5)]  # last batch of 3
+
+    def loss_fn(model, inputs):
+        x, y = inputs
+        logits = model(x, training=False)
+        return keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        )
+
+    dim = sum(int(np.prod(w.shape)) for w in model.get_weights())
+    assert dim == 31
+    # Softmax is invariant to shifting all logits: the last layer (4 x 3 kernel, 3 biases)
+    # gives 4 + 1 exact zero eigenvalues, one node for Lanczos: 31 - 5 + 1 = 27 steps.
+    with pytest.warns(RuntimeWarning, match="broke down after 27 of 31 steps"):
+        V, T = approximate_hessian(model, loss_fn, batches, order=dim, reduce_op=reduce_op)
+    want = _tf_dataset_hessian(model.get_weights(), batches, reduce_op)
+    got = V @ T @ V.T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_keras_state_is_untouched_with_batchnorm_and_dropout_in_training_mode():
+    model = keras.Sequential(
+        [
+            keras.Input((4,)),
+            keras.layers.Dense(5),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.5),
+            keras.layers.Dense(2),
+        ]
+    )
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((12, 4)).astype(np.float32)
+    Y = rng.integers(0, 2, 12).astype(np.int32)
+    before = [np.array(v.value) for v in model.variables]
+
+    def loss_fn(model, inputs):  # batch statistics and dropout on, as a user may ask
+        x, y = inputs
+        logits = model(x, training=True)
+        return keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        approximate_hessian(model, loss_fn, [(X[:8], Y[:8]), (X[8:], Y[8:])], order=5)
+    after = [np.array(v.value) for v in model.variables]
+    assert len(before) == len(after)
+    for b, a in zip(before, after, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for v in model.variables:
+        assert not isinstance(v.value, jax.core.Tracer)
+
+
+def test_pure_loss_is_jittable_and_matches_keras():
+    model = _small_classifier()
+    x = np.ones((2, 3), np.float32)
+
+    def loss_fn(model, inputs):
+        return keras.ops.sum(model(inputs, training=False) ** 2)
+
+    loss = pure_loss(model, loss_fn)
+    params = [v.value for v in model.trainable_variables]
+    want = float(keras.ops.sum(model(x) ** 2))
+    assert float(jax.jit(loss)(params, x)) == pytest.approx(want, rel=1e-6)
+    doubled = [2 * p for p in params]
+    assert float(jax.jit(loss)(doubled, x)) != pytest.approx(want, rel=1e-3)
+
+
+# -- documented errors ------------------------------------------------------------------
+
+
+def test_unbuilt_model_is_rejected():
+    model = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="not built"):
+        approximate_hessian(model, lambda m, b: 0.0, [(np.ones((2, 3)),)], order=2)
+
+
+def test_tensorflow_ops_on_jax_values_are_named():
+    model = _small_classifier()
+
+    def loss_fn(model, inputs):
+        logits = model(inputs[0], training=False)
+        return tf.reduce_mean(logits)  # a TensorFlow op on a JAX array
+
+    with pytest.raises(
+        TypeError, match="TensorFlow operation on JAX values \\(line \\d+: return tf"
+    ):
+        approximate_hessian(model, loss_fn, [(np.ones((2, 3), np.float32),)], order=2)
+
+
+def test_one_shot_generator_dataset_is_rejected():
+    model = _small_classifier()
+    batches = ((np.ones((2, 3), np.float32), np.zeros(2, np.int32)) for _ in range(2))
+    with pytest.raises(ValueError, match="one-shot iterator"):
+        approximate_hessian(model, lambda m, b: keras.ops.sum(m(b[0])), batches, order=2)
+
+
+def test_order_above_the_number_of_parameters_breaks_down_cleanly():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, use_bias=False)])
+    X = np.random.default_rng(4).standard_normal((10, 3)).astype(np.float32)
+
+    def loss_fn(model, inputs):
+        return keras.ops.mean(model(inputs[0]) ** 2)
+
+    with pytest.warns(RuntimeWarning, match="broke down after 3 of 6 steps"):
+        V, T = approximate_hessian(model, loss_fn, [(X,)], order=6)
+    assert np.all(np.isfinite(T)) and np.all(T[3:] == 0) and np.all(V[:, 3:] == 0)
+    np.testing.assert_allclose(V @ T @ V.T, 2 * X.T.astype(np.float64) @ X / 10, rtol=1e-4)
+
+
+def test_bad_reduce_op():
+    with pytest.raises(ValueError, match="reduce_op must be 'MEAN' or 'SUM'"):
+        approximate_hessian(_small_classifier(), lambda m, b: 0.0, [(np.ones((2, 3)),)], 2, "AVG")
