@@ -1,5 +1,6 @@
 """The Keras bridge against TensorFlow's own gradient tapes and exact identities."""
 
+import os
 import warnings
 
 import jax
@@ -141,6 +142,68 @@ def test_pure_loss_is_jittable_and_matches_keras():
     assert float(jax.jit(loss)(params, x)) == pytest.approx(want, rel=1e-6)
     doubled = [2 * p for p in params]
     assert float(jax.jit(loss)(doubled, x)) != pytest.approx(want, rel=1e-3)
+
+
+def test_cnn_with_batchnorm_and_dropout_against_a_tensorflow_backend_process(tmp_path):
+    """Trained with model.fit on digits, saved as .keras, loaded by a TensorFlow-backend
+    process that computes HVPs with nested GradientTapes on the same weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from jax_spectral import datasets, hessian_operator
+
+    x, y = datasets.load_digits()
+    images = x.reshape(-1, 8, 8, 1)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(10),
+        ]
+    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(images, y, epochs=1, batch_size=64, verbose=0)
+    path = tmp_path / "cnn.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)  # the same file the TensorFlow process reads
+
+    n, batch_size = 100, 32  # batches of 32, 32, 32 and a ragged 4
+    xs, ys = images[:n], y[:n]
+    rng = np.random.default_rng(0)
+    dim = sum(int(np.prod(v.shape)) for v in loaded.trainable_variables)
+    tangents = {f"v_{i}": rng.standard_normal(dim).astype(np.float32) for i in range(2)}
+    np.savez(tmp_path / "data.npz", x=xs, y=ys, batch_size=batch_size, **tangents)
+    script = Path(__file__).with_name("keras_tf_reference.py")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    argv = [sys.executable, str(script), str(path), str(tmp_path / "data.npz")]
+    argv.append(str(tmp_path / "ref.npz"))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reference = np.load(tmp_path / "ref.npz")
+
+    def loss_fn(model, inputs):
+        xb, yb = inputs
+        logits = model(xb, training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(yb, logits, from_logits=True)
+        return keras.ops.mean(losses)
+
+    loss = pure_loss(loaded, loss_fn)
+    params = [v.value for v in loaded.trainable_variables]
+    batches = [(xs[i : i + batch_size], ys[i : i + batch_size]) for i in range(0, n, batch_size)]
+    for reduce in ("mean", "sum"):
+        for data in ((xs, ys), batches):
+            kwargs = {"batch_size": batch_size} if isinstance(data, tuple) else {}
+            op = hessian_operator(loss, params, data, reduce=reduce, **kwargs)
+            for i in range(2):
+                got = np.asarray(op.matvec(tangents[f"v_{i}"]))
+                want = reference[f"{reduce}_{i}"]
+                np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
 # -- documented errors ------------------------------------------------------------------
