@@ -11,6 +11,7 @@ Requires Keras 3 with ``KERAS_BACKEND=jax`` set before Keras is imported
 from . import lanczos_algorithm as lanczos_algorithm
 from .closure import pure_loss as pure_loss
 from .closure import trainable_values as trainable_values
+from .convert import to_flax as to_flax
 from .lanczos_algorithm import approximate_hessian as approximate_hessian
 
-__all__ = ["approximate_hessian", "lanczos_algorithm", "pure_loss", "trainable_values"]
+__all__ = ["approximate_hessian", "lanczos_algorithm", "pure_loss", "to_flax", "trainable_values"]

@@ -10,7 +10,12 @@ import pytest
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from keras_bridge import approximate_hessian, lanczos_algorithm, pure_loss  # noqa: E402
+from keras_bridge import (  # noqa: E402
+    approximate_hessian,
+    lanczos_algorithm,
+    pure_loss,
+    trainable_values,
+)
 
 
 def test_original_linear_notebook_example():
@@ -251,3 +256,129 @@ def test_order_above_the_number_of_parameters_breaks_down_cleanly():
 def test_bad_reduce_op():
     with pytest.raises(ValueError, match="reduce_op must be 'MEAN' or 'SUM'"):
         approximate_hessian(_small_classifier(), lambda m, b: 0.0, [(np.ones((2, 3)),)], 2, "AVG")
+
+
+# -- to_flax ----------------------------------------------------------------------------
+
+
+def _bn_cnn(dropout=0.2):
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((8, 8, 2)),
+            keras.layers.Conv2D(3, 3, padding="same", activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.MaxPooling2D(2),
+            keras.layers.Activation("tanh"),
+            keras.layers.AveragePooling2D(2, padding="same"),
+            keras.layers.Flatten(),
+            keras.layers.Dropout(dropout),
+            keras.layers.Dense(6, activation="gelu"),
+            keras.layers.LayerNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Dense(3),
+        ]
+    )
+    rng = np.random.default_rng(5)
+    # Non-trivial moving statistics, so inference and batch statistics differ.
+    model.set_weights([w + 0.3 * rng.standard_normal(w.shape) for w in model.get_weights()])
+    bn = model.layers[1]
+    bn.moving_variance.assign(np.abs(np.asarray(bn.moving_variance.value)) + 0.5)
+    return model
+
+
+def _functional():
+    inputs = keras.Input((5,))
+    a = keras.layers.Dense(4, activation="relu")(inputs)
+    b = keras.layers.Dense(4)(inputs)
+    merged = keras.layers.Concatenate()([keras.layers.Add()([a, b]), b])
+    return keras.Model(inputs, keras.layers.Dense(2)(merged))
+
+
+@pytest.mark.parametrize("mode", ["module", "stateless"])
+def test_to_flax_outputs_equal_keras(mode):
+    from keras_bridge import to_flax
+
+    x = np.random.default_rng(6).standard_normal((4, 8, 8, 2)).astype(np.float32)
+    model = _bn_cnn()
+    apply_fn, variables = to_flax(model, mode=mode)
+    want = np.asarray(model(x, training=False))
+    np.testing.assert_allclose(apply_fn(variables, x), want, rtol=1e-5, atol=1e-5)
+    if mode == "module":
+        assert set(variables) == {"params", "batch_stats"}
+        assert set(variables["params"]["dense"]) == {"kernel", "bias"}
+        assert set(variables["batch_stats"][model.layers[1].name]) == {"mean", "var"}
+    # Batch statistics (train=True), compared with Keras where Dropout is the identity.
+    plain = _bn_cnn(dropout=0.0)
+    apply_plain, variables_plain = to_flax(plain, mode=mode)
+    got_train = apply_plain(variables_plain, x, train=True)
+    want_train = np.asarray(plain(x, training=True))
+    np.testing.assert_allclose(got_train, want_train, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(want_train, np.asarray(plain(x, training=False)), atol=1e-3)
+    before = [np.array(v.value) for v in plain.variables]
+    jax.jit(apply_plain, static_argnames="train")(variables_plain, x, train=True)
+    for b, v in zip(before, plain.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(v.value), b)
+
+
+def test_functional_models_run_through_stateless_call():
+    from keras_bridge import to_flax
+
+    model = _functional()
+    x = np.random.default_rng(7).standard_normal((3, 5)).astype(np.float32)
+    apply_fn, variables = to_flax(model)  # auto falls back from translation
+    np.testing.assert_allclose(apply_fn(variables, x), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="translates Sequential models.*mode='stateless'"):
+        to_flax(model, mode="module")
+
+
+def test_to_flax_hvp_equals_the_stateless_scope_hvp():
+    from jax_spectral import hessian_operator
+    from keras_bridge import to_flax
+
+    model = _bn_cnn()
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((10, 8, 8, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 10).astype(np.int32)
+
+    def loss_fn(model, inputs):
+        logits = model(inputs[0], training=False)
+        return keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(inputs[1], logits, from_logits=True)
+        )
+
+    apply_fn, variables = to_flax(model, mode="module")
+
+    def flax_loss(params, batch):
+        logits = apply_fn({**variables, "params": params}, batch[0])
+        return keras.ops.mean(
+            keras.losses.sparse_categorical_crossentropy(batch[1], logits, from_logits=True)
+        )
+
+    op_keras = hessian_operator(pure_loss(model, loss_fn), trainable_values(model), (x, y))
+    op_flax = hessian_operator(flax_loss, variables["params"], (x, y))
+    assert op_keras.dim == op_flax.dim
+    v_tree = jax.tree_util.tree_map(
+        lambda a: jax.random.normal(jax.random.key(a.size), a.shape), variables["params"]
+    )
+    got = op_flax.matvec_tree(v_tree)
+    # The same tangent in Keras's variable order.
+    order = [(v.path.split("/")[-2], v.name) for v in model.trainable_variables]
+    names = {"gamma": "scale", "beta": "bias"}
+    v_list = [v_tree[layer][names.get(name, name)] for layer, name in order]
+    want = op_keras.unravel(op_keras.matvec(op_keras.ravel(v_list)))
+    for (layer, name), w in zip(order, want, strict=True):
+        np.testing.assert_allclose(
+            got[layer][names.get(name, name)], w, rtol=1e-4, atol=1e-5 * np.abs(w).max()
+        )
+
+
+def test_unsupported_layer_is_named():
+    from keras_bridge import to_flax
+
+    model = keras.Sequential([keras.Input((4, 3)), keras.layers.LSTM(2), keras.layers.Dense(1)])
+    with pytest.raises(ValueError, match="cannot translate layer 'lstm.*' of type LSTM"):
+        to_flax(model, mode="module")
+    apply_fn, variables = to_flax(model)  # auto: stateless_call
+    x = np.ones((2, 4, 3), np.float32)
+    np.testing.assert_allclose(apply_fn(variables, x), np.asarray(model(x)), rtol=1e-5)

@@ -1,0 +1,312 @@
+"""Keras models as Flax-style ``(apply_fn, variables)`` pairs.
+
+``to_flax(model)`` returns ``variables``, a Flax-style pytree
+
+    {"params": {layer_name: {"kernel": ..., "bias": ...}, ...},
+     "batch_stats": {bn_layer_name: {"mean": ..., "var": ...}}, ...}
+
+and ``apply_fn(variables, x, train=False)``, a pure JAX function. Two ways to get there:
+
+* ``mode="module"``: Sequential models made of the standard layers (Dense, Conv1D/2D,
+  MaxPooling/AveragePooling 1D/2D, GlobalAveragePooling 1D/2D, Flatten, BatchNormalization,
+  LayerNormalization, Dropout, Activation, ReLU, Embedding) are translated into a
+  ``flax.linen`` module with the weights copied; ``apply_fn`` is that module's ``apply``.
+  A layer outside this list raises ``ValueError`` naming it.
+* ``mode="stateless"``: any model built under the JAX backend, through
+  ``model.stateless_call``; the variables keep Keras's names (``params`` and, for
+  BatchNormalization, ``batch_stats`` with ``moving_mean``/``moving_variance``; other
+  non-trainable state under ``state``).
+
+``mode="auto"`` (the default) translates when every layer is supported and falls back to
+``stateless`` otherwise. Either way ``train=False`` uses BatchNormalization's moving
+statistics and turns Dropout off; ``train=True`` uses batch statistics without updating
+anything (the updated statistics are discarded) and needs ``rngs={"dropout": key}`` for
+Dropout in the translated module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from .closure import _keras, check_model
+
+__all__ = ["to_flax"]
+
+_ACTIVATIONS: dict[str, Callable] = {
+    "linear": lambda x: x,
+    "relu": jax.nn.relu,
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "softmax": jax.nn.softmax,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "elu": jax.nn.elu,
+    "softplus": jax.nn.softplus,
+}
+
+
+def _activation(layer, fn) -> Callable:
+    name = getattr(fn, "__name__", None) if fn is not None else "linear"
+    if name not in _ACTIVATIONS:
+        raise ValueError(
+            f"layer '{layer.name}' uses the activation {name!r}, which to_flax does not "
+            f"translate (supported: {sorted(_ACTIVATIONS)}). Use to_flax(model, "
+            "mode='stateless'), which runs any layer through model.stateless_call."
+        )
+    return _ACTIVATIONS[name]
+
+
+def _set(tree: dict, path: list[str], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: list[str]) -> Any:
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _relative_path(model, variable) -> list[str]:
+    parts = variable.path.split("/")
+    if parts and parts[0] == model.name:
+        parts = parts[1:]
+    return parts
+
+
+# -- the generic path: stateless_call ---------------------------------------------------------
+
+
+def _stateless(model) -> tuple[Callable, dict]:
+    trainable = [_relative_path(model, v) for v in model.trainable_variables]
+    non_trainable = []
+    variables: dict = {"params": {}}
+    for v, path in zip(model.trainable_variables, trainable, strict=True):
+        _set(variables["params"], path, jnp.asarray(v.value))
+    for v in model.non_trainable_variables:
+        collection = "batch_stats" if v.name in ("moving_mean", "moving_variance") else "state"
+        path = _relative_path(model, v)
+        non_trainable.append((collection, path))
+        _set(variables.setdefault(collection, {}), path, jnp.asarray(v.value))
+
+    def apply_fn(variables, x, train: bool = False):
+        t = [_get(variables["params"], p) for p in trainable]
+        n = [_get(variables[c], p) for c, p in non_trainable]
+        outputs, _ = model.stateless_call(t, n, x, training=train)
+        return outputs
+
+    return apply_fn, variables
+
+
+# -- the translated path: a flax.linen module ---------------------------------------------------
+
+
+def _layer_spec(keras, layer) -> tuple[str, dict, dict, dict] | None:
+    """(kind, settings, params, batch_stats) of a supported layer; None for no-ops."""
+    L = keras.layers
+    name = layer.name
+    weights = {w.name: jnp.asarray(w.value) for w in layer.weights}
+    cls = type(layer).__name__
+    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
+    if not channels_last:
+        raise ValueError(
+            f"layer '{name}' ({cls}) uses data_format='channels_first'; to_flax translates "
+            "channels_last layers only. Use to_flax(model, mode='stateless')."
+        )
+    if isinstance(layer, L.InputLayer):
+        return None
+    if type(layer) is L.Dense:
+        params = {"kernel": weights["kernel"]}
+        if layer.use_bias:
+            params["bias"] = weights["bias"]
+        return "dense", {"act": _activation(layer, layer.activation)}, params, {}
+    if type(layer) in (L.Conv1D, L.Conv2D):
+        if layer.groups != 1 or layer.padding not in ("valid", "same"):
+            raise ValueError(
+                f"layer '{name}' ({cls}) uses groups={layer.groups} or "
+                f"padding={layer.padding!r}; to_flax translates groups=1 with 'valid' or "
+                "'same' padding only. Use to_flax(model, mode='stateless')."
+            )
+        params = {"kernel": weights["kernel"]}
+        if layer.use_bias:
+            params["bias"] = weights["bias"]
+        settings = {
+            "strides": tuple(layer.strides),
+            "padding": layer.padding.upper(),
+            "dilation": tuple(layer.dilation_rate),
+            "act": _activation(layer, layer.activation),
+        }
+        return "conv", settings, params, {}
+    pools = (L.MaxPooling1D, L.MaxPooling2D, L.AveragePooling1D, L.AveragePooling2D)
+    if type(layer) in pools:
+        settings = {
+            "max": "Max" in cls,
+            "window": tuple(layer.pool_size),
+            "strides": tuple(layer.strides),
+            "padding": layer.padding.upper(),
+        }
+        return "pool", settings, {}, {}
+    if type(layer) in (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D):
+        return "gap", {"keepdims": layer.keepdims}, {}, {}
+    if type(layer) is L.Flatten:
+        return "flatten", {}, {}, {}
+    if type(layer) is L.BatchNormalization:
+        if layer.axis not in (-1,) and layer.axis != len(layer.input.shape) - 1:
+            raise ValueError(f"layer '{name}' normalises axis {layer.axis}; only the last axis.")
+        params = {}
+        if layer.scale:
+            params["scale"] = weights["gamma"]
+        if layer.center:
+            params["bias"] = weights["beta"]
+        stats = {"mean": weights["moving_mean"], "var": weights["moving_variance"]}
+        settings = {"epsilon": layer.epsilon, "scale": layer.scale, "center": layer.center}
+        return "batchnorm", settings, params, stats
+    if type(layer) is L.LayerNormalization:
+        if (
+            getattr(layer, "rms_scaling", False)
+            or tuple(layer.axis) not in ((-1,),)
+            and list(layer.axis) != [len(layer.input.shape) - 1]
+        ):
+            raise ValueError(f"layer '{name}': only last-axis LayerNormalization is translated.")
+        params = {}
+        if layer.scale:
+            params["scale"] = weights["gamma"]
+        if layer.center:
+            params["bias"] = weights["beta"]
+        settings = {"epsilon": layer.epsilon, "scale": layer.scale, "center": layer.center}
+        return "layernorm", settings, params, {}
+    if type(layer) is L.Dropout:
+        return "dropout", {"rate": layer.rate}, {}, {}
+    if type(layer) is L.Activation:
+        return "act", {"act": _activation(layer, layer.activation)}, {}, {}
+    if type(layer) is L.ReLU:
+        if layer.max_value is not None or layer.negative_slope or layer.threshold:
+            raise ValueError(f"layer '{name}': only a plain ReLU() is translated.")
+        return "act", {"act": jax.nn.relu}, {}, {}
+    if type(layer) is L.Embedding:
+        return "embed", {}, {"embedding": weights["embeddings"]}, {}
+    raise ValueError(
+        f"to_flax cannot translate layer '{name}' of type {cls}. Translated layers: Dense, "
+        "Conv1D/2D, Max/AveragePooling1D/2D, GlobalAveragePooling1D/2D, Flatten, "
+        "BatchNormalization, LayerNormalization, Dropout, Activation, ReLU, Embedding. Use "
+        "to_flax(model, mode='stateless') to run any layer through model.stateless_call."
+    )
+
+
+def _module(specs):
+    from flax import linen as nn
+
+    class KerasSequential(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            for name, kind, s in specs:
+                if kind == "dense":
+                    x = s["act"](nn.Dense(s["features"], use_bias=s["bias"], name=name)(x))
+                elif kind == "conv":
+                    conv = nn.Conv(
+                        s["features"], s["kernel_size"], s["strides"], s["padding"],
+                        kernel_dilation=s["dilation"], use_bias=s["bias"], name=name,
+                    )  # fmt: skip
+                    x = s["act"](conv(x))
+                elif kind == "pool":
+                    if s["max"]:
+                        x = nn.max_pool(x, s["window"], s["strides"], s["padding"])
+                    else:
+                        x = nn.avg_pool(
+                            x, s["window"], s["strides"], s["padding"], count_include_pad=False
+                        )
+                elif kind == "gap":
+                    x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=s["keepdims"])
+                elif kind == "flatten":
+                    x = x.reshape((x.shape[0], -1))
+                elif kind == "batchnorm":
+                    x = nn.BatchNorm(
+                        use_running_average=not train, epsilon=s["epsilon"],
+                        use_scale=s["scale"], use_bias=s["center"], name=name,
+                    )(x)  # fmt: skip
+                elif kind == "layernorm":
+                    x = nn.LayerNorm(
+                        epsilon=s["epsilon"], use_scale=s["scale"], use_bias=s["center"],
+                        name=name,
+                    )(x)  # fmt: skip
+                elif kind == "dropout":
+                    x = nn.Dropout(s["rate"], deterministic=not train)(x)
+                elif kind == "act":
+                    x = s["act"](x)
+                elif kind == "embed":
+                    x = nn.Embed(s["num"], s["features"], name=name)(x.astype(jnp.int32))
+            return x
+
+    return KerasSequential()
+
+
+def _translate(keras, model) -> tuple[Callable, dict]:
+    if not isinstance(model, keras.Sequential):
+        raise ValueError(
+            f"to_flax translates Sequential models into flax modules; '{model.name}' is a "
+            f"{type(model).__name__}. Use to_flax(model, mode='stateless')."
+        )
+    specs, params, stats = [], {}, {}
+    for layer in model.layers:
+        spec = _layer_spec(keras, layer)
+        if spec is None:
+            continue
+        kind, settings, p, s = spec
+        settings = dict(settings)
+        if kind in ("dense", "conv"):
+            settings["features"] = p["kernel"].shape[-1]
+            settings["bias"] = "bias" in p
+            settings["kernel_size"] = tuple(p["kernel"].shape[:-2])
+        if kind == "embed":
+            settings["num"], settings["features"] = p["embedding"].shape
+        specs.append((layer.name, kind, settings))
+        if p:
+            params[layer.name] = p
+        if s:
+            stats[layer.name] = s
+    module = _module(specs)
+    variables = {"params": params}
+    if stats:
+        variables["batch_stats"] = stats
+
+    def apply_fn(variables, x, train: bool = False, rngs=None):
+        if train and "batch_stats" in variables:
+            out, _ = module.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+            return out
+        return module.apply(variables, x, train=train, rngs=rngs)
+
+    apply_fn.module = module
+    return apply_fn, variables
+
+
+def to_flax(model: Any, *, mode: str = "auto") -> tuple[Callable, dict]:
+    """Convert a built Keras 3 model (JAX backend) to ``(apply_fn, variables)``.
+
+    See the module docstring for the two modes. ``apply_fn(variables, x, train=False)`` is
+    pure; ``variables["params"]`` is what :func:`jax_spectral.hessian_operator` and
+    :func:`jax_spectral.hvp` differentiate.
+
+    Raises
+    ------
+    ValueError
+        ``mode="module"`` and a layer or model type that is not translated (the message
+        names it); an unknown ``mode``; an unbuilt model.
+    """
+    if mode not in ("auto", "module", "stateless"):
+        raise ValueError(f"mode must be 'auto', 'module' or 'stateless', got {mode!r}.")
+    keras = _keras()
+    check_model(model)
+    if mode == "stateless":
+        return _stateless(model)
+    try:
+        return _translate(keras, model)
+    except ValueError:
+        if mode == "module":
+            raise
+        return _stateless(model)
