@@ -1,6 +1,7 @@
 """Reference HVPs from TensorFlow's nested GradientTapes, run in a TensorFlow-backend process.
 
-Usage: KERAS_BACKEND=tensorflow python keras_tf_reference.py MODEL.keras DATA.npz OUT.npz
+Usage: python keras_tf_reference.py MODEL.keras DATA.npz OUT.npz
+       python keras_tf_reference.py --save MODEL.keras   (build and save a small model)
 
 DATA.npz holds x, y, batch_size and tangents v_0, v_1, ... (flat, in the order of
 model.trainable_variables). OUT.npz gets mean_i and sum_i: the dataset HVPs for each tangent
@@ -60,5 +61,17 @@ def main(model_path, data_path, out_path):
     np.savez(out_path, **out)
 
 
+def save_model(path):
+    """Build and save a small model under the TensorFlow backend."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, activation="tanh"), keras.layers.Dense(2)]
+    )
+    model.save(path)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1] == "--save":
+        save_model(sys.argv[2])
+    else:
+        main(*sys.argv[1:4])

@@ -38,9 +38,13 @@ def test_original_linear_notebook_example():
     np.testing.assert_allclose(V @ T @ V.T, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
-def _small_classifier():
+def _small_classifier(features=3, hidden=4, classes=3):
     model = keras.Sequential(
-        [keras.Input((3,)), keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)]
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(hidden, activation="tanh"),
+            keras.layers.Dense(classes),
+        ]
     )
     rng = np.random.default_rng(1)
     model.set_weights([0.5 * rng.standard_normal(w.shape) for w in model.get_weights()])
@@ -77,28 +81,71 @@ def _tf_dataset_hessian(weights, batches, reduce_op):
 
 @pytest.mark.parametrize("reduce_op", ["MEAN", "SUM"])
 def test_full_order_matches_tensorflow_tapes_on_ragged_batches(reduce_op):
-    model = _small_classifier()
+    """(V, T) at order = dim on a 189-parameter model against TensorFlow's dense Hessian."""
+    model = _small_classifier(features=5, hidden=14, classes=7)
     rng = np.random.default_rng(2)
-    X = rng.standard_normal((23, 3)).astype(np.float32)
-    Y = rng.integers(0, 3, 23).astype(np.int32)
+    X = rng.standard_normal((23, 5)).astype(np.float32)
+    Y = rng.integers(0, 7, 23).astype(np.int32)
     batches = [(X[i : i + 5], Y[i : i + 5]) for i in range(0, 23, 5)]  # last batch of 3
 
     def loss_fn(model, inputs):
         x, y = inputs
         logits = model(x, training=False)
-        return keras.ops.mean(
-            keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        )
+        losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        return keras.ops.mean(losses)
 
     dim = sum(int(np.prod(w.shape)) for w in model.get_weights())
-    assert dim == 31
-    # Softmax is invariant to shifting all logits: the last layer (4 x 3 kernel, 3 biases)
-    # gives 4 + 1 exact zero eigenvalues, one node for Lanczos: 31 - 5 + 1 = 27 steps.
-    with pytest.warns(RuntimeWarning, match="broke down after 27 of 31 steps"):
+    assert dim == 189
+    # Softmax is invariant to shifting all logits: the last layer (14 x 7 kernel, 7 biases)
+    # gives 14 + 1 exact zero eigenvalues, one node for Lanczos: 189 - 15 + 1 = 175 steps.
+    with pytest.warns(RuntimeWarning, match="broke down after 175 of 189 steps"):
         V, T = approximate_hessian(model, loss_fn, batches, order=dim, reduce_op=reduce_op)
     want = _tf_dataset_hessian(model.get_weights(), batches, reduce_op)
     got = V @ T @ V.T
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_tf_data_dataset_gives_the_same_result_as_a_list():
+    model = _small_classifier()
+    rng = np.random.default_rng(9)
+    X = rng.standard_normal((17, 3)).astype(np.float32)
+    Y = rng.integers(0, 3, 17).astype(np.int32)
+
+    def loss_fn(model, inputs):
+        logits = model(inputs[0], training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(inputs[1], logits, from_logits=True)
+        return keras.ops.mean(losses)
+
+    dataset = tf.data.Dataset.from_tensor_slices((X, Y)).batch(5)  # 5, 5, 5, 2
+    batches = [(X[i : i + 5], Y[i : i + 5]) for i in range(0, 17, 5)]
+    V1, T1 = approximate_hessian(model, loss_fn, dataset, order=6, random_seed=3)
+    V2, T2 = approximate_hessian(model, loss_fn, batches, order=6, random_seed=3)
+    np.testing.assert_allclose(T1, T2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(V1, V2, atol=1e-5)
+
+
+def test_a_model_saved_under_tensorflow_loads_and_runs_under_jax(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("keras_tf_reference.py")
+    path = tmp_path / "tf_model.keras"
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    done = subprocess.run(
+        [sys.executable, str(script), "--save", str(path)],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = keras.saving.load_model(path)
+    X = np.random.default_rng(10).standard_normal((9, 4)).astype(np.float32)
+
+    def loss_fn(model, inputs):
+        return keras.ops.mean(model(inputs[0], training=False) ** 2)
+
+    V, T = approximate_hessian(model, loss_fn, [(X[:5],), (X[5:],)], order=4)
+    assert np.all(np.isfinite(T)) and T.shape == (4, 4)
+    np.testing.assert_allclose(V.T @ V, np.eye(4), atol=1e-5)
 
 
 def test_keras_state_is_untouched_with_batchnorm_and_dropout_in_training_mode():
@@ -306,7 +353,7 @@ def test_to_flax_outputs_equal_keras(mode):
     np.testing.assert_allclose(apply_fn(variables, x), want, rtol=1e-5, atol=1e-5)
     if mode == "module":
         assert set(variables) == {"params", "batch_stats"}
-        assert set(variables["params"]["dense"]) == {"kernel", "bias"}
+        assert set(variables["params"][model.layers[-1].name]) == {"kernel", "bias"}
         assert set(variables["batch_stats"][model.layers[1].name]) == {"mean", "var"}
     # Batch statistics (train=True), compared with Keras where Dropout is the identity.
     plain = _bn_cnn(dropout=0.0)
