@@ -7,11 +7,13 @@
 
 and ``apply_fn(variables, x, train=False)``, a pure JAX function. Two ways to get there:
 
-* ``mode="module"``: Sequential models made of the standard layers (Dense, Conv1D/2D,
-  MaxPooling/AveragePooling 1D/2D, GlobalAveragePooling 1D/2D, Flatten, BatchNormalization,
-  LayerNormalization, Dropout, Activation, ReLU, Embedding) are translated into a
-  ``flax.linen`` module with the weights copied; ``apply_fn`` is that module's ``apply``.
-  A layer outside this list raises ``ValueError`` naming it.
+* ``mode="module"``: Sequential and single-input, single-output Functional models made of
+  the standard layers (Dense, Conv1D/2D, MaxPooling/AveragePooling 1D/2D,
+  GlobalAveragePooling 1D/2D, Flatten, BatchNormalization, LayerNormalization, Dropout,
+  Activation, ReLU, Embedding, Add, Concatenate) are translated into a ``flax.linen``
+  module with the weights copied (a layer used twice shares its weights);
+  ``apply_fn`` is that module's ``apply``. A layer outside this list raises ``ValueError``
+  naming it.
 * ``mode="stateless"``: any model built under the JAX backend, through
   ``model.stateless_call``; the variables keep Keras's names (``params`` and, for
   BatchNormalization, ``batch_stats`` with ``moving_mean``/``moving_variance``; other
@@ -194,66 +196,124 @@ def _layer_spec(keras, layer) -> tuple[str, dict, dict, dict] | None:
     raise ValueError(
         f"to_flax cannot translate layer '{name}' of type {cls}. Translated layers: Dense, "
         "Conv1D/2D, Max/AveragePooling1D/2D, GlobalAveragePooling1D/2D, Flatten, "
-        "BatchNormalization, LayerNormalization, Dropout, Activation, ReLU, Embedding. Use "
+        "BatchNormalization, LayerNormalization, Dropout, Activation, ReLU, Embedding, Add, "
+        "Concatenate. Use "
         "to_flax(model, mode='stateless') to run any layer through model.stateless_call."
     )
 
 
-def _module(specs):
+def _apply_layer(nn, kind, s, name, args, modules, train):
+    """One translated layer; ``modules`` keeps one flax submodule per Keras layer (shared
+    layers reuse it)."""
+
+    def sub(make):
+        if name not in modules:
+            modules[name] = make()
+        return modules[name]
+
+    if kind == "add":
+        out = args[0]
+        for a in args[1:]:
+            out = out + a
+        return out
+    if kind == "concat":
+        return jnp.concatenate(args, axis=s["axis"])
+    (x,) = args
+    if kind == "dense":
+        return s["act"](sub(lambda: nn.Dense(s["features"], use_bias=s["bias"], name=name))(x))
+    if kind == "conv":
+        conv = sub(
+            lambda: nn.Conv(
+                s["features"], s["kernel_size"], s["strides"], s["padding"],
+                kernel_dilation=s["dilation"], use_bias=s["bias"], name=name,
+            )
+        )  # fmt: skip
+        return s["act"](conv(x))
+    if kind == "pool":
+        if s["max"]:
+            return nn.max_pool(x, s["window"], s["strides"], s["padding"])
+        return nn.avg_pool(x, s["window"], s["strides"], s["padding"], count_include_pad=False)
+    if kind == "gap":
+        return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=s["keepdims"])
+    if kind == "flatten":
+        return x.reshape((x.shape[0], -1))
+    if kind == "batchnorm":
+        norm = sub(
+            lambda: nn.BatchNorm(
+                use_running_average=not train, epsilon=s["epsilon"], use_scale=s["scale"],
+                use_bias=s["center"], name=name,
+            )
+        )  # fmt: skip
+        return norm(x)
+    if kind == "layernorm":
+        norm = sub(
+            lambda: nn.LayerNorm(
+                epsilon=s["epsilon"], use_scale=s["scale"], use_bias=s["center"], name=name
+            )
+        )
+        return norm(x)
+    if kind == "dropout":
+        return nn.Dropout(s["rate"], deterministic=not train)(x)
+    if kind == "act":
+        return s["act"](x)
+    if kind == "embed":
+        return sub(lambda: nn.Embed(s["num"], s["features"], name=name))(x.astype(jnp.int32))
+    raise AssertionError(kind)  # every kind made by _layer_spec is handled above
+
+
+def _module(specs, input_id, output_id):
     from flax import linen as nn
 
-    class KerasSequential(nn.Module):
+    class KerasGraph(nn.Module):
+        """The Keras layer graph as a flax module: ``specs`` in topological order."""
+
         @nn.compact
         def __call__(self, x, train: bool = False):
-            for name, kind, s in specs:
-                if kind == "dense":
-                    x = s["act"](nn.Dense(s["features"], use_bias=s["bias"], name=name)(x))
-                elif kind == "conv":
-                    conv = nn.Conv(
-                        s["features"], s["kernel_size"], s["strides"], s["padding"],
-                        kernel_dilation=s["dilation"], use_bias=s["bias"], name=name,
-                    )  # fmt: skip
-                    x = s["act"](conv(x))
-                elif kind == "pool":
-                    if s["max"]:
-                        x = nn.max_pool(x, s["window"], s["strides"], s["padding"])
-                    else:
-                        x = nn.avg_pool(
-                            x, s["window"], s["strides"], s["padding"], count_include_pad=False
-                        )
-                elif kind == "gap":
-                    x = jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=s["keepdims"])
-                elif kind == "flatten":
-                    x = x.reshape((x.shape[0], -1))
-                elif kind == "batchnorm":
-                    x = nn.BatchNorm(
-                        use_running_average=not train, epsilon=s["epsilon"],
-                        use_scale=s["scale"], use_bias=s["center"], name=name,
-                    )(x)  # fmt: skip
-                elif kind == "layernorm":
-                    x = nn.LayerNorm(
-                        epsilon=s["epsilon"], use_scale=s["scale"], use_bias=s["center"],
-                        name=name,
-                    )(x)  # fmt: skip
-                elif kind == "dropout":
-                    x = nn.Dropout(s["rate"], deterministic=not train)(x)
-                elif kind == "act":
-                    x = s["act"](x)
-                elif kind == "embed":
-                    x = nn.Embed(s["num"], s["features"], name=name)(x.astype(jnp.int32))
-            return x
+            values = {input_id: x}
+            modules: dict = {}
+            for name, kind, settings, inputs, output in specs:
+                args = [values[i] for i in inputs]
+                values[output] = _apply_layer(nn, kind, settings, name, args, modules, train)
+            return values[output_id]
 
-    return KerasSequential()
+    return KerasGraph()
+
+
+def _layer_graph(keras, model):
+    """``[(layer, input ids, output id)]`` in execution order, and the model's in/out ids."""
+    if isinstance(model, keras.Sequential):
+        layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
+        return [(layer, [i], i + 1) for i, layer in enumerate(layers)], 0, len(layers)
+    nodes_by_depth = getattr(model, "_nodes_by_depth", None)
+    if nodes_by_depth is None or len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise ValueError(
+            f"to_flax translates Sequential models and Functional models with one input and "
+            f"one output; '{model.name}' is a {type(model).__name__}. Use to_flax(model, "
+            "mode='stateless')."
+        )
+    graph = []
+    for depth in sorted(nodes_by_depth, reverse=True):
+        for node in nodes_by_depth[depth]:
+            if isinstance(node.operation, keras.layers.InputLayer):
+                continue
+            if len(node.output_tensors) != 1:
+                raise ValueError(f"layer '{node.operation.name}' has several outputs.")
+            graph.append(
+                (node.operation, [id(t) for t in node.input_tensors], id(node.output_tensors[0]))
+            )
+    return graph, id(model.inputs[0]), id(model.outputs[0])
 
 
 def _translate(keras, model) -> tuple[Callable, dict]:
-    if not isinstance(model, keras.Sequential):
-        raise ValueError(
-            f"to_flax translates Sequential models into flax modules; '{model.name}' is a "
-            f"{type(model).__name__}. Use to_flax(model, mode='stateless')."
-        )
+    graph, input_id, output_id = _layer_graph(keras, model)
     specs, params, stats = [], {}, {}
-    for layer in model.layers:
+    for layer, inputs, output in graph:
+        if type(layer) is keras.layers.Add:
+            specs.append((layer.name, "add", {}, inputs, output))
+            continue
+        if type(layer) is keras.layers.Concatenate:
+            specs.append((layer.name, "concat", {"axis": layer.axis}, inputs, output))
+            continue
         spec = _layer_spec(keras, layer)
         if spec is None:
             continue
@@ -265,12 +325,12 @@ def _translate(keras, model) -> tuple[Callable, dict]:
             settings["kernel_size"] = tuple(p["kernel"].shape[:-2])
         if kind == "embed":
             settings["num"], settings["features"] = p["embedding"].shape
-        specs.append((layer.name, kind, settings))
+        specs.append((layer.name, kind, settings, inputs, output))
         if p:
             params[layer.name] = p
         if s:
             stats[layer.name] = s
-    module = _module(specs)
+    module = _module(specs, input_id, output_id)
     variables = {"params": params}
     if stats:
         variables["batch_stats"] = stats

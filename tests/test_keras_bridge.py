@@ -368,15 +368,29 @@ def test_to_flax_outputs_equal_keras(mode):
         np.testing.assert_array_equal(np.asarray(v.value), b)
 
 
-def test_functional_models_run_through_stateless_call():
+@pytest.mark.parametrize("mode", ["module", "stateless"])
+def test_functional_models(mode):
     from keras_bridge import to_flax
 
     model = _functional()
     x = np.random.default_rng(7).standard_normal((3, 5)).astype(np.float32)
-    apply_fn, variables = to_flax(model)  # auto falls back from translation
+    apply_fn, variables = to_flax(model, mode=mode)
     np.testing.assert_allclose(apply_fn(variables, x), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
-    with pytest.raises(ValueError, match="translates Sequential models.*mode='stateless'"):
-        to_flax(model, mode="module")
+    if mode == "module":
+        assert len(variables["params"]) == 3  # three Dense layers; Add/Concatenate have none
+
+
+def test_shared_layer_in_a_functional_model():
+    from keras_bridge import to_flax
+
+    inputs = keras.Input((3,))
+    shared = keras.layers.Dense(3, activation="tanh")
+    outputs = keras.layers.Dense(1)(shared(shared(inputs)))
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(11).standard_normal((4, 3)).astype(np.float32)
+    apply_fn, variables = to_flax(model, mode="module")
+    assert len(variables["params"]) == 2
+    np.testing.assert_allclose(apply_fn(variables, x), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
 
 
 def test_to_flax_hvp_equals_the_stateless_scope_hvp():
