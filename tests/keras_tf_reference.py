@@ -2,6 +2,7 @@
 
 Usage: python keras_tf_reference.py MODEL.keras DATA.npz OUT.npz
        python keras_tf_reference.py --save MODEL.keras   (build and save a small model)
+       python keras_tf_reference.py --bridge-error       (print the bridge's backend error)
 
 DATA.npz holds x, y, batch_size and tangents v_0, v_1, ... (flat, in the order of
 model.trainable_variables). OUT.npz gets mean_i and sum_i: the dataset HVPs for each tangent
@@ -70,8 +71,21 @@ def save_model(path):
     model.save(path)
 
 
+def bridge_error():
+    """Print the bridge's error for a model object built under the TensorFlow backend."""
+    from keras_bridge import approximate_hessian
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    try:
+        approximate_hessian(model, lambda m, b: keras.ops.sum(m(b[0])), [(np.ones((2, 2)),)], 1)
+    except RuntimeError as err:
+        print(f"RuntimeError: {err}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--save":
         save_model(sys.argv[2])
+    elif sys.argv[1] == "--bridge-error":
+        bridge_error()
     else:
         main(*sys.argv[1:4])

@@ -300,6 +300,22 @@ def test_order_above_the_number_of_parameters_breaks_down_cleanly():
     np.testing.assert_allclose(V @ T @ V.T, 2 * X.T.astype(np.float64) @ X / 10, rtol=1e-4)
 
 
+def test_a_tensorflow_backend_process_gets_a_clear_error():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("keras_tf_reference.py")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    done = subprocess.run(
+        [sys.executable, str(script), "--bridge-error"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "needs the JAX backend of Keras, but Keras runs on 'tensorflow'" in done.stdout
+    assert "KERAS_BACKEND=jax" in done.stdout
+
+
 def test_bad_reduce_op():
     with pytest.raises(ValueError, match="reduce_op must be 'MEAN' or 'SUM'"):
         approximate_hessian(_small_classifier(), lambda m, b: 0.0, [(np.ones((2, 3)),)], 2, "AVG")
