@@ -18,7 +18,7 @@ from keras_bridge import (  # noqa: E402
 )
 
 
-def test_original_linear_notebook_example():
+def test_original_linear_notebook_example(capsys):
     """As in the original notebook, apart from the import: V T V^T equals 2 X^T X."""
     rng = np.random.default_rng(0)
     X = rng.standard_normal((50, 16)).astype(np.float32)
@@ -31,9 +31,14 @@ def test_original_linear_notebook_example():
         preds = model(x, training=False)
         return tf.keras.losses.mse(y, preds)
 
-    with pytest.warns(UserWarning, match="differentiated as its sum"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         V, T = lanczos_algorithm.approximate_hessian(model, loss_fn, [(X, y)], order=16)
+    summed = [w for w in caught if "differentiated as its sum" in str(w.message)]
+    assert len(summed) == 1  # warned once, although the closure ran for every step
     assert V.shape == (16, 16) and T.shape == (16, 16) and V.dtype == np.float64
+    progress = capsys.readouterr().err
+    assert "lanczos step 1/16" in progress and "lanczos step 16/16" in progress
     want = 2 * X.astype(np.float64).T @ X
     np.testing.assert_allclose(V @ T @ V.T, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
@@ -122,6 +127,9 @@ def test_tf_data_dataset_gives_the_same_result_as_a_list():
     V2, T2 = approximate_hessian(model, loss_fn, batches, order=6, random_seed=3)
     np.testing.assert_allclose(T1, T2, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(V1, V2, atol=1e-5)
+    # Numpy arrays: one batch of all samples, the same mean.
+    V3, T3 = approximate_hessian(model, loss_fn, (X, Y), order=6, random_seed=3)
+    np.testing.assert_allclose(T3, T2, rtol=1e-5, atol=1e-6)
 
 
 def test_a_model_saved_under_tensorflow_loads_and_runs_under_jax(tmp_path):
