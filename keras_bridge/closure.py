@@ -119,13 +119,15 @@ def pure_loss(model: Any, loss_function: Callable[[Any, Any], Any]) -> Callable:
         if value.ndim:
             if not warned:
                 warned.append(True)
-                warnings.warn(
+                code = getattr(loss_function, "__code__", None)
+                warnings.warn_explicit(  # attributed to the closure, not to JAX's tracing
                     f"loss_function returned an array of shape {value.shape}; it is "
                     "differentiated as its sum, as TensorFlow's GradientTape did in the "
                     "original package. Reduce it in the closure (e.g. keras.ops.mean) for a "
                     "mean loss.",
                     UserWarning,
-                    stacklevel=2,
+                    filename=code.co_filename if code else "<loss_function>",
+                    lineno=code.co_firstlineno if code else 0,
                 )
             value = jnp.sum(value)
         return value
