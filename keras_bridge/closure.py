@@ -49,11 +49,15 @@ def check_model(model: Any) -> None:
     keras = _keras()
     if not isinstance(model, keras.Model):
         raise TypeError(f"expected a keras.Model, got {type(model).__name__}.")
-    if not model.built or not model.trainable_variables:
+    if not model.built:
         raise ValueError(
-            "the model has no trainable weights yet (it is not built). Build it first: "
-            "model.build(input_shape), or call it once on a batch, or give the first layer "
-            "an keras.Input."
+            "the model is not built, so it has no weights yet. Build it first: "
+            "model.build(input_shape), call it once on a batch, or start it with keras.Input."
+        )
+    if not model.trainable_variables:
+        raise ValueError(
+            "the model has no trainable weights (model.trainable is False or all its layers "
+            "are frozen or parameter-free): its Hessian has no parameters."
         )
     for variable in model.trainable_variables:
         if not isinstance(variable.value, jax.Array):
@@ -87,8 +91,9 @@ def pure_loss(model: Any, loss_function: Callable[[Any, Any], Any]) -> Callable:
     """``loss(params, batch)``: ``loss_function(model, batch)`` with the trainable variables
     set to ``params`` (a list in ``model.trainable_variables`` order), pure and traceable.
 
-    Raises ``TypeError`` (at the first call) if the closure applies TensorFlow operations to
-    the JAX values, naming the closure's line.
+    Raises ``TypeError`` when the closure applies TensorFlow operations to the JAX values
+    while being traced (under ``jax.grad``/``jit``, as in every HVP), naming the closure's
+    line; called eagerly on concrete arrays TensorFlow may accept them silently.
     """
     keras = _keras()
     check_model(model)
@@ -101,7 +106,10 @@ def pure_loss(model: Any, loss_function: Callable[[Any, Any], Any]) -> Callable:
                 f"expected {len(variables)} weight arrays (one per trainable variable), "
                 f"got {len(params)}."
             )
-        with keras.StatelessScope(state_mapping=list(zip(variables, params, strict=True))):
+        mapping = list(zip(variables, params, strict=True))
+        # collect_losses: losses added during the call (activity regularizers) are visible
+        # as model.losses inside the closure, and the layers' own loss lists are not reset.
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True):
             try:
                 value = loss_function(model, batch)
             except Exception as err:

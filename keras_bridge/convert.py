@@ -38,7 +38,7 @@ from .closure import _keras, check_model
 
 __all__ = ["to_flax"]
 
-_ACTIVATIONS: dict[str, Callable] = {
+_ACTIVATIONS: dict[str, Callable] = {  # Keras activation name -> JAX function
     "linear": lambda x: x,
     "relu": jax.nn.relu,
     "tanh": jnp.tanh,
@@ -52,15 +52,19 @@ _ACTIVATIONS: dict[str, Callable] = {
 }
 
 
-def _activation(layer, fn) -> Callable:
-    name = getattr(fn, "__name__", None) if fn is not None else "linear"
-    if name not in _ACTIVATIONS:
-        raise ValueError(
-            f"layer '{layer.name}' uses the activation {name!r}, which to_flax does not "
-            f"translate (supported: {sorted(_ACTIVATIONS)}). Use to_flax(model, "
-            "mode='stateless'), which runs any layer through model.stateless_call."
-        )
-    return _ACTIVATIONS[name]
+def _activation(keras, layer, fn) -> Callable:
+    """The JAX function for a Keras activation, matched by identity (not by name: a
+    ``jax.nn.gelu`` or ``keras.ops.gelu`` is the tanh approximation, Keras's is exact)."""
+    if fn is None:
+        return _ACTIVATIONS["linear"]
+    for name, jax_fn in _ACTIVATIONS.items():
+        if fn is keras.activations.get(name):
+            return jax_fn
+    raise ValueError(
+        f"layer '{layer.name}' uses the activation {getattr(fn, '__name__', fn)!r}, which "
+        f"to_flax does not translate (supported: the Keras activations {sorted(_ACTIVATIONS)}"
+        "). Use to_flax(model, mode='stateless'), which runs any layer through Keras."
+    )
 
 
 def _set(tree: dict, path: list[str], value: Any) -> None:
@@ -85,23 +89,44 @@ def _relative_path(model, variable) -> list[str]:
 # -- the generic path: stateless_call ---------------------------------------------------------
 
 
-def _stateless(model) -> tuple[Callable, dict]:
-    trainable = [_relative_path(model, v) for v in model.trainable_variables]
-    non_trainable = []
-    variables: dict = {"params": {}}
-    for v, path in zip(model.trainable_variables, trainable, strict=True):
-        _set(variables["params"], path, jnp.asarray(v.value))
-    for v in model.non_trainable_variables:
-        collection = "batch_stats" if v.name in ("moving_mean", "moving_variance") else "state"
+def _unique_paths(model, variables) -> list[list[str]]:
+    """Relative variable paths, made unique (a subclassed model may name two layers alike)."""
+    seen: dict[str, int] = {}
+    paths = []
+    for v in variables:
         path = _relative_path(model, v)
-        non_trainable.append((collection, path))
+        key = "/".join(path)
+        if key in seen:
+            seen[key] += 1
+            path = path[:-1] + [f"{path[-1]}_{seen[key]}"]
+        else:
+            seen[key] = 0
+        paths.append(path)
+    return paths
+
+
+def _stateless(keras, model) -> tuple[Callable, dict]:
+    all_vars = list(model.trainable_variables) + list(model.non_trainable_variables)
+    paths = _unique_paths(model, all_vars)
+    num_trainable = len(model.trainable_variables)
+    slots = []  # (collection, path) for every variable, trainable first
+    variables: dict = {"params": {}}
+    for i, (v, path) in enumerate(zip(all_vars, paths, strict=True)):
+        if i < num_trainable:
+            collection = "params"
+        elif v.name in ("moving_mean", "moving_variance"):
+            collection = "batch_stats"
+        else:
+            collection = "state"
+        slots.append((collection, path))
         _set(variables.setdefault(collection, {}), path, jnp.asarray(v.value))
 
     def apply_fn(variables, x, train: bool = False):
-        t = [_get(variables["params"], p) for p in trainable]
-        n = [_get(variables[c], p) for c, p in non_trainable]
-        outputs, _ = model.stateless_call(t, n, x, training=train)
-        return outputs
+        values = [_get(variables[c], p) for c, p in slots]
+        # The model's own __call__ (which passes `training` only where `call` takes it),
+        # with every variable substituted and every assignment discarded.
+        with keras.StatelessScope(state_mapping=list(zip(all_vars, values, strict=True))):
+            return model(x, training=train)
 
     return apply_fn, variables
 
@@ -123,17 +148,30 @@ def _layer_spec(keras, layer) -> tuple[str, dict, dict, dict] | None:
         )
     if isinstance(layer, L.InputLayer):
         return None
+    advice = "Use to_flax(model, mode='stateless'), which runs any layer through Keras."
+    if layer.weights and not layer.trainable:
+        raise ValueError(
+            f"layer '{name}' ({cls}) is frozen (trainable=False): its weights are not "
+            f"parameters of the Hessian, and a flax module would treat them as such. {advice}"
+        )
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        raise ValueError(f"layer '{name}' ({cls}) is LoRA-enabled or quantized. {advice}")
+    if layer.compute_dtype != layer.variable_dtype:
+        raise ValueError(
+            f"layer '{name}' ({cls}) computes in {layer.compute_dtype} with "
+            f"{layer.variable_dtype} weights (a mixed-precision policy). {advice}"
+        )
     if type(layer) is L.Dense:
         params = {"kernel": weights["kernel"]}
         if layer.use_bias:
             params["bias"] = weights["bias"]
-        return "dense", {"act": _activation(layer, layer.activation)}, params, {}
+        return "dense", {"act": _activation(keras, layer, layer.activation)}, params, {}
     if type(layer) in (L.Conv1D, L.Conv2D):
         if layer.groups != 1 or layer.padding not in ("valid", "same"):
             raise ValueError(
-                f"layer '{name}' ({cls}) uses groups={layer.groups} or "
-                f"padding={layer.padding!r}; to_flax translates groups=1 with 'valid' or "
-                "'same' padding only. Use to_flax(model, mode='stateless')."
+                f"layer '{name}' ({cls}) has groups={layer.groups}, padding="
+                f"{layer.padding!r}; to_flax translates groups=1 with 'valid' or 'same' "
+                f"padding only. {advice}"
             )
         params = {"kernel": weights["kernel"]}
         if layer.use_bias:
@@ -142,7 +180,7 @@ def _layer_spec(keras, layer) -> tuple[str, dict, dict, dict] | None:
             "strides": tuple(layer.strides),
             "padding": layer.padding.upper(),
             "dilation": tuple(layer.dilation_rate),
-            "act": _activation(layer, layer.activation),
+            "act": _activation(keras, layer, layer.activation),
         }
         return "conv", settings, params, {}
     pools = (L.MaxPooling1D, L.MaxPooling2D, L.AveragePooling1D, L.AveragePooling2D)
@@ -186,12 +224,14 @@ def _layer_spec(keras, layer) -> tuple[str, dict, dict, dict] | None:
     if type(layer) is L.Dropout:
         return "dropout", {"rate": layer.rate}, {}, {}
     if type(layer) is L.Activation:
-        return "act", {"act": _activation(layer, layer.activation)}, {}, {}
+        return "act", {"act": _activation(keras, layer, layer.activation)}, {}, {}
     if type(layer) is L.ReLU:
         if layer.max_value is not None or layer.negative_slope or layer.threshold:
             raise ValueError(f"layer '{name}': only a plain ReLU() is translated.")
         return "act", {"act": jax.nn.relu}, {}, {}
     if type(layer) is L.Embedding:
+        if layer.mask_zero:
+            raise ValueError(f"layer '{name}' uses mask_zero=True (masks are not kept). {advice}")
         return "embed", {}, {"embedding": weights["embeddings"]}, {}
     raise ValueError(
         f"to_flax cannot translate layer '{name}' of type {cls}. Translated layers: Dense, "
@@ -241,14 +281,18 @@ def _apply_layer(nn, kind, s, name, args, modules, train):
         norm = sub(
             lambda: nn.BatchNorm(
                 use_running_average=not train, epsilon=s["epsilon"], use_scale=s["scale"],
-                use_bias=s["center"], name=name,
+                use_bias=s["center"], use_fast_variance=False, name=name,
             )
         )  # fmt: skip
         return norm(x)
     if kind == "layernorm":
         norm = sub(
             lambda: nn.LayerNorm(
-                epsilon=s["epsilon"], use_scale=s["scale"], use_bias=s["center"], name=name
+                epsilon=s["epsilon"],
+                use_scale=s["scale"],
+                use_bias=s["center"],
+                use_fast_variance=False,
+                name=name,
             )
         )
         return norm(x)
@@ -296,8 +340,18 @@ def _layer_graph(keras, model):
         for node in nodes_by_depth[depth]:
             if isinstance(node.operation, keras.layers.InputLayer):
                 continue
-            if len(node.output_tensors) != 1:
-                raise ValueError(f"layer '{node.operation.name}' has several outputs.")
+            op = node.operation
+            if not isinstance(op, keras.layers.Layer):
+                raise ValueError(
+                    f"'{model.name}' applies the operation {type(op).__name__} "
+                    f"('{op.name}') between layers; to_flax translates layers only. Use "
+                    "to_flax(model, mode='stateless')."
+                )
+            if len(node.output_tensors) != 1 or node.arguments.kwargs:
+                raise ValueError(
+                    f"layer '{op.name}' has several outputs or call arguments "
+                    f"({sorted(node.arguments.kwargs)}); use to_flax(model, mode='stateless')."
+                )
             graph.append(
                 (node.operation, [id(t) for t in node.input_tensors], id(node.output_tensors[0]))
             )
@@ -352,21 +406,26 @@ def to_flax(model: Any, *, mode: str = "auto") -> tuple[Callable, dict]:
     pure; ``variables["params"]`` is what :func:`jax_spectral.hessian_operator` and
     :func:`jax_spectral.hvp` differentiate.
 
+    The flax module's ``params`` are keyed by layer name, so ``ravel_pytree`` orders them
+    by sorted name, not in ``model.trainable_variables`` order (the layout of
+    ``approximate_hessian``'s ``V``); map between the two by layer and weight name.
+
     Raises
     ------
     ValueError
-        ``mode="module"`` and a layer or model type that is not translated (the message
-        names it); an unknown ``mode``; an unbuilt model.
+        ``mode="module"`` and a layer, setting or model type that is not translated (the
+        message names it; frozen, LoRA, quantized and mixed-precision layers included); an
+        unknown ``mode``; an unbuilt model.
     """
     if mode not in ("auto", "module", "stateless"):
         raise ValueError(f"mode must be 'auto', 'module' or 'stateless', got {mode!r}.")
     keras = _keras()
     check_model(model)
     if mode == "stateless":
-        return _stateless(model)
+        return _stateless(keras, model)
     try:
         return _translate(keras, model)
     except ValueError:
         if mode == "module":
             raise
-        return _stateless(model)
+        return _stateless(keras, model)

@@ -467,3 +467,88 @@ def test_unsupported_layer_is_named():
     apply_fn, variables = to_flax(model)  # auto: stateless_call
     x = np.ones((2, 4, 3), np.float32)
     np.testing.assert_allclose(apply_fn(variables, x), np.asarray(model(x)), rtol=1e-5)
+
+
+def test_to_flax_refuses_what_it_would_mistranslate_and_auto_falls_back():
+    from keras_bridge import to_flax
+
+    x = np.random.default_rng(12).standard_normal((3, 4)).astype(np.float32)
+    frozen = keras.layers.Dense(3)
+    cases = {
+        "applies the operation": lambda i: keras.layers.Dense(2)(i * 2.0),
+        "activation 'gelu'": lambda i: keras.layers.Dense(2, activation=jax.nn.gelu)(i),
+        "call arguments": lambda i: keras.layers.Dropout(0.9)(
+            keras.layers.Dense(2)(i), training=True
+        ),
+        "frozen": lambda i: keras.layers.Dense(2)(frozen(i)),
+        "mixed-precision": lambda i: keras.layers.Dense(2, dtype="mixed_bfloat16")(i),
+    }
+    for message, build in cases.items():
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, build(inputs))
+        frozen.trainable = False
+        with pytest.raises(ValueError, match=message):
+            to_flax(model, mode="module")
+        if message == "call arguments":
+            continue  # Dropout forced on: random, nothing to compare
+        apply_fn, variables = to_flax(model)  # auto: through Keras itself
+        np.testing.assert_allclose(
+            np.asarray(apply_fn(variables, x), np.float32), np.asarray(model(x), np.float32),
+            rtol=1e-5, atol=1e-6,
+        )  # fmt: skip
+    embed = keras.Sequential([keras.Input((2,)), keras.layers.Embedding(5, 3, mask_zero=True)])
+    with pytest.raises(ValueError, match="mask_zero"):
+        to_flax(embed, mode="module")
+
+
+def test_stateless_handles_subclassed_models_with_repeated_names():
+    from keras_bridge import to_flax
+
+    class Twice(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.first = keras.layers.Dense(3, name="d")
+            self.second = keras.layers.Dense(2, name="d")
+
+        def call(self, x):  # no `training` argument
+            return self.second(jax.nn.tanh(self.first(x)))
+
+    model = Twice()
+    x = np.random.default_rng(13).standard_normal((4, 5)).astype(np.float32)
+    model(x)
+    apply_fn, variables = to_flax(model)
+    np.testing.assert_allclose(apply_fn(variables, x), np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        apply_fn(variables, x, train=True), np.asarray(model(x)), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_normalisation_keeps_precision_for_inputs_with_a_large_mean():
+    from keras_bridge import to_flax
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.LayerNormalization()])
+    x = 100.0 + np.random.default_rng(14).standard_normal((3, 6)).astype(np.float32)
+    apply_fn, variables = to_flax(model, mode="module")
+    np.testing.assert_allclose(apply_fn(variables, x), np.asarray(model(x)), atol=5e-5)
+
+
+def test_activity_regularizer_losses_reach_the_closure():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, activity_regularizer=keras.regularizers.L2(1.0))]
+    )
+    x = np.random.default_rng(15).standard_normal((4, 3)).astype(np.float32)
+
+    def loss_fn(model, inputs):
+        out = model(inputs, training=False)
+        return keras.ops.mean(out**2) + keras.ops.sum(model.losses)
+
+    eager = float(loss_fn(model, x))
+    loss = pure_loss(model, loss_fn)
+    assert float(jax.jit(loss)(trainable_values(model), x)) == pytest.approx(eager, rel=1e-6)
+
+
+def test_model_without_trainable_weights_is_named_as_such():
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.trainable = False
+    with pytest.raises(ValueError, match="no trainable weights"):
+        pure_loss(model, lambda m, b: keras.ops.sum(m(b)))
