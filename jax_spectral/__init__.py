@@ -23,6 +23,9 @@ from .lanczos import lanczos_alg as lanczos_alg
 from .lanczos import ritz as ritz
 from .operators import HessianOperator as HessianOperator
 from .operators import hessian_operator as hessian_operator
+from .trace import TraceEstimate as TraceEstimate
+from .trace import hutchinson as hutchinson
+from .trace import hutchpp as hutchpp
 
 try:
     __version__ = version("jax-spectral")
@@ -32,10 +35,13 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 __all__ = [
     "HessianOperator",
     "LanczosResult",
+    "TraceEstimate",
     "density",
     "eigv_to_density",
     "full_hessian",
     "hessian_operator",
+    "hutchinson",
+    "hutchpp",
     "hvp",
     "lanczos",
     "lanczos_alg",

@@ -1,0 +1,117 @@
+"""Stochastic trace estimators: Hutchinson and Hutch++, with standard errors.
+
+Hutchinson: for Rademacher probes ``z`` (entries +-1), ``E[z^T A z] = tr(A)``; the estimate
+is the mean of ``n`` such samples and its standard error the samples' standard deviation
+over ``sqrt(n)``. For a diagonal ``A`` every sample equals the trace exactly.
+
+Hutch++ (Meyer, Musco, Musco, Woodruff, SOSA 2021): with ``m`` products, a third of them
+sketch the range, ``Q = orth(A S)``; the trace of ``A`` on that subspace,
+``tr(Q^T A Q)``, is computed exactly (a second third), and Hutchinson with the last third
+estimates the trace of the deflated ``(I - Q Q^T) A (I - Q Q^T)``. For matrices whose
+spectrum is dominated by a few large eigenvalues, such as neural-network Hessians, its error
+is far below Hutchinson's at the same cost. The standard error is that of the deflated part.
+
+Every estimator takes a required ``key``; products are computed in batches with
+``jax.vmap`` for traceable operators and one at a time from the host otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
+
+
+class TraceEstimate(NamedTuple):
+    """A trace estimate (float64 host numbers)."""
+
+    estimate: float  # the estimated trace
+    stderr: float  # standard error of the estimate (0 when every sample agrees)
+    num_matvecs: int  # products of the operator used
+    samples: np.ndarray  # shape=(n,); the Hutchinson samples (deflated part for Hutch++)
+
+
+def _resolve(matvec: Callable | Any, dim: int | None) -> tuple[Callable, int, Any, bool]:
+    if hasattr(matvec, "matvec") and hasattr(matvec, "dim"):
+        return matvec.matvec, int(matvec.dim), matvec.dtype, bool(matvec.traceable)
+    if not callable(matvec):
+        raise TypeError(f"matvec must be callable or an operator, got {type(matvec)}.")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+        raise ValueError(f"give dim=, a positive int, for a matvec function; got {dim!r}.")
+    return matvec, int(dim), jnp.zeros(()).dtype, True
+
+
+def _products(matvec: Callable, vectors: jax.Array, traceable: bool) -> jax.Array:
+    """``A v`` for each row ``v`` of ``vectors``; raises on NaN or Inf."""
+    if traceable:
+        out = jax.vmap(matvec)(vectors)
+    else:
+        out = jnp.stack([matvec(v) for v in vectors])
+    out = np.asarray(out, np.float64)
+    if not np.all(np.isfinite(out)):
+        raise FloatingPointError("a matrix-vector product contained NaN or Inf.")
+    return out
+
+
+def _rademacher(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
+    return jax.random.rademacher(key, shape, dtype=dtype)
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+def _estimate(samples: np.ndarray, offset: float, num_matvecs: int) -> TraceEstimate:
+    n = samples.shape[0]
+    stderr = float(np.std(samples, ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
+    return TraceEstimate(offset + float(np.mean(samples)), stderr, num_matvecs, samples)
+
+
+def hutchinson(
+    matvec: Callable | Any, key: jax.Array, *, num_probes: int, dim: int | None = None
+) -> TraceEstimate:
+    """Hutchinson's estimate of ``tr(A)`` from ``num_probes`` Rademacher probes.
+
+    ``matvec`` is a function on flat ``(dim,)`` vectors (give ``dim``) or an operator such
+    as :func:`jax_spectral.hessian_operator`'s. The standard error needs two probes or more
+    (it is ``inf`` for one).
+
+    Raises ``ValueError`` for ``num_probes < 1`` or a missing ``dim``, ``FloatingPointError``
+    for a non-finite product.
+    """
+    num_probes = _check_count("num_probes", num_probes, 1)
+    fn, dim, dtype, traceable = _resolve(matvec, dim)
+    probes = _rademacher(key, (num_probes, dim), jnp.promote_types(dtype, jnp.float32))
+    products = _products(fn, probes, traceable)
+    samples = np.einsum("ij,ij->i", np.asarray(probes, np.float64), products)
+    return _estimate(samples, 0.0, num_probes)
+
+
+def hutchpp(
+    matvec: Callable | Any, key: jax.Array, *, num_matvecs: int, dim: int | None = None
+) -> TraceEstimate:
+    """Hutch++ estimate of ``tr(A)`` from ``num_matvecs`` products (at least 6; a third of
+    them sketch the range, a third give its exact trace, a third probe the rest).
+
+    Raises ``ValueError`` for ``num_matvecs < 6`` or a missing ``dim``,
+    ``FloatingPointError`` for a non-finite product.
+    """
+    num_matvecs = _check_count("num_matvecs", num_matvecs, 6)
+    fn, dim, dtype, traceable = _resolve(matvec, dim)
+    k = num_matvecs // 3
+    work = jnp.promote_types(dtype, jnp.float32)
+    key_sketch, key_probe = jax.random.split(key)
+    sketch = _rademacher(key_sketch, (k, dim), work)
+    q, _ = np.linalg.qr(_products(fn, sketch, traceable).T)  # (dim, k), orthonormal columns
+    low_rank = float(np.trace(q.T @ _products(fn, jnp.asarray(q.T, work), traceable).T))
+    g = np.asarray(_rademacher(key_probe, (num_matvecs - 2 * k, dim), work), np.float64)
+    g = g - (g @ q) @ q.T  # probes deflated: (I - Q Q^T) g
+    samples = np.einsum("ij,ij->i", g, _products(fn, jnp.asarray(g, work), traceable))
+    return _estimate(samples, low_rank, num_matvecs)
