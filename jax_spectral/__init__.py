@@ -15,6 +15,8 @@ from . import density as density
 from .density import eigv_to_density as eigv_to_density
 from .density import tridiag_to_density as tridiag_to_density
 from .density import tridiag_to_eigv as tridiag_to_eigv
+from .eigen import Eigenpairs as Eigenpairs
+from .eigen import eigenpairs as eigenpairs
 from .hvp import full_hessian as full_hessian
 from .hvp import hvp as hvp
 from .lanczos import LanczosResult as LanczosResult
@@ -33,10 +35,12 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "Eigenpairs",
     "HessianOperator",
     "LanczosResult",
     "TraceEstimate",
     "density",
+    "eigenpairs",
     "eigv_to_density",
     "full_hessian",
     "hessian_operator",

@@ -1,0 +1,64 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jax_spectral import datasets, hessian_operator
+from jax_spectral.eigen import eigenpairs
+
+
+@pytest.fixture(scope="module")
+def digits_problem():
+    """The trained digits MLP (2,410 parameters) and its dense float64 Hessian."""
+    x, y = datasets.load_digits()
+    model = datasets.mlp()
+    loss = datasets.cross_entropy_loss(model.apply)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    params = datasets.train_classifier(loss, params, (x, y), steps=200)
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        op64 = hessian_operator(loss, p64, (x.astype(np.float64), y), batch_size=512)
+        eye = np.eye(op64.dim)
+        cols = [
+            jax.vmap(op64.matvec)(jnp.asarray(eye[i : i + 256])) for i in range(0, op64.dim, 256)
+        ]
+        dense = np.asarray(jnp.concatenate(cols))
+    dense = (dense + dense.T) / 2
+    return loss, params, (x, y), np.linalg.eigh(dense)
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_extreme_eigenpairs_match_dense_eigh(digits_problem, which):
+    loss, params, data, (evals, evecs) = digits_problem
+    op = hessian_operator(loss, params, data, batch_size=512)
+    pairs = eigenpairs(op, jax.random.key(1), 3, which=which, order=300)
+    want = evals[::-1][:3] if which == "largest" else evals[:3]
+    scale = np.abs(evals).max()
+    np.testing.assert_allclose(pairs.values, want, rtol=1e-5, atol=1e-5 * scale)
+    # Params-shaped, orthonormal Ritz vectors with small measured residuals.
+    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(pairs.vectors)
+    assert flat.shape == (3, op.dim)
+    np.testing.assert_allclose(flat @ flat.T, np.eye(3), atol=1e-4)
+    assert np.all(pairs.converged) and np.all(pairs.residuals < 1e-4 * scale)
+    # Each vector is the eigenvector of the dense Hessian, up to sign.
+    idx = np.argsort(evals)[::-1][:3] if which == "largest" else np.argsort(evals)[:3]
+    overlaps = np.abs(np.sum(np.asarray(flat, np.float64) * evecs[:, idx].T, axis=1))
+    np.testing.assert_allclose(overlaps, 1.0, atol=1e-3)
+
+
+def test_unconverged_pairs_are_flagged():
+    a = jnp.diag(jnp.linspace(0.0, 1.0, 500))
+    pairs = eigenpairs(lambda v: a @ v, jax.random.key(0), 4, order=6, dim=500)
+    assert not np.all(pairs.converged)
+    assert np.all(pairs.residuals > 0)
+    assert pairs.values[0] <= 1.0 + 1e-6
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="which must be"):
+        eigenpairs(lambda v: v, jax.random.key(0), 1, which="top", dim=3)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        eigenpairs(lambda v: v, jax.random.key(0), 0, dim=3)
+    with pytest.raises(ValueError, match="invariant subspace after 1 steps"):
+        eigenpairs(lambda v: 2 * v, jax.random.key(0), 2, dim=5)
