@@ -25,6 +25,10 @@ from .lanczos import lanczos_alg as lanczos_alg
 from .lanczos import ritz as ritz
 from .operators import HessianOperator as HessianOperator
 from .operators import hessian_operator as hessian_operator
+from .slq import SLQResult as SLQResult
+from .slq import SpectralDensity as SpectralDensity
+from .slq import slq as slq
+from .slq import spectral_density as spectral_density
 from .trace import TraceEstimate as TraceEstimate
 from .trace import hutchinson as hutchinson
 from .trace import hutchpp as hutchpp
@@ -38,6 +42,8 @@ __all__ = [
     "Eigenpairs",
     "HessianOperator",
     "LanczosResult",
+    "SLQResult",
+    "SpectralDensity",
     "TraceEstimate",
     "density",
     "eigenpairs",
@@ -50,6 +56,8 @@ __all__ = [
     "lanczos",
     "lanczos_alg",
     "ritz",
+    "slq",
+    "spectral_density",
     "tridiag_to_density",
     "tridiag_to_eigv",
 ]

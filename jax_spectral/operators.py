@@ -71,20 +71,36 @@ def _accumulate(loss, params, batch, v, acc, loss_sum, weight):
     return acc, loss_sum + value
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(4,))
-def _batch_step(loss, params, batch, v, acc, loss_sum, weight):
-    return _accumulate(loss, params, batch, v, acc, loss_sum, weight)
+def _accumulate_some(loss, params, batch, v, acc, loss_sum, weight, many):
+    """One batch's contribution for one tangent, or (``many``) for a leading axis of
+    tangents at once: the batch is read once and serves every tangent."""
+    if not many:
+        return _accumulate(loss, params, batch, v, acc, loss_sum, weight)
+
+    def one(t, a):
+        return _accumulate(loss, params, batch, t, a, loss_sum, weight)
+
+    acc, sums = jax.vmap(one)(v, acc)
+    return acc, sums[0]
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=(5,))
-def _stacked_step(loss, params, stacked, index, v, acc, loss_sum, weight):
+@functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(4,))
+def _batch_step(loss, params, batch, v, acc, loss_sum, weight, many=False):
+    return _accumulate_some(loss, params, batch, v, acc, loss_sum, weight, many)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(5,))
+def _stacked_step(loss, params, stacked, index, v, acc, loss_sum, weight, many=False):
     batch = jax.tree_util.tree_map(lambda a: a[index], stacked)
-    return _accumulate(loss, params, batch, v, acc, loss_sum, weight)
+    return _accumulate_some(loss, params, batch, v, acc, loss_sum, weight, many)
 
 
-def _finish(acc: PyTree, loss_sum: jax.Array, scale) -> jax.Array:
-    flat = ravel_pytree(acc)[0] * scale
-    ok = jnp.isfinite(loss_sum) & jnp.all(jnp.isfinite(flat))
+def _finish(acc: PyTree, loss_sum: jax.Array, scale, many: bool = False) -> jax.Array:
+    if many:
+        flat = jax.vmap(lambda a: ravel_pytree(a)[0])(acc) * scale
+    else:
+        flat = ravel_pytree(acc)[0] * scale
+    ok = jnp.isfinite(loss_sum) & jnp.all(jnp.isfinite(flat), axis=-1, keepdims=many)
     return jnp.where(ok, flat, jnp.nan)
 
 
@@ -171,6 +187,19 @@ class HessianOperator:
 
     __call__ = matvec
 
+    def matmat(self, vectors: jax.Array) -> jax.Array:
+        """``H v`` for each row of ``vectors`` (shape ``(k, dim)``), in one pass over the
+        data: each batch is read once and its HVP is vmapped over the ``k`` tangents."""
+        vectors = jnp.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"matmat expects shape (k, {self.dim}), got {vectors.shape}.")
+        if self.traceable:
+            return jax.vmap(self.matvec)(vectors)
+        tangents = jax.vmap(self.unravel)(vectors.astype(self.dtype))
+        if self.stream is not None:
+            return self._stream_matvec(tangents, many=True)
+        return self._host_matvec(tangents, many=True)
+
     def matvec_tree(self, v: PyTree) -> PyTree:
         """``H v`` for a params-shaped pytree ``v``; returns a params-shaped pytree."""
         return self.unravel(self.matvec(self.ravel(v)))
@@ -182,13 +211,13 @@ class HessianOperator:
         rest = self.num_samples % self.batch_size
         return self.batch_size / self.num_samples, rest / self.num_samples
 
-    def _zeros(self) -> tuple[PyTree, jax.Array]:
-        acc = jax.tree_util.tree_map(jnp.zeros_like, self.params)
+    def _zeros(self, tangent: PyTree) -> tuple[PyTree, jax.Array]:
+        acc = jax.tree_util.tree_map(jnp.zeros_like, tangent)
         return acc, jnp.zeros((), self.dtype)
 
     def _scan_matvec(self, tangent: PyTree) -> jax.Array:
         w_full, w_rest = (jnp.asarray(w, self.dtype) for w in self._weights())
-        acc, loss_sum = self._zeros()
+        acc, loss_sum = self._zeros(tangent)
         if self.stacked is not None:
 
             def body(carry, batch):
@@ -201,35 +230,35 @@ class HessianOperator:
             )
         return _finish(acc, loss_sum, 1.0)
 
-    def _host_matvec(self, tangent: PyTree) -> jax.Array:
+    def _host_matvec(self, tangent: PyTree, many: bool = False) -> jax.Array:
         w_full, w_rest = (jnp.asarray(w, self.dtype) for w in self._weights())
-        acc, loss_sum = self._zeros()
+        acc, loss_sum = self._zeros(tangent)
         if self.stacked is not None:
             num_full = jax.tree_util.tree_leaves(self.stacked)[0].shape[0]
             for i in range(num_full):
                 acc, loss_sum = _stacked_step(
-                    self.loss, self.params, self.stacked, i, tangent, acc, loss_sum, w_full
+                    self.loss, self.params, self.stacked, i, tangent, acc, loss_sum, w_full, many
                 )
         if self.remainder is not None:
             acc, loss_sum = _batch_step(
-                self.loss, self.params, self.remainder, tangent, acc, loss_sum, w_rest
+                self.loss, self.params, self.remainder, tangent, acc, loss_sum, w_rest, many
             )
-        return _finish(acc, loss_sum, 1.0)
+        return _finish(acc, loss_sum, 1.0, many)
 
-    def _stream_matvec(self, tangent: PyTree) -> jax.Array:
+    def _stream_matvec(self, tangent: PyTree, many: bool = False) -> jax.Array:
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tangent)):
             raise ValueError(
                 "this operator reads its batches from the host and cannot be traced (jit, "
                 "vmap, lax.scan would compile the whole dataset into the program); call "
                 "matvec outside transformations, or use in-memory arrays with batch_size."
             )
-        acc, loss_sum = self._zeros()
+        acc, loss_sum = self._zeros(tangent)
         count = 0
         for batch in self.stream:
             n = batch_size_of(batch)
             weight = jnp.asarray(n if self.reduce == "mean" else 1, self.dtype)
             acc, loss_sum = _batch_step(
-                self.loss, self.params, batch, tangent, acc, loss_sum, weight
+                self.loss, self.params, batch, tangent, acc, loss_sum, weight, many
             )
             count += n
         expected = self.stream.num_samples
@@ -248,7 +277,7 @@ class HessianOperator:
             )
         self.stream.num_samples = count
         scale = 1.0 / count if self.reduce == "mean" else 1.0
-        return _finish(acc, loss_sum, jnp.asarray(scale, self.dtype))
+        return _finish(acc, loss_sum, jnp.asarray(scale, self.dtype), many)
 
 
 @jax.jit

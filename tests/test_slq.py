@@ -1,0 +1,116 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import classification_data, init_mlp, mlp_loss
+
+from jax_spectral import eigv_to_density, hessian_operator, lanczos
+from jax_spectral.slq import slq, spectral_density
+
+
+@jax.tree_util.register_pytree_node_class
+class DenseOperator:
+    """A symmetric matrix as an operator (a traceable pytree, with matmat)."""
+
+    traceable = True
+
+    def __init__(self, a):
+        self.a = jnp.asarray(a, jnp.float32)
+        self.dim = self.a.shape[0]
+        self.dtype = np.dtype(np.float32)
+
+    def tree_flatten(self):
+        return (self.a,), None
+
+    @classmethod
+    def tree_unflatten(cls, _, children):
+        obj = object.__new__(cls)
+        obj.a = children[0]
+        obj.dim, obj.dtype = obj.a.shape[0], np.dtype(np.float32)
+        return obj
+
+    def matvec(self, v):
+        return self.a @ v
+
+    def matmat(self, vs):
+        return vs @ self.a.T
+
+
+def _diagonal_with_outliers():
+    rng = np.random.default_rng(0)
+    return np.r_[rng.uniform(0.0, 1.0, 995), [5.0, 8.0, 12.0, 20.0, 30.0]]
+
+
+def _wishart():
+    x = np.random.default_rng(1).standard_normal((2000, 1000))
+    return x.T @ x / 2000  # Marchenko-Pastur, ratio 1/2
+
+
+@pytest.mark.parametrize("case", ["diagonal", "wishart"])
+def test_density_matches_the_exact_smoothed_density(case):
+    if case == "diagonal":
+        evals = _diagonal_with_outliers()
+        a = np.diag(evals)
+    else:
+        a = _wishart()
+        evals = np.linalg.eigvalsh(a)
+    op = DenseOperator(a)
+    result = slq(op, jax.random.key(0), num_probes=10, order=90)
+    sigma_squared = 1e-3
+    est = spectral_density(result, sigma_squared=sigma_squared, grid_len=4000)
+    exact, _ = eigv_to_density(evals[None], grids=est.grid, sigma_squared=sigma_squared)
+    dx = est.grid[1] - est.grid[0]
+    assert np.sum(est.density) * dx == pytest.approx(1.0, rel=1e-9)
+    assert np.sum(np.abs(est.density - exact)) * dx < 0.05
+    assert np.all(est.stderr >= 0) and est.stderr.max() > 0
+    # First moment per probe: sum_k w_k theta_k = v^T A v; its mean estimates tr(A) / n.
+    moments = np.sum(result.weights * result.nodes, axis=1)
+    mean, se = moments.mean(), moments.std(ddof=1) / np.sqrt(len(moments))
+    assert abs(mean - np.trace(a) / a.shape[0]) <= 3 * se
+
+
+@pytest.mark.parametrize("loop", ["scan", "host", "stream"])
+def test_probes_in_lockstep_equal_probes_one_at_a_time(loop):
+    params = init_mlp(jax.random.key(0), [5, 6, 3])
+    x, y = classification_data(jax.random.key(1), 37, 5, 3)
+    if loop == "stream":
+        op = hessian_operator(
+            mlp_loss, params, [(x[i : i + 8], y[i : i + 8]) for i in range(0, 37, 8)]
+        )
+    else:
+        op = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop=loop)
+    key = jax.random.key(2)
+    together = slq(op, key, num_probes=4, order=12)
+    keys = jax.random.split(key, 4)
+    for i in range(4):
+        alone = lanczos(op, keys[i], 12)
+        np.testing.assert_allclose(together.lanczos.tridiag[i], alone.tridiag, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(together.weights.sum(axis=1), 1.0, rtol=1e-6)
+
+
+def test_matmat_reads_each_batch_once_for_all_probes():
+    params = init_mlp(jax.random.key(0), [5, 6, 3])
+    x, y = classification_data(jax.random.key(1), 20, 5, 3)
+    reads = []
+
+    def batches():
+        for i in range(0, 20, 8):
+            reads.append(i)
+            yield x[i : i + 8], y[i : i + 8]
+
+    op = hessian_operator(mlp_loss, params, batches)
+    vs = jax.random.normal(jax.random.key(3), (5, op.dim))
+    reads.clear()
+    together = op.matmat(vs)
+    assert len(reads) == 3  # one pass over the three batches serves all five vectors
+    np.testing.assert_allclose(together, np.stack([op.matvec(v) for v in vs]), rtol=1e-5, atol=1e-6)
+
+
+def test_errors():
+    op = DenseOperator(np.eye(3))
+    with pytest.raises(ValueError, match="num_probes must be a positive int"):
+        slq(op, jax.random.key(0), num_probes=0, order=3)
+    with pytest.raises(ValueError, match="order must be a positive int"):
+        slq(op, jax.random.key(0), num_probes=2, order=0)
+    with pytest.raises(FloatingPointError, match="SLQ step 0"):
+        slq(DenseOperator(np.full((3, 3), np.nan)), jax.random.key(0), num_probes=2, order=2)
