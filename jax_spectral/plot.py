@@ -1,0 +1,86 @@
+"""Figures: the density on a log axis (as in the original package's notebooks) and the
+eigenvalue list. Needs matplotlib (``pip install 'jax-spectral[plot]'``); it is imported
+only when a function here is called. Each function returns the matplotlib ``Figure`` and,
+given ``path``, saves it (PNG, PDF or any format matplotlib knows from the suffix).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["plot_density", "plot_eigenvalues"]
+
+
+def _pyplot():
+    # matplotlib picks a file-only backend (Agg) by itself when there is no display.
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'jax-spectral[plot]'") from err
+    return plt
+
+
+def _finish(fig, path: str | Path | None):
+    if path is not None:
+        fig.savefig(path, bbox_inches="tight", dpi=150)
+    return fig
+
+
+def plot_density(
+    density: Any,
+    *,
+    outliers: np.ndarray | None = None,
+    band: bool = True,
+    ylim: tuple[float, float] = (1e-10, 1e2),
+    title: str | None = None,
+    path: str | Path | None = None,
+):
+    """Plot a spectral density on a semilogy axis.
+
+    ``density`` is a :class:`jax_spectral.SpectralDensity` (its standard error is drawn as
+    a band when ``band``) or a ``(density, grid)`` pair as returned by
+    :func:`jax_spectral.tridiag_to_density`. ``outliers`` (eigenvalues, e.g. the top
+    Ritz values) are marked with vertical lines.
+    """
+    plt = _pyplot()
+    if hasattr(density, "grid"):
+        grid, values, stderr = density.grid, density.density, density.stderr
+    else:
+        values, grid = density
+        stderr = None
+    grid, values = np.asarray(grid), np.asarray(values)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    floor = ylim[0]
+    ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.2, label="density")
+    if band and stderr is not None and np.all(np.isfinite(stderr)):
+        low = np.maximum(values - stderr, floor)
+        ax.fill_between(grid, low, values + stderr, color="C0", alpha=0.25, label="± 1 s.e.")
+    if outliers is not None:
+        for i, value in enumerate(np.atleast_1d(np.asarray(outliers, np.float64))):
+            ax.axvline(value, color="C3", lw=0.8, ls="--", label="eigenvalues" if i == 0 else None)
+    ax.set_ylim(*ylim)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title)
+    ax.legend(loc="upper right", fontsize="small")
+    return _finish(fig, path)
+
+
+def plot_eigenvalues(
+    values: np.ndarray, *, title: str | None = None, path: str | Path | None = None
+):
+    """Plot eigenvalues sorted from the largest, one marker each."""
+    plt = _pyplot()
+    values = np.sort(np.asarray(values, np.float64))[::-1]
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    ax.plot(np.arange(1, len(values) + 1), values, "o", color="C3", ms=4)
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_xlabel("rank")
+    ax.set_ylabel("eigenvalue")
+    if title:
+        ax.set_title(title)
+    return _finish(fig, path)

@@ -1,0 +1,47 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+matplotlib = pytest.importorskip("matplotlib")
+
+from jax_spectral import hessian_operator, tridiag_to_density  # noqa: E402
+from jax_spectral.plot import plot_density, plot_eigenvalues  # noqa: E402
+from jax_spectral.slq import slq, spectral_density  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _spectrum():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((40, 6)).astype(np.float32)
+    y = rng.standard_normal(40).astype(np.float32)
+    op = hessian_operator(
+        lambda w, b: ((b[0] @ w - b[1]) ** 2).mean(), np.zeros(6, np.float32), (x, y)
+    )
+    return slq(op, jax.random.key(0), num_probes=3, order=6)
+
+
+def test_density_plot_renders_headless(tmp_path):
+    result = _spectrum()
+    dens = spectral_density(result, sigma_squared=1e-3, grid_len=500)
+    top = np.sort(result.nodes[0])[-2:]
+    fig = plot_density(dens, outliers=top, path=tmp_path / "density.png", title="test")
+    data = (tmp_path / "density.png").read_bytes()
+    assert data.startswith(PNG) and len(data) > 5000
+    (ax,) = fig.axes
+    assert ax.get_yscale() == "log" and ax.get_ylim() == pytest.approx((1e-10, 1e2))
+    assert len([line for line in ax.lines if line.get_linestyle() == "--"]) == 2
+    assert len(ax.collections) == 1  # the standard-error band
+    plot_density(tridiag_to_density(result.lanczos.tridiag, 1e-3, 500), path=tmp_path / "d.pdf")
+    assert (tmp_path / "d.pdf").read_bytes().startswith(b"%PDF")
+    matplotlib.pyplot.close("all")
+
+
+def test_eigenvalue_plot(tmp_path):
+    fig = plot_eigenvalues([3.0, -1.0, 2.0], path=tmp_path / "eig.png")
+    assert (tmp_path / "eig.png").read_bytes().startswith(PNG)
+    np.testing.assert_array_equal(fig.axes[0].lines[0].get_ydata(), [3.0, 2.0, -1.0])
+    matplotlib.pyplot.close("all")
