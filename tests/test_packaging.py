@@ -51,18 +51,24 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
 
 
 def test_demo_in_process(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--order", "30", "--train-steps", "50"]) == 0
+    argv = ["demo", "--out", str(tmp_path), "--order", "30", "--train-steps", "50"]
+    assert main(argv + ["--num-probes", "3"]) == 0
     printed = capsys.readouterr().out
-    assert "top eigenvalues:" in printed and str(tmp_path / "density.npz") in printed
-    saved = np.load(tmp_path / "density.npz")
+    assert "top eigenvalues:" in printed and str(tmp_path / "spectrum.npz") in printed
+    assert "cost: about" in printed and "trace:" in printed
+    saved = np.load(tmp_path / "spectrum.npz")
     grid, density = saved["grid"], saved["density"]
     assert np.all(density >= 0)
     assert np.sum(density) * (grid[1] - grid[0]) == pytest.approx(1.0)
+    assert saved["tridiags"].shape == (3, 30, 30)
     summary = json.loads((tmp_path / "spectrum.json").read_text())
-    assert summary["num_params"] == 2410 and summary["lanczos_steps"] == 30
+    assert summary["num_params"] == 2410 and summary["settings"]["num_probes"] == 3
     top = summary["top_eigenvalues"]
-    assert top == sorted(top, reverse=True) and top[0] > 0
-    np.testing.assert_allclose(top[0], np.linalg.eigvalsh(saved["tridiag"])[-1])
+    assert top == sorted(top, reverse=True) and top[0] > 0 and all(summary["converged"])
+    # The top Ritz value of any probe cannot exceed the top eigenvalue (Cauchy interlacing).
+    assert np.sort(saved["nodes"], axis=1)[:, -1].max() <= top[0] * (1 + 1e-5)
+    assert summary["trace"] > 0 and summary["trace_stderr"] >= 0
+    assert (tmp_path / "density.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_demo_as_a_subprocess(tmp_path):
@@ -72,7 +78,7 @@ def test_demo_as_a_subprocess(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "density.npz").is_file() and (tmp_path / "spectrum.json").is_file()
+    assert (tmp_path / "spectrum.npz").is_file() and (tmp_path / "spectrum.json").is_file()
 
 
 @pytest.mark.parametrize(
