@@ -1,0 +1,94 @@
+"""Probes in lockstep: one data pass serving k probes against k separate passes.
+
+Run by hand:  python benchmarks/bench_slq.py [--model mlp|cnn|both]
+
+For k = 1, 4, 10 it times ``operator.matmat`` on k vectors (each batch read once, its HVP
+vmapped over the k tangents) against k calls of ``operator.matvec``, on the digits MLP and on
+the original package's CIFAR CNN (256 synthetic images, batches of 128; host loop on CPU),
+and for the MLP also a whole SLQ run (k probes x 80 steps) against k single-probe runs.
+The goal is lockstep <= 0.6 x separate at k = 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_core import CifarCNN, _classifier_loss  # noqa: E402
+
+from jax_spectral import datasets, hessian_operator, lanczos, slq  # noqa: E402
+
+
+def _time(fn, repeats):
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(name, op, repeats, slq_order=None):
+    print(f"\n## {name}: {op.dim:,} parameters, loop {op.loop}")
+    print(f"{'k':>3}{'lockstep pass (s)':>20}{'k separate (s)':>17}{'ratio':>8}")
+    for k in (1, 4, 10):
+        vs = jax.random.normal(jax.random.key(k), (k, op.dim), op.dtype)
+        together = _time(lambda vs=vs: op.matmat(vs), repeats)
+        separate = _time(lambda vs=vs: [op.matvec(v) for v in vs], repeats)
+        print(f"{k:>3}{together:>20.4f}{separate:>17.4f}{together / separate:>8.2f}")
+    if slq_order:
+        print(
+            f"{'k':>3}{'SLQ lockstep (s)':>20}{'k runs (s)':>17}{'ratio':>8}   (order {slq_order})"
+        )
+        for k in (1, 4, 10):
+            keys = jax.random.split(jax.random.key(0), k)
+            together = _time(
+                lambda k=k: (
+                    slq(op, jax.random.key(0), num_probes=k, order=slq_order).lanczos.tridiag
+                ),
+                repeats,
+            )
+            separate = _time(
+                lambda keys=keys: [lanczos(op, kk, slq_order).tridiag for kk in keys], repeats
+            )
+            print(f"{k:>3}{together:>20.4f}{separate:>17.4f}{together / separate:>8.2f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["mlp", "cnn", "both"], default="both")
+    args = parser.parse_args()
+    print("# jax-spectral lockstep probes benchmark")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python "
+        f"{platform.python_version()}; jax {jax.__version__}; backend {jax.default_backend()}"
+    )
+    if args.model in ("mlp", "both"):
+        x, y = datasets.load_digits()
+        model = datasets.mlp()
+        loss = datasets.cross_entropy_loss(model.apply)
+        params = model.init(jax.random.key(0), x[:1])["params"]
+        op = hessian_operator(loss, params, (x, y), batch_size=512)
+        bench("digits MLP, 1,797 samples, batch 512", op, 5, slq_order=80)
+    if args.model in ("cnn", "both"):
+        model = CifarCNN()
+        rng = np.random.default_rng(0)
+        images = rng.standard_normal((256, 32, 32, 3), dtype=np.float32)
+        labels = rng.integers(0, 10, 256).astype(np.int32)
+        params = model.init(jax.random.key(0), images[:1])["params"]
+        op = hessian_operator(_classifier_loss(model), params, (images, labels), batch_size=128)
+        bench("CIFAR CNN, 256 images, batch 128", op, 1)
+
+
+if __name__ == "__main__":
+    main()
