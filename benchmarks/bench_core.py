@@ -66,6 +66,25 @@ class CifarCNN(nn.Module):
         return nn.Dense(10)(x)
 
 
+def digits_problem(train_steps=100):
+    """The demo's digits MLP (lightly trained): (loss, params, (x, y))."""
+    x, y = datasets.load_digits()
+    model = datasets.mlp()
+    loss = datasets.cross_entropy_loss(model.apply)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    return loss, datasets.train_classifier(loss, params, (x, y), steps=train_steps), (x, y)
+
+
+def cifar_problem():
+    """The original package's CIFAR CNN on 256 synthetic images: (loss, params, data)."""
+    model = CifarCNN()
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((256, 32, 32, 3), dtype=np.float32)
+    labels = rng.integers(0, 10, 256).astype(np.int32)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+    return _classifier_loss(model), params, (images, labels)
+
+
 def _classifier_loss(model):
     def loss(params, batch):
         x, y = batch
@@ -172,21 +191,13 @@ def main():
         f"backend {jax.default_backend()} ({jax.devices()[0].device_kind})"
     )
     if args.model in ("mlp", "both"):
-        x, y = datasets.load_digits()
-        model = datasets.mlp()
-        loss = datasets.cross_entropy_loss(model.apply)
-        params = model.init(jax.random.key(0), x[:1])["params"]
-        params = datasets.train_classifier(loss, params, (x, y), steps=100)
-        bench("digits MLP, 1,797 samples, batch 512", loss, params, (x, y), 512, 80,
+        loss, params, data = digits_problem()
+        bench("digits MLP, 1,797 samples, batch 512", loss, params, data, 512, 80,
               args.repeats, rounds=5, skip_scan=False)  # fmt: skip
     if args.model in ("cnn", "both"):
-        model = CifarCNN()
-        rng = np.random.default_rng(0)
-        images = rng.standard_normal((256, 32, 32, 3), dtype=np.float32)
-        labels = rng.integers(0, 10, 256).astype(np.int32)
-        params = model.init(jax.random.key(0), images[:1])["params"]
-        bench("CIFAR CNN, 256 images, batch 128", _classifier_loss(model), params,
-              (images, labels), 128, 20, max(1, args.repeats // 2), rounds=args.rounds,
+        loss, params, data = cifar_problem()
+        bench("CIFAR CNN, 256 images, batch 128", loss, params, data, 128, 20,
+              max(1, args.repeats // 2), rounds=args.rounds,
               skip_scan=args.skip_scan_cnn)  # fmt: skip
 
 

@@ -14,28 +14,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_core import CifarCNN, _classifier_loss  # noqa: E402
+from bench_core import _time, cifar_problem, digits_problem  # noqa: E402
 
-from jax_spectral import datasets, hessian_operator, lanczos, slq  # noqa: E402
-
-
-def _time(fn, repeats):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from jax_spectral import hessian_operator, lanczos, slq  # noqa: E402
 
 
 def bench(name, op, repeats, slq_order=None):
@@ -74,19 +61,12 @@ def main():
         f"{platform.python_version()}; jax {jax.__version__}; backend {jax.default_backend()}"
     )
     if args.model in ("mlp", "both"):
-        x, y = datasets.load_digits()
-        model = datasets.mlp()
-        loss = datasets.cross_entropy_loss(model.apply)
-        params = model.init(jax.random.key(0), x[:1])["params"]
-        op = hessian_operator(loss, params, (x, y), batch_size=512)
+        loss, params, data = digits_problem(train_steps=0)
+        op = hessian_operator(loss, params, data, batch_size=512)
         bench("digits MLP, 1,797 samples, batch 512", op, 5, slq_order=80)
     if args.model in ("cnn", "both"):
-        model = CifarCNN()
-        rng = np.random.default_rng(0)
-        images = rng.standard_normal((256, 32, 32, 3), dtype=np.float32)
-        labels = rng.integers(0, 10, 256).astype(np.int32)
-        params = model.init(jax.random.key(0), images[:1])["params"]
-        op = hessian_operator(_classifier_loss(model), params, (images, labels), batch_size=128)
+        loss, params, data = cifar_problem()
+        op = hessian_operator(loss, params, data, batch_size=128)
         bench("CIFAR CNN, 256 images, batch 128", op, 1)
 
 

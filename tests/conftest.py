@@ -53,3 +53,25 @@ def classification_data(key, n, n_in, n_classes, dtype=jnp.float32):
     x = jax.random.normal(kx, (n, n_in)).astype(dtype)
     y = jax.random.randint(ky, (n,), 0, n_classes)
     return np.asarray(x), np.asarray(y)
+
+
+@pytest.fixture(scope="session")
+def digits_dense():
+    """The digits MLP (2,410 parameters) trained for 200 steps, and the dense float64
+    Hessian of its mean loss over all 1,797 samples: (loss, params, (x, y), hessian)."""
+    from jax_spectral import datasets, hessian_operator
+
+    x, y = datasets.load_digits()
+    model = datasets.mlp()
+    loss = datasets.cross_entropy_loss(model.apply)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    params = datasets.train_classifier(loss, params, (x, y), steps=200)
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+        op64 = hessian_operator(loss, p64, (x.astype(np.float64), y), batch_size=512)
+        eye = np.eye(op64.dim)
+        columns = [
+            jax.vmap(op64.matvec)(jnp.asarray(eye[i : i + 256])) for i in range(0, op64.dim, 256)
+        ]
+        dense = np.asarray(jnp.concatenate(columns))
+    return loss, params, (x, y), (dense + dense.T) / 2

@@ -4,28 +4,14 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from jax_spectral import datasets, hessian_operator
+from jax_spectral import hessian_operator
 from jax_spectral.eigen import eigenpairs
 
 
 @pytest.fixture(scope="module")
-def digits_problem():
-    """The trained digits MLP (2,410 parameters) and its dense float64 Hessian."""
-    x, y = datasets.load_digits()
-    model = datasets.mlp()
-    loss = datasets.cross_entropy_loss(model.apply)
-    params = model.init(jax.random.key(0), x[:1])["params"]
-    params = datasets.train_classifier(loss, params, (x, y), steps=200)
-    with jax.enable_x64(True):
-        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-        op64 = hessian_operator(loss, p64, (x.astype(np.float64), y), batch_size=512)
-        eye = np.eye(op64.dim)
-        cols = [
-            jax.vmap(op64.matvec)(jnp.asarray(eye[i : i + 256])) for i in range(0, op64.dim, 256)
-        ]
-        dense = np.asarray(jnp.concatenate(cols))
-    dense = (dense + dense.T) / 2
-    return loss, params, (x, y), np.linalg.eigh(dense)
+def digits_problem(digits_dense):
+    loss, params, data, dense = digits_dense
+    return loss, params, data, np.linalg.eigh(dense)
 
 
 @pytest.mark.parametrize("which", ["largest", "smallest"])

@@ -107,28 +107,13 @@ def test_gauss_quadrature_is_exact_to_degree_2m_minus_1(x64):
         power = a @ power
 
 
-def test_digits_mlp_top_ritz_values_match_dense_eigh():
+def test_digits_mlp_top_ritz_values_match_dense_eigh(digits_dense):
     """A 2,410-parameter MLP trained on digits: top 5 at order 80 vs float64 eigh."""
-    from jax_spectral import datasets
-
-    x, y = datasets.load_digits()
-    model = datasets.mlp()
-    loss = datasets.cross_entropy_loss(model.apply)
-    params = model.init(jax.random.key(0), x[:1])["params"]
-    params = datasets.train_classifier(loss, params, (x, y), steps=200)
+    loss, params, (x, y), dense = digits_dense
     # Lanczos in the model's float32, as a user runs it.
     op = hessian_operator(loss, params, (x, y), batch_size=512)
     res = lanczos(op, jax.random.key(1), 80)
     top = np.sort(np.linalg.eigvalsh(np.asarray(res.tridiag, np.float64)))[-5:]
-    with jax.enable_x64(True):
-        p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
-        op64 = hessian_operator(loss, p64, (x.astype(np.float64), y), batch_size=512)
-        eye = np.eye(op64.dim)
-        columns = [
-            jax.vmap(op64.matvec)(jnp.asarray(eye[i : i + 256])) for i in range(0, op64.dim, 256)
-        ]
-        dense = np.asarray(jnp.concatenate(columns))
-    dense = (dense + dense.T) / 2
     want = np.linalg.eigvalsh(dense)[-5:]
     np.testing.assert_allclose(top, want, rtol=1e-5)
 
