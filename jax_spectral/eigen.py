@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .lanczos import lanczos, ritz
+from .lanczos import _flat_matvec, lanczos, ritz
 
 __all__ = ["Eigenpairs", "eigenpairs"]
 
@@ -90,17 +90,8 @@ def eigenpairs(
     pick = np.argsort(values)[::-1][:k] if which == "largest" else np.argsort(values)[:k]
     values, vectors = values[pick], vectors[jnp.asarray(pick)]
 
-    if operator is not None:
-        apply, traceable = operator.matvec, operator.traceable
-    elif like is not None:
-        flat, unravel = jax.flatten_util.ravel_pytree(like)
-
-        def apply(x):
-            return jax.flatten_util.ravel_pytree(matvec(unravel(x.astype(flat.dtype))))[0]
-
-        traceable = True
-    else:
-        apply, traceable = matvec, True
+    apply = _flat_matvec(None if operator is not None else matvec, operator, like)
+    traceable = operator.traceable if operator is not None else True
     products = jax.vmap(apply)(vectors) if traceable else jnp.stack([apply(u) for u in vectors])
     products = np.asarray(products, np.float64)
     residuals = np.linalg.norm(products - values[:, None] * np.asarray(vectors, np.float64), axis=1)

@@ -196,31 +196,25 @@ def _layer_spec(keras, layer) -> tuple[str, dict, dict, dict] | None:
         return "gap", {"keepdims": layer.keepdims}, {}, {}
     if type(layer) is L.Flatten:
         return "flatten", {}, {}, {}
-    if type(layer) is L.BatchNormalization:
-        if layer.axis not in (-1,) and layer.axis != len(layer.input.shape) - 1:
-            raise ValueError(f"layer '{name}' normalises axis {layer.axis}; only the last axis.")
-        params = {}
+    if type(layer) in (L.BatchNormalization, L.LayerNormalization):
+        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        last = len(layer.input.shape) - 1
+        if [a % (last + 1) for a in axes] != [last] or getattr(layer, "rms_scaling", False):
+            raise ValueError(
+                f"layer '{name}' ({cls}) normalises axis {layer.axis}"
+                + (" with rms_scaling" if getattr(layer, "rms_scaling", False) else "")
+                + f"; to_flax translates last-axis normalisation only. {advice}"
+            )
+        params = {}  # Keras gamma/beta are flax's scale/bias
         if layer.scale:
             params["scale"] = weights["gamma"]
         if layer.center:
             params["bias"] = weights["beta"]
+        settings = {"epsilon": layer.epsilon, "scale": layer.scale, "center": layer.center}
+        if type(layer) is L.LayerNormalization:
+            return "layernorm", settings, params, {}
         stats = {"mean": weights["moving_mean"], "var": weights["moving_variance"]}
-        settings = {"epsilon": layer.epsilon, "scale": layer.scale, "center": layer.center}
         return "batchnorm", settings, params, stats
-    if type(layer) is L.LayerNormalization:
-        if (
-            getattr(layer, "rms_scaling", False)
-            or tuple(layer.axis) not in ((-1,),)
-            and list(layer.axis) != [len(layer.input.shape) - 1]
-        ):
-            raise ValueError(f"layer '{name}': only last-axis LayerNormalization is translated.")
-        params = {}
-        if layer.scale:
-            params["scale"] = weights["gamma"]
-        if layer.center:
-            params["bias"] = weights["beta"]
-        settings = {"epsilon": layer.epsilon, "scale": layer.scale, "center": layer.center}
-        return "layernorm", settings, params, {}
     if type(layer) is L.Dropout:
         return "dropout", {"rate": layer.rate}, {}, {}
     if type(layer) is L.Activation:
