@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .lanczos import _flat_matvec, lanczos, ritz
+from .progress import ProgressArg
+from .trace import products
 
 __all__ = ["Eigenpairs", "eigenpairs"]
 
@@ -42,6 +44,7 @@ def eigenpairs(
     dim: int | None = None,
     like: Any = None,
     tol: float = 1e-4,
+    progress: ProgressArg = False,
 ) -> Eigenpairs:
     """The ``k`` largest or smallest eigenpairs of a symmetric operator.
 
@@ -58,6 +61,8 @@ def eigenpairs(
         Lanczos steps; default ``min(dim, max(4 k, 80))``.
     tol:
         Relative residual below which a pair counts as converged.
+    progress:
+        As for :func:`jax_spectral.lanczos` (the Lanczos run).
 
     Raises
     ------
@@ -79,7 +84,7 @@ def eigenpairs(
         if size is None:
             raise ValueError("give dim= (or like=) for a matvec function.")
         order = min(int(size), max(4 * int(k), 80))
-    result = lanczos(matvec, key, order, dim=dim, like=like)
+    result = lanczos(matvec, key, order, dim=dim, like=like, progress=progress)
     if k > int(result.num_steps):
         raise ValueError(
             f"k={k} pairs asked for, but Lanczos found an invariant subspace after "
@@ -91,10 +96,8 @@ def eigenpairs(
     values, vectors = values[pick], vectors[jnp.asarray(pick)]
 
     apply = _flat_matvec(None if operator is not None else matvec, operator, like)
-    traceable = operator.traceable if operator is not None else True
-    products = jax.vmap(apply)(vectors) if traceable else jnp.stack([apply(u) for u in vectors])
-    products = np.asarray(products, np.float64)
-    residuals = np.linalg.norm(products - values[:, None] * np.asarray(vectors, np.float64), axis=1)
+    applied = products(apply, vectors, operator)  # one data pass per 10 vectors
+    residuals = np.linalg.norm(applied - values[:, None] * np.asarray(vectors, np.float64), axis=1)
     converged = residuals <= tol * scale
 
     if operator is not None:

@@ -37,8 +37,6 @@ scaling, so large entries do not overflow. The reorthogonalisation products use
 from __future__ import annotations
 
 import functools
-import sys
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -47,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from .progress import Progress, ProgressArg, scan_tick
 
 PyTree = Any
 
@@ -196,8 +196,8 @@ def _flat_matvec(fn: Callable | None, operand: Any, template: PyTree | None) -> 
     return matvec
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "order", "reorthogonalize", "tol"))
-def _scan_lanczos(fn, operand, template, v0, *, order, reorthogonalize, tol):
+@functools.partial(jax.jit, static_argnames=("fn", "order", "reorthogonalize", "tol", "report"))
+def _scan_lanczos(fn, operand, template, v0, reporter, *, order, reorthogonalize, tol, report):
     matvec = _flat_matvec(fn, operand, template)
     step_fn = functools.partial(lanczos_step, reorthogonalize=reorthogonalize, tol=tol)
 
@@ -206,7 +206,10 @@ def _scan_lanczos(fn, operand, template, v0, *, order, reorthogonalize, tol):
         w = jax.lax.cond(
             state.stopped, lambda: jnp.zeros_like(v), lambda: matvec(v).astype(v.dtype)
         )
-        return step_fn(state, step, w), None
+        state = step_fn(state, step, w)
+        if report:
+            scan_tick(reporter, step + 1)
+        return state, None
 
     state, _ = jax.lax.scan(body, init_state(v0, order), jnp.arange(order))
     return pack_result(state)
@@ -217,29 +220,16 @@ _step_jit = jax.jit(lanczos_step, static_argnames=("reorthogonalize", "tol"), do
 _pack_jit = jax.jit(pack_result)
 
 
-def _report(progress, step, order, state, started):
-    if not progress:
-        return
-    elapsed = time.perf_counter() - started
-    if callable(progress):
-        progress(step + 1, order, elapsed)
-        return
-    print(
-        f"lanczos step {step + 1}/{order}: alpha={float(state.alphas[step]):.6g} "
-        f"beta={float(state.betas[step]):.6g} ({elapsed:.1f} s)",
-        file=sys.stderr,
-        flush=True,
-    )
-
-
-def _host_lanczos(matvec, v0, *, order, reorthogonalize, tol, progress):
+def _host_lanczos(matvec, v0, *, order, reorthogonalize, tol, bar):
     state = _init_jit(v0, order)
-    started = time.perf_counter()
     for step in range(order):
         w = jnp.asarray(matvec(state.basis[step]), v0.dtype)
         state = _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
-        _report(progress, step, order, state, started)
-        if bool(state.stopped):
+        stopped = bool(state.stopped)
+        if bar.enabled:
+            alpha, beta = float(state.alphas[step]), float(state.betas[step])
+            bar.update_to(order if stopped else step + 1, alpha=f"{alpha:.4g}", beta=f"{beta:.4g}")
+        if stopped:
             break
     return _pack_jit(state)
 
@@ -263,7 +253,7 @@ def lanczos(
     reorthogonalize: bool = True,
     loop: str | None = None,
     breakdown_tol: float | None = None,
-    progress: bool | Callable[[int, int, float], None] = False,
+    progress: ProgressArg = False,
 ) -> LanczosResult:
     """Run ``order`` steps of Lanczos on a symmetric operator.
 
@@ -302,8 +292,10 @@ def lanczos(
         Breakdown when ``beta_i <= breakdown_tol * max_j |A v_j|``; default ``50 * eps`` of
         the recurrence's dtype.
     progress:
-        Host loop only: ``True`` prints one line per step to stderr; a callable is called
-        as ``progress(step, order, elapsed_seconds)``.
+        ``True`` shows a progress bar (steps, time per step, ETA; the host loop also shows
+        the latest ``alpha`` and ``beta``) on stderr; a callable is called as
+        ``progress(steps_done, order, elapsed_seconds)``; ``False`` is silent. In the scanned
+        loop the report comes from ``jax.debug.callback`` and is compiled in only when asked.
 
     Returns
     -------
@@ -410,19 +402,29 @@ def lanczos(
                 "with loop='scan', or call lanczos outside the transformation."
             )
         flat = _flat_matvec(fn, operand, template)
-        result = _host_lanczos(
-            flat, v0, order=order, reorthogonalize=reorthogonalize, tol=tol, progress=progress
-        )
+        with Progress(progress, order, "lanczos") as bar:
+            result = _host_lanczos(
+                flat, v0, order=order, reorthogonalize=reorthogonalize, tol=tol, bar=bar
+            )
     else:
-        result = _scan_lanczos(
-            fn,
-            operand,
-            template,
-            v0,
-            order=order,
-            reorthogonalize=reorthogonalize,
-            tol=tol,
-        )
+        if _is_tracer(v0):
+            progress = False  # under the caller's jit/vmap: nothing to report to yet
+        with Progress(progress, order, "lanczos") as bar:
+            result = _scan_lanczos(
+                fn,
+                operand,
+                template,
+                v0,
+                jnp.int32(bar.id),
+                order=order,
+                reorthogonalize=reorthogonalize,
+                tol=tol,
+                report=bar.enabled,
+            )
+            if bar.enabled:
+                jax.block_until_ready(result)
+                jax.effects_barrier()
+                bar.update_to(order)
     if not _is_tracer(result.nonfinite_step) and int(result.nonfinite_step) >= 0:
         step = int(result.nonfinite_step)
         err = FloatingPointError(

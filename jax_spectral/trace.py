@@ -11,8 +11,10 @@ estimates the trace of the deflated ``(I - Q Q^T) A (I - Q Q^T)``. For matrices 
 spectrum is dominated by a few large eigenvalues, such as neural-network Hessians, its error
 is far below Hutchinson's at the same cost. The standard error is that of the deflated part.
 
-Every estimator takes a required ``key``; products are computed in batches with
-``jax.vmap`` for traceable operators and one at a time from the host otherwise.
+Every estimator takes a required ``key``. Products are computed in chunks of up to
+``chunk`` vectors: one ``operator.matmat`` call per chunk for an operator (one pass over
+the data serves the whole chunk), ``jax.vmap`` for a plain function. ``progress`` is as
+for :func:`jax_spectral.lanczos`, counted in products.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .progress import Progress, ProgressArg
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
 
@@ -36,26 +40,40 @@ class TraceEstimate(NamedTuple):
     samples: np.ndarray  # shape=(n,); the Hutchinson samples (deflated part for Hutch++)
 
 
-def _resolve(matvec: Callable | Any, dim: int | None) -> tuple[Callable, int, Any, bool]:
+def _resolve(matvec: Callable | Any, dim: int | None) -> tuple[Callable, int, Any, Any]:
+    """``(fn, dim, dtype, operator)``; ``operator`` is ``None`` for a plain function."""
     if hasattr(matvec, "matvec") and hasattr(matvec, "dim"):
-        return matvec.matvec, int(matvec.dim), matvec.dtype, bool(matvec.traceable)
+        return matvec.matvec, int(matvec.dim), matvec.dtype, matvec
     if not callable(matvec):
         raise TypeError(f"matvec must be callable or an operator, got {type(matvec)}.")
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
         raise ValueError(f"give dim=, a positive int, for a matvec function; got {dim!r}.")
-    return matvec, int(dim), jnp.zeros(()).dtype, True
+    return matvec, int(dim), jnp.zeros(()).dtype, None
 
 
-def _products(matvec: Callable, vectors: jax.Array, traceable: bool) -> jax.Array:
-    """``A v`` for each row ``v`` of ``vectors``; raises on NaN or Inf."""
-    if traceable:
-        out = jax.vmap(matvec)(vectors)
-    else:
-        out = jnp.stack([matvec(v) for v in vectors])
-    out = np.asarray(out, np.float64)
-    if not np.all(np.isfinite(out)):
+def products(
+    fn: Callable, vectors: jax.Array, operator: Any = None, *, chunk: int = 10, bar=None
+) -> np.ndarray:
+    """``A v`` for each row ``v`` of ``vectors`` as float64 on the host, in chunks of
+    ``chunk`` rows (``operator.matmat`` when the operator has it, else ``vmap`` of ``fn``
+    for traceable operators and functions, else one product at a time). Raises
+    ``FloatingPointError`` on NaN or Inf."""
+    out = []
+    for start in range(0, vectors.shape[0], chunk):
+        part = vectors[start : start + chunk]
+        if operator is not None and hasattr(operator, "matmat"):
+            done = operator.matmat(part)
+        elif operator is None or getattr(operator, "traceable", True):
+            done = jax.vmap(fn)(part)
+        else:
+            done = jnp.stack([fn(v) for v in part])
+        out.append(np.asarray(done, np.float64))
+        if bar is not None:
+            bar.update(part.shape[0])
+    result = np.concatenate(out)
+    if not np.all(np.isfinite(result)):
         raise FloatingPointError("a matrix-vector product contained NaN or Inf.")
-    return out
+    return result
 
 
 def _rademacher(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
@@ -75,7 +93,13 @@ def _estimate(samples: np.ndarray, offset: float, num_matvecs: int) -> TraceEsti
 
 
 def hutchinson(
-    matvec: Callable | Any, key: jax.Array, *, num_probes: int, dim: int | None = None
+    matvec: Callable | Any,
+    key: jax.Array,
+    *,
+    num_probes: int,
+    dim: int | None = None,
+    chunk: int = 10,
+    progress: ProgressArg = False,
 ) -> TraceEstimate:
     """Hutchinson's estimate of ``tr(A)`` from ``num_probes`` Rademacher probes.
 
@@ -87,15 +111,23 @@ def hutchinson(
     for a non-finite product.
     """
     num_probes = _check_count("num_probes", num_probes, 1)
-    fn, dim, dtype, traceable = _resolve(matvec, dim)
+    chunk = _check_count("chunk", chunk, 1)
+    fn, dim, dtype, operator = _resolve(matvec, dim)
     probes = _rademacher(key, (num_probes, dim), jnp.promote_types(dtype, jnp.float32))
-    products = _products(fn, probes, traceable)
-    samples = np.einsum("ij,ij->i", np.asarray(probes, np.float64), products)
+    with Progress(progress, num_probes, "hutchinson", unit="product") as bar:
+        applied = products(fn, probes, operator, chunk=chunk, bar=bar)
+    samples = np.einsum("ij,ij->i", np.asarray(probes, np.float64), applied)
     return _estimate(samples, 0.0, num_probes)
 
 
 def hutchpp(
-    matvec: Callable | Any, key: jax.Array, *, num_matvecs: int, dim: int | None = None
+    matvec: Callable | Any,
+    key: jax.Array,
+    *,
+    num_matvecs: int,
+    dim: int | None = None,
+    chunk: int = 10,
+    progress: ProgressArg = False,
 ) -> TraceEstimate:
     """Hutch++ estimate of ``tr(A)`` from ``num_matvecs`` products (at least 6; a third of
     them sketch the range, a third give its exact trace, a third probe the rest).
@@ -104,14 +136,20 @@ def hutchpp(
     ``FloatingPointError`` for a non-finite product.
     """
     num_matvecs = _check_count("num_matvecs", num_matvecs, 6)
-    fn, dim, dtype, traceable = _resolve(matvec, dim)
+    chunk = _check_count("chunk", chunk, 1)
+    fn, dim, dtype, operator = _resolve(matvec, dim)
     k = num_matvecs // 3
     work = jnp.promote_types(dtype, jnp.float32)
     key_sketch, key_probe = jax.random.split(key)
-    sketch = _rademacher(key_sketch, (k, dim), work)
-    q, _ = np.linalg.qr(_products(fn, sketch, traceable).T)  # (dim, k), orthonormal columns
-    low_rank = float(np.trace(q.T @ _products(fn, jnp.asarray(q.T, work), traceable).T))
-    g = np.asarray(_rademacher(key_probe, (num_matvecs - 2 * k, dim), work), np.float64)
-    g = g - (g @ q) @ q.T  # probes deflated: (I - Q Q^T) g
-    samples = np.einsum("ij,ij->i", g, _products(fn, jnp.asarray(g, work), traceable))
+    with Progress(progress, num_matvecs, "hutch++", unit="product") as bar:
+
+        def apply(vectors):
+            return products(fn, jnp.asarray(vectors, work), operator, chunk=chunk, bar=bar)
+
+        sketch = _rademacher(key_sketch, (k, dim), work)
+        q, _ = np.linalg.qr(apply(sketch).T)  # (dim, k), orthonormal columns
+        low_rank = float(np.trace(q.T @ apply(q.T).T))
+        g = np.asarray(_rademacher(key_probe, (num_matvecs - 2 * k, dim), work), np.float64)
+        g = g - (g @ q) @ q.T  # probes deflated: (I - Q Q^T) g
+        samples = np.einsum("ij,ij->i", g, apply(g))
     return _estimate(samples, low_rank, num_matvecs)

@@ -33,6 +33,8 @@ def approximate_hessian(
     order: int,
     reduce_op: str = "MEAN",
     random_seed: int = 0,
+    *,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lanczos approximation of the Hessian of a Keras model's loss over a dataset.
 
@@ -63,7 +65,10 @@ def approximate_hessian(
         example ``order`` above the number of parameters) columns of ``V`` and rows and
         columns of ``T`` from ``k`` on are zero, with a ``RuntimeWarning``.
 
-    Progress: one line per step on stderr, like the original package.
+    progress:
+        A progress bar on stderr with the step, time per step, ETA and the latest
+        ``alpha``/``beta`` (the original printed one line per step); ``False`` for silence,
+        or a callable ``progress(step, order, elapsed_seconds)``.
     """
     if not isinstance(reduce_op, str) or reduce_op.upper() not in _REDUCE_OPS:
         raise ValueError(f"reduce_op must be 'MEAN' or 'SUM', got {reduce_op!r}.")
@@ -72,7 +77,7 @@ def approximate_hessian(
     operator = hessian_operator(loss, params, dataset, reduce=_REDUCE_OPS[reduce_op.upper()])
     key = jax.random.key(random_seed)
     v0 = jax.random.uniform(key, (operator.dim,), operator.dtype, minval=-1.0, maxval=1.0)
-    result = lanczos(operator, None, order, v0=v0, loop="host", progress=True)
+    result = lanczos(operator, None, order, v0=v0, loop="host", progress=progress)
     steps = int(result.num_steps)
     if steps < order:
         warnings.warn(

@@ -307,27 +307,41 @@ def test_partial_and_bound_methods_pass_arrays_as_arguments():
         return operator.matvec(v)
 
     wrapped = jax.tree_util.Partial(apply, op)
-    hlo = _scan_lanczos.lower(None, wrapped, None, jnp.ones(op.dim), order=5,
-                              reorthogonalize=True, tol=1e-5).as_text()  # fmt: skip
+    hlo = _scan_lanczos.lower(None, wrapped, None, jnp.ones(op.dim), jnp.int32(0), order=5,
+                              reorthogonalize=True, tol=1e-5, report=False).as_text()  # fmt: skip
     assert len(hlo) < 200_000  # the 100,000 data floats are arguments, not constants
     np.testing.assert_allclose(lanczos(wrapped, key, 5, dim=op.dim).tridiag, reference.tridiag,
                                rtol=1e-6)  # fmt: skip
 
 
-def test_progress_callback_on_host_loop(capsys):
+@pytest.mark.parametrize("loop", ["host", "scan"])
+def test_progress_callback_bar_and_silence(loop, capsys):
     a = jnp.diag(jnp.arange(1.0, 9.0))
+    op = jax.tree_util.Partial(jnp.matmul, a)  # its array is an argument, not a constant
     seen = []
-    lanczos(
-        lambda v: a @ v,
-        jax.random.key(0),
-        4,
-        dim=8,
-        loop="host",
-        progress=lambda *s: seen.append(s),
+    silent = lanczos(op, jax.random.key(0), 4, dim=8, loop=loop)
+    reported = lanczos(
+        op, jax.random.key(0), 4, dim=8, loop=loop, progress=lambda *s: seen.append(s)
     )
     assert [s[:2] for s in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
-    lanczos(lambda v: a @ v, jax.random.key(0), 2, dim=8, loop="host", progress=True)
-    assert "lanczos step 2/2" in capsys.readouterr().err
+    assert all(later[2] >= earlier[2] for earlier, later in zip(seen, seen[1:]))
+    np.testing.assert_array_equal(reported.tridiag, silent.tridiag)
+    assert capsys.readouterr().err == ""  # silent by default and with a callback
+    lanczos(op, jax.random.key(0), 3, dim=8, loop=loop, progress=True)
+    err = capsys.readouterr().err
+    assert "lanczos" in err and "3/3" in err  # a tqdm bar on stderr
+
+
+def test_progress_stops_at_breakdown_and_rejects_junk():
+    a = jnp.diag(jnp.array([1.0, 1.0, 2.0, 2.0]))  # two distinct eigenvalues
+    seen = []
+    result = lanczos(
+        lambda v: a @ v, jax.random.key(0), 4, dim=4, loop="host",
+        progress=lambda *s: seen.append(s[:2]),
+    )  # fmt: skip
+    assert int(result.num_steps) == 2 and seen[-1] == (4, 4)  # the bar completes
+    with pytest.raises(TypeError, match="progress must be a bool or a callable"):
+        lanczos(lambda v: a @ v, jax.random.key(0), 2, dim=4, progress="yes")
 
 
 # -- documented errors ------------------------------------------------------------------

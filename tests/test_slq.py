@@ -114,3 +114,18 @@ def test_errors():
         slq(op, jax.random.key(0), num_probes=2, order=0)
     with pytest.raises(FloatingPointError, match="SLQ step 0"):
         slq(DenseOperator(np.full((3, 3), np.nan)), jax.random.key(0), num_probes=2, order=2)
+
+
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_progress_reports_every_step_and_is_silent_by_default(loop, capsys):
+    params = init_mlp(jax.random.key(0), [5, 6, 3])
+    x, y = classification_data(jax.random.key(1), 20, 5, 3)
+    op = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop=loop)
+    seen = []
+    slq(op, jax.random.key(0), num_probes=3, order=5, progress=lambda *s: seen.append(s[:2]))
+    assert seen == [(i, 5) for i in range(1, 6)]
+    slq(op, jax.random.key(0), num_probes=3, order=5)
+    assert capsys.readouterr().err == ""
+    slq(op, jax.random.key(0), num_probes=3, order=5, progress=True)
+    err = capsys.readouterr().err
+    assert "SLQ (3 probes)" in err and "5/5" in err

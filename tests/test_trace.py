@@ -64,3 +64,27 @@ def test_errors():
         hutchinson(lambda v: v * jnp.nan, jax.random.key(0), num_probes=2, dim=3)
     with pytest.raises(TypeError, match="missing 1 required keyword-only argument"):
         hutchinson(lambda v: v, jax.random.key(0), dim=3)
+
+
+def test_products_go_through_matmat_in_chunks_with_progress():
+    params = init_mlp(jax.random.key(0), [4, 5, 3])
+    x, y = classification_data(jax.random.key(1), 20, 4, 3)
+    reads = []
+
+    def batches():
+        for i in range(0, 20, 8):
+            reads.append(i)
+            yield x[i : i + 8], y[i : i + 8]
+
+    op = hessian_operator(mlp_loss, params, batches)
+    dense = np.stack([np.asarray(op.matvec(e)) for e in np.eye(op.dim, dtype=np.float32)])
+    seen = []
+    reads.clear()
+    est = hutchinson(op, jax.random.key(2), num_probes=7, chunk=3,
+                     progress=lambda *s: seen.append(s[:2]))  # fmt: skip
+    assert len(reads) == 3 * 3  # ceil(7 / 3) passes over the three batches
+    assert seen == [(3, 7), (6, 7), (7, 7)]
+    z = np.asarray(jax.random.rademacher(jax.random.key(2), (7, op.dim), jnp.float32))
+    np.testing.assert_allclose(est.samples, np.einsum("ij,jk,ik->i", z, dense, z), rtol=1e-4)
+    with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+        hutchpp(op, jax.random.key(0), num_matvecs=9, chunk=0)

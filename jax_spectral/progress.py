@@ -1,0 +1,102 @@
+"""Progress reporting for long loops: a tqdm bar with rate and ETA, a callback, or silence.
+
+Every long-running function takes ``progress``:
+
+* ``False`` (the default in the library): silent;
+* ``True``: a tqdm bar on stderr with the step count, time per step and ETA;
+* a callable: called as ``progress(done, total, elapsed_seconds)`` after each step.
+
+Host-driven loops report after every step. Compiled ``lax.scan`` loops report through
+``jax.debug.callback`` (:func:`scan_tick`): the callback is part of the compiled program
+only when progress was asked for, so a silent run compiles exactly as before.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["Progress"]
+
+ProgressArg = bool | Callable[[int, int, float], None] | None
+
+_ACTIVE: dict[int, Progress] = {}  # reporters that compiled loops can reach by id
+_IDS = itertools.count(1)
+_LOCK = threading.Lock()
+
+
+class Progress:
+    """One reporter for a loop of ``total`` steps; use as a context manager."""
+
+    def __init__(self, progress: ProgressArg, total: int, desc: str, unit: str = "step"):
+        if progress not in (None, False, True) and not callable(progress):
+            raise TypeError(f"progress must be a bool or a callable, got {progress!r}.")
+        self.total = int(total)
+        self.done = 0
+        self._callback = progress if callable(progress) and progress is not True else None
+        self._started = time.perf_counter()
+        self._bar = None
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=self.total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True
+            )
+        self.id = 0
+        if self.enabled:
+            with _LOCK:
+                self.id = next(_IDS)
+                _ACTIVE[self.id] = self
+
+    @property
+    def enabled(self) -> bool:
+        return self._bar is not None or self._callback is not None
+
+    def update_to(self, done: int, **info: Any) -> None:
+        """Report that ``done`` of ``total`` steps are finished (never moves backwards)."""
+        done = min(int(done), self.total)
+        if done <= self.done:
+            return
+        step, self.done = done - self.done, done
+        if self._bar is not None:
+            if info:
+                self._bar.set_postfix(info, refresh=False)
+            self._bar.update(step)
+        elif self._callback is not None:
+            self._callback(self.done, self.total, time.perf_counter() - self._started)
+
+    def update(self, n: int = 1, **info: Any) -> None:
+        self.update_to(self.done + n, **info)
+
+    def close(self) -> None:
+        with _LOCK:
+            _ACTIVE.pop(self.id, None)
+        if self._bar is not None:
+            self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tick(reporter_id, done) -> None:
+    reporter = _ACTIVE.get(int(np.max(reporter_id)))
+    if reporter is not None:
+        reporter.update_to(int(np.max(done)))
+
+
+def scan_tick(reporter_id: jax.Array, done: jax.Array) -> None:
+    """Inside a compiled loop: tell reporter ``reporter_id`` that ``done`` steps finished.
+
+    Under ``vmap`` the callback sees the batched values; the largest is reported.
+    """
+    jax.debug.callback(_tick, reporter_id, done)
