@@ -1,12 +1,36 @@
-"""The ``jax-spectral`` command line (also ``python -m jax_spectral``)."""
+"""The ``jax-spectral`` command line (also ``python -m jax_spectral``).
+
+``jax-spectral demo`` trains the digits MLP and analyses its Hessian; ``jax-spectral keras
+MODEL.keras --data ...`` does the same analysis for a saved Keras model. Both print a cost
+estimate first, show progress bars on long loops (``--quiet`` turns them off), and write
+three files into ``--out``: ``spectrum.npz`` (grid, density, its standard error,
+tridiagonals, nodes, weights, top eigenvalues), ``spectrum.json`` (eigenvalues, residuals,
+trace, settings, versions) and ``density.png`` (when matplotlib is installed). The density
+files are written as soon as SLQ finishes, so a failure later loses nothing computed.
+
+Exit codes: 0 done; 2 a bad argument or input file (one line on stderr); 1 a missing
+optional dependency.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+
+class InputError(Exception):
+    """A bad argument or input file: reported in one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -19,51 +43,219 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _key_pair(text: str) -> tuple[str, str]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(f"expected two names as X,Y, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _analysis_options(parser: argparse.ArgumentParser, *, out: str, order: int, batch: int):
+    parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder ({out})")
+    parser.add_argument(
+        "--order", type=_positive_int, default=order, help=f"Lanczos steps ({order})"
+    )
+    parser.add_argument(
+        "--num-probes", type=_positive_int, default=5, help="SLQ probes, in lockstep (5)"
+    )
+    parser.add_argument("--top", type=_positive_int, default=5, help="top eigenpairs (5)")
+    parser.add_argument(
+        "--trace-matvecs", type=_positive_int, default=99, help="Hutch++ products (99)"
+    )
+    parser.add_argument(
+        "--sigma-squared", type=_positive_float, default=1e-5,
+        help="kernel variance of the density, relative to the spectrum's width (1e-5)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=batch, help=f"HVP batch size ({batch})"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="jax-spectral", description="Hessian eigenvalue densities of neural networks in JAX."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,keras}")
     demo = sub.add_parser(
         "demo",
         help="train a small MLP on the bundled digits data and compute its Hessian spectrum",
     )
-    demo.add_argument("--out", type=Path, default=Path("jax-spectral-demo"), help="output folder")
-    demo.add_argument("--order", type=_positive_int, default=80, help="Lanczos steps (80)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    demo.add_argument("--batch-size", type=_positive_int, default=512, help="HVP batch size")
+    _analysis_options(demo, out="jax-spectral-demo", order=80, batch=512)
     demo.add_argument("--train-steps", type=_positive_int, default=300, help="Adam steps (300)")
-    demo.add_argument("--num-probes", type=_positive_int, default=5, help="SLQ probes (5)")
+
+    keras = sub.add_parser(
+        "keras",
+        help="the Hessian spectrum of a saved Keras model's loss on a dataset",
+        description="The Hessian spectrum of a saved Keras model (.keras) at its saved "
+        "weights, for its compiled loss (or --loss) on --data. Runs Keras on its JAX backend.",
+    )
+    keras.add_argument("model", help="a model saved with model.save('model.keras')")
+    keras.add_argument(
+        "--data", default="digits",
+        help="'digits' (bundled, default), a .npz file with arrays x and y, or tfds:NAME "
+        "(a tensorflow-datasets dataset prepared under --data-dir; never downloaded)",
+    )  # fmt: skip
+    keras.add_argument("--data-dir", help="tensorflow-datasets data_dir for tfds:NAME")
+    keras.add_argument("--split", default="train", help="tfds split (train)")
+    keras.add_argument(
+        "--keys", type=_key_pair, help="names of inputs and targets: npz arrays (x,y) or "
+        "tfds features (the dataset's supervised pair, else image,label)",
+    )  # fmt: skip
+    keras.add_argument("--limit", type=_positive_int, help="use only the first N samples")
+    keras.add_argument("--scale", type=float, default=1.0, help="multiply the inputs by this (1.0)")
+    keras.add_argument("--loss", help="a Keras loss name; default: the model's compiled loss")
+    keras.add_argument("--from-logits", action="store_true", help="the named --loss takes logits")
+    keras.add_argument("--reduce", choices=["mean", "sum"], default="mean")
+    _analysis_options(keras, out="jax-spectral-keras", order=90, batch=128)
     return parser
 
 
-def run_demo(
-    out: Path, *, order: int, seed: int, batch_size: int, train_steps: int, num_probes: int = 5
-) -> dict:
-    """Train the digits MLP, then its Hessian's density (SLQ), top eigenpairs and trace.
+# -- the analysis shared by both commands ------------------------------------------------
 
-    Writes ``spectrum.npz`` (grid, density, stderr, tridiagonals, nodes, weights),
-    ``spectrum.json`` (eigenvalues, residuals, trace, settings, versions) and, when
-    matplotlib is installed, ``density.png``.
-    """
+
+def _versions(**extra: str) -> dict:
+    import jax
+
+    from . import __version__
+
+    return {
+        "jax_spectral": __version__, "jax": jax.__version__, "python": platform.python_version(),
+        "platform": platform.platform(), "backend": jax.default_backend(), **extra,
+    }  # fmt: skip
+
+
+def _save_npz(out: Path, **arrays: Any) -> None:
+    import numpy as np
+
+    tmp = out / "spectrum.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, out / "spectrum.npz")  # never a half-written file
+
+
+def _save_json(out: Path, summary: dict) -> None:
+    tmp = out / "spectrum.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "spectrum.json")
+
+
+def analyse(
+    operator: Any,
+    *,
+    out: Path,
+    key: Any,
+    order: int,
+    num_probes: int,
+    top: int,
+    trace_matvecs: int,
+    sigma_squared: float,
+    progress: bool,
+    title: str,
+    summary: dict,
+    started: float,
+) -> dict:
+    """SLQ density, top eigenpairs and Hutch++ trace of ``operator``; writes the files."""
+    import jax
+    import numpy as np
+
+    from . import eigenpairs, hutchpp, slq, spectral_density
+
+    dim = operator.dim
+    order = min(order, dim)
+    eig_order = min(dim, max(4 * top, 80))
+    top = min(top, eig_order)
+    trace_matvecs = max(trace_matvecs, 6)
+    chunk = 10
+    passes = order + eig_order + -(-top // chunk) + -(-trace_matvecs // chunk)
+    itemsize = np.dtype(np.promote_types(operator.dtype, np.float32)).itemsize
+    basis_mib = max(num_probes * order, eig_order) * dim * itemsize / 2**20
+    print(
+        f"cost: about {passes} passes over {operator.num_samples or 'the'} samples "
+        f"({order} SLQ steps serving all {num_probes} probes at once, {eig_order} Lanczos steps "
+        f"for the top {top}, {trace_matvecs} trace products in chunks of {chunk}); "
+        f"Lanczos bases up to {basis_mib:.1f} MiB",
+        flush=True,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    key_slq, key_eig, key_trace = jax.random.split(key, 3)
+
+    result = slq(operator, key_slq, num_probes=num_probes, order=order, progress=progress)
+    dens = spectral_density(result, sigma_squared=sigma_squared)
+    arrays = dict(
+        grid=dens.grid, density=dens.density, stderr=dens.stderr,
+        tridiags=np.asarray(result.lanczos.tridiag), nodes=result.nodes, weights=result.weights,
+    )  # fmt: skip
+    _save_npz(out, **arrays)
+    settings = summary.setdefault("settings", {})
+    settings.update(order=order, num_probes=num_probes, sigma_squared=sigma_squared,
+                    top=top, eig_order=eig_order, trace_matvecs=trace_matvecs)  # fmt: skip
+    summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
+    _save_json(out, summary)
+
+    pairs = eigenpairs(operator, key_eig, top, which="largest", order=eig_order, progress=progress)
+    trace = hutchpp(operator, key_trace, num_matvecs=trace_matvecs, progress=progress)
+    _save_npz(out, **arrays, top_eigenvalues=pairs.values, residuals=pairs.residuals)
+    summary.update(
+        top_eigenvalues=pairs.values.tolist(), residuals=pairs.residuals.tolist(),
+        converged=pairs.converged.tolist(), trace=trace.estimate, trace_stderr=trace.stderr,
+    )  # fmt: skip
+    try:
+        from .plot import plot_density
+
+        plot_density(dens, outliers=pairs.values, path=out / "density.png", title=title)
+        figure = str(out / "density.png")
+    except ImportError:
+        figure = "not drawn (pip install 'jax-spectral[plot]' for density.png)"
+    summary["seconds"] = round(time.perf_counter() - started, 2)
+    _save_json(out, summary)
+    print(f"SLQ: {num_probes} probes x {order} Lanczos steps on the dataset Hessian")
+    print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in pairs.values))
+    if not all(pairs.converged):
+        print(f"  (not all converged: residuals {', '.join(f'{r:.2g}' for r in pairs.residuals)})")
+    print(f"trace: {trace.estimate:.5g} +- {trace.stderr:.2g} (Hutch++, {trace_matvecs} products)")
+    print(f"density written to {out / 'spectrum.npz'}; figure: {figure}")
+    print(f"summary written to {out / 'spectrum.json'} ({summary['seconds']} s)")
+    return summary
+
+
+# -- the commands -------------------------------------------------------------------------
+
+
+def run_demo(
+    out: Path,
+    *,
+    order: int,
+    seed: int,
+    batch_size: int,
+    train_steps: int,
+    num_probes: int = 5,
+    top: int = 5,
+    trace_matvecs: int = 99,
+    sigma_squared: float = 1e-5,
+    progress: bool = False,
+) -> dict:
+    """Train the digits MLP, then its Hessian's density (SLQ), top eigenpairs and trace."""
     import jax
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
-    from . import (
-        __version__,
-        datasets,
-        eigenpairs,
-        hessian_operator,
-        hutchpp,
-        slq,
-        spectral_density,
-    )
+    from . import datasets, hessian_operator
 
     started = time.perf_counter()
     X, y = datasets.load_digits()
     model = datasets.mlp()
-    key_init, key_slq, key_eig, key_trace = jax.random.split(jax.random.key(seed), 4)
+    key_init, key = jax.random.split(jax.random.key(seed))
     params = model.init(key_init, X[:1])["params"]
     loss = datasets.cross_entropy_loss(model.apply)
     params = datasets.train_classifier(loss, params, (X, y), steps=train_steps)
@@ -74,78 +266,114 @@ def run_demo(
         f"trained a {num_params}-parameter MLP on digits ({len(X)} samples): "
         f"loss {float(loss(params, (X, y))):.4f}, accuracy {accuracy:.3f}"
     )
-    trace_matvecs, num_top = 99, 5
-    eig_order = min(num_params, max(4 * num_top, 80))  # eigenpairs' default order
-    passes = order + eig_order + trace_matvecs
-    basis_mb = num_probes * order * num_params * 4 / 2**20
-    print(
-        f"cost: about {passes} passes over the data ({order} serving all {num_probes} SLQ "
-        f"probes at once), Lanczos bases {basis_mb:.1f} MiB"
-    )
-
     operator = hessian_operator(loss, params, (X, y), batch_size=batch_size)
-    result = slq(operator, key_slq, num_probes=num_probes, order=order)
-    dens = spectral_density(result, sigma_squared=1e-5)
-    pairs = eigenpairs(operator, key_eig, num_top, which="largest", order=eig_order)
-    trace = hutchpp(operator, key_trace, num_matvecs=trace_matvecs)
-
-    out.mkdir(parents=True, exist_ok=True)
-    np.savez(
-        out / "spectrum.npz", grid=dens.grid, density=dens.density, stderr=dens.stderr,
-        tridiags=np.asarray(result.lanczos.tridiag), nodes=result.nodes, weights=result.weights,
-        top_eigenvalues=pairs.values, residuals=pairs.residuals,
-    )  # fmt: skip
     summary = {
         "model": "digits MLP 64-32-10 (tanh)",
         "num_params": int(num_params),
         "num_samples": len(X),
         "train_accuracy": accuracy,
-        "top_eigenvalues": pairs.values.tolist(),
-        "residuals": pairs.residuals.tolist(),
-        "converged": pairs.converged.tolist(),
-        "trace": trace.estimate,
-        "trace_stderr": trace.stderr,
-        "settings": {
-            "order": order, "num_probes": num_probes, "seed": seed, "batch_size": batch_size,
-            "train_steps": train_steps, "sigma_squared": 1e-5, "reduce": "mean",
-            "trace_matvecs": trace_matvecs,
-        },
-        "versions": {"jax_spectral": __version__, "jax": jax.__version__},
-        "seconds": None,
+        "settings": {"seed": seed, "batch_size": batch_size, "train_steps": train_steps,
+                     "reduce": "mean", "loop": operator.loop},
+        "versions": _versions(),
     }  # fmt: skip
-    try:
-        from .plot import plot_density
+    return analyse(
+        operator, out=out, key=key, order=order, num_probes=num_probes, top=top,
+        trace_matvecs=trace_matvecs, sigma_squared=sigma_squared, progress=progress,
+        title=f"Hessian density, digits MLP ({num_probes} probes)", summary=summary,
+        started=started,
+    )  # fmt: skip
 
-        plot_density(dens, outliers=pairs.values, path=out / "density.png",
-                     title=f"Hessian density, digits MLP ({num_probes} probes)")  # fmt: skip
-        figure = str(out / "density.png")
-    except ImportError:
-        figure = "not drawn (pip install 'jax-spectral[plot]' for density.png)"
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    (out / "spectrum.json").write_text(json.dumps(summary, indent=2))
-    print(f"SLQ: {num_probes} probes x {order} Lanczos steps on the dataset Hessian")
-    print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in pairs.values))
-    print(f"trace: {trace.estimate:.5g} +- {trace.stderr:.2g} (Hutch++, {trace_matvecs} products)")
-    print(f"density written to {out / 'spectrum.npz'}; figure: {figure}")
-    print(f"summary written to {out / 'spectrum.json'} ({summary['seconds']} s)")
-    return summary
+
+def _use_jax_backend() -> None:
+    """Keras must run on JAX here; refuse a Keras already imported with another backend."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
+    if "keras" in sys.modules:
+        backend = sys.modules["keras"].backend.backend()
+        if backend != "jax":
+            raise InputError(f"Keras is already running on {backend!r}; this needs 'jax'.")
+        return
+    current = os.environ.get("KERAS_BACKEND", "jax")
+    if current != "jax":
+        print(f"note: running Keras on JAX (KERAS_BACKEND was {current!r})", file=sys.stderr)
+    os.environ["KERAS_BACKEND"] = "jax"
+
+
+def run_keras(args: argparse.Namespace) -> dict:
+    """``jax-spectral keras``: load the model and data, then :func:`analyse`."""
+    started = time.perf_counter()
+    _use_jax_backend()
+    import jax
+    import keras
+
+    from keras_bridge import loading, pure_loss, trainable_values
+
+    from . import datasets, hessian_operator
+
+    try:
+        model = loading.load_model(args.model)
+        x, y = datasets.load_arrays(
+            args.data, data_dir=args.data_dir, split=args.split, keys=args.keys, limit=args.limit
+        )
+        x = loading.shape_inputs(model, x) * args.scale
+        loss_fn = loading.loss_closure(model, args.loss, from_logits=args.from_logits)
+    except (OSError, ValueError) as err:
+        raise InputError(str(err)) from None
+    params = trainable_values(model)
+    try:
+        operator = hessian_operator(
+            pure_loss(model, loss_fn), params, (x, y), batch_size=args.batch_size,
+            reduce=args.reduce,
+        )  # fmt: skip
+    except (ValueError, TypeError) as err:
+        text = str(err).strip()
+        text = text.splitlines()[0].rstrip(".") if text else type(err).__name__
+        raise InputError(f"the model and loss cannot be applied to the data: {text}") from None
+    name = Path(args.model).name
+    print(
+        f"loaded {name}: {operator.dim:,} trainable parameters; data {args.data}: "
+        f"{len(x)} samples of shape {x.shape[1:]}, batches of {args.batch_size} "
+        f"({operator.loop} loop)"
+    )
+    summary = {
+        "model": str(args.model),
+        "num_params": int(operator.dim),
+        "num_samples": len(x),
+        "data": args.data,
+        "settings": {"seed": args.seed, "batch_size": args.batch_size, "reduce": args.reduce,
+                     "loss": args.loss or "compiled", "split": args.split, "limit": args.limit,
+                     "scale": args.scale, "loop": operator.loop},
+        "versions": _versions(keras=keras.__version__),
+    }  # fmt: skip
+    return analyse(
+        operator, out=args.out, key=jax.random.key(args.seed), order=args.order,
+        num_probes=args.num_probes, top=args.top, trace_matvecs=args.trace_matvecs,
+        sigma_squared=args.sigma_squared, progress=not args.quiet,
+        title=f"Hessian density, {name} ({args.num_probes} probes)", summary=summary,
+        started=started,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "demo":
-        try:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.out.exists() and not args.out.is_dir():
+            raise InputError(f"--out {str(args.out)!r} exists and is not a folder.")
+        if args.command == "demo":
             run_demo(
-                args.out,
-                order=args.order,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                train_steps=args.train_steps,
-                num_probes=args.num_probes,
-            )
-        except ImportError as err:
-            print(f"jax-spectral: {err}", file=sys.stderr)
-            return 1
+                args.out, order=args.order, seed=args.seed, batch_size=args.batch_size,
+                train_steps=args.train_steps, num_probes=args.num_probes, top=args.top,
+                trace_matvecs=args.trace_matvecs, sigma_squared=args.sigma_squared,
+                progress=not args.quiet,
+            )  # fmt: skip
+        else:
+            run_keras(args)
+    except InputError as err:
+        print(f"jax-spectral {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ImportError as err:
+        print(f"jax-spectral: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["cross_entropy_loss", "load_digits", "mlp", "train_classifier"]
+__all__ = ["cross_entropy_loss", "load_arrays", "load_digits", "mlp", "train_classifier"]
 
 
 def load_digits(dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
@@ -29,6 +29,107 @@ def load_digits(dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
         ) from err
     bunch = _load()
     return (bunch.data / 16.0).astype(dtype), bunch.target.astype(np.int32)
+
+
+def load_arrays(
+    spec: str,
+    *,
+    data_dir: str | None = None,
+    split: str = "train",
+    keys: tuple[str, str] | None = None,
+    limit: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets ``(x, y)`` from one of three sources, never downloading:
+
+    * ``"digits"``: :func:`load_digits`;
+    * a path to a ``.npz`` file holding arrays ``x`` and ``y`` (or the names in ``keys``);
+    * ``"tfds:NAME"``: the split ``split`` of a tensorflow-datasets dataset already prepared
+      under ``data_dir`` (``tfds.load(..., download=False)``); its supervised pair, or the
+      features named in ``keys`` (default ``("image", "label")``).
+
+    ``limit`` keeps the first ``limit`` samples. Raises ``FileNotFoundError`` or
+    ``ValueError`` with a one-line message for a missing file, missing arrays, mismatched
+    lengths or a dataset that is not prepared, and ``ImportError`` when tensorflow-datasets
+    is needed but missing.
+    """
+    if spec == "digits":
+        x, y = load_digits()
+    elif spec.startswith("tfds:"):
+        x, y = _load_tfds(spec[5:], data_dir, split, keys, limit)
+    else:
+        x, y = _load_npz(spec, keys or ("x", "y"))
+    if len(x) != len(y):
+        raise ValueError(f"{spec}: {len(x)} inputs but {len(y)} targets.")
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    if len(x) == 0:
+        raise ValueError(f"{spec}: the data holds no samples.")
+    return x, y
+
+
+def _load_npz(path: str, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    from pathlib import Path
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no data file {path!r} (expected 'digits', 'tfds:NAME' or an .npz file)."
+        )
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            found = list(arrays.keys())
+            missing = [k for k in keys if k not in found]
+            if missing:
+                raise ValueError(
+                    f"{path}: no array named {missing[0]!r}; it holds {', '.join(found) or 'none'}"
+                    f" (name the inputs and targets with --keys X,Y)."
+                )
+            return arrays[keys[0]], arrays[keys[1]]
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err}).") from None
+    except ValueError as err:
+        if str(err).startswith(path):
+            raise
+        raise ValueError(f"{path}: not a readable .npz file ({err}).") from None
+
+
+def _load_tfds(name, data_dir, split, keys, limit):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise ImportError(
+            "tfds: data needs tensorflow-datasets: pip install 'jax-spectral[tfds]'"
+        ) from err
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        dataset = builder.as_dataset(split=split, shuffle_files=False)
+    except Exception as err:  # tfds raises many types; the message is what matters
+        text = str(err).strip()
+        first = text.splitlines()[0].rstrip(".") if text else type(err).__name__
+        where = data_dir or "the default data_dir"
+        raise ValueError(
+            f"tensorflow-datasets could not read {name!r} (split {split!r}) from {where}: "
+            f"{first}. jax-spectral never downloads: prepare the dataset there first."
+        ) from None
+    supervised = builder.info.supervised_keys
+    if keys is None:
+        keys = tuple(supervised) if supervised and len(supervised) == 2 else ("image", "label")
+    xs, ys, count = [], [], 0
+    for example in tfds.as_numpy(dataset.batch(1024)):
+        missing = [k for k in keys if k not in example]
+        if missing:
+            raise ValueError(
+                f"tfds:{name} has no feature {missing[0]!r}; its features are "
+                f"{', '.join(example)} (name inputs and targets with --keys X,Y)."
+            )
+        xs.append(example[keys[0]])
+        ys.append(example[keys[1]])
+        count += len(xs[-1])
+        if limit is not None and count >= limit:
+            break
+    if not xs:
+        raise ValueError(f"tfds:{name} split {split!r} holds no samples.")
+    return np.concatenate(xs), np.concatenate(ys)
 
 
 def mlp(hidden: Sequence[int] = (32,), num_classes: int = 10, activation: str = "tanh"):

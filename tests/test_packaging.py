@@ -79,13 +79,3 @@ def test_demo_as_a_subprocess(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "spectrum.npz").is_file() and (tmp_path / "spectrum.json").is_file()
-
-
-@pytest.mark.parametrize(
-    "argv", [["demo", "--order", "0"], ["demo", "--order", "ten"], ["nonsense"], []]
-)
-def test_bad_arguments_exit_with_code_2(argv, capsys):
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    assert info.value.code == 2
-    assert "error:" in capsys.readouterr().err

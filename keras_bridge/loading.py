@@ -1,0 +1,97 @@
+"""Saved Keras models for the command line: load, pick the loss, shape the inputs.
+
+Used by ``jax-spectral keras MODEL.keras``; every failure is a ``ValueError`` (or
+``FileNotFoundError``) with a one-line message naming the file or the setting.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .closure import _keras
+
+__all__ = ["load_model", "loss_closure", "shape_inputs"]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
+
+
+def load_model(path: str | Path) -> Any:
+    """``keras.saving.load_model`` under the JAX backend, with one-line errors."""
+    keras = _keras()  # checks the backend
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no model file {str(path)!r}.")
+    if file.suffix not in (".keras", ".h5", ".hdf5"):
+        raise ValueError(f"{path}: expected a Keras model saved as .keras (or .h5).")
+    try:
+        model = keras.saving.load_model(file, compile=True)
+    except Exception as err:  # Keras raises many types for unreadable files
+        raise ValueError(f"{path}: Keras could not load it: {_first_line(err)}") from None
+    if not model.trainable_variables:
+        raise ValueError(f"{path}: the model has no trainable weights.")
+    return model
+
+
+def loss_closure(model: Any, name: str | None = None, *, from_logits: bool = False):
+    """``loss_fn(model, (x, y))``: the mean of a Keras loss of ``model(x)`` against ``y``.
+
+    ``name`` is any name ``keras.losses.get`` knows (``"sparse_categorical_crossentropy"``,
+    ``"mse"``, ...); without it, the loss the model was compiled with when saved.
+    """
+    import keras
+
+    if name is not None:
+        try:
+            fn = keras.losses.get(name)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"unknown Keras loss {name!r}: {_first_line(err)}") from None
+        if from_logits:
+            base = fn
+
+            def fn(y, p):
+                return base(y, p, from_logits=True)
+    else:
+        compiled = getattr(model, "loss", None)
+        if compiled is None:
+            raise ValueError(
+                "the model was saved without a compiled loss; name one with --loss "
+                "(e.g. --loss sparse_categorical_crossentropy)."
+            )
+        if isinstance(compiled, (list, tuple, dict)):
+            raise ValueError(
+                "the model has several compiled losses; name the one to use with --loss."
+            )
+        fn = keras.losses.get(compiled) if isinstance(compiled, str) else compiled
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return keras.ops.mean(fn(y, model(x, training=False)))
+
+    return loss_fn
+
+
+def shape_inputs(model: Any, x: np.ndarray) -> np.ndarray:
+    """``x`` as float32 reshaped to the model's input shape when only the layout differs
+    (digits as 64 features for an 8x8x1 input, or the reverse)."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f"the inputs have dtype {x.dtype}; expected numbers.")
+    x = x.astype(np.float32)
+    shape = getattr(model, "input_shape", None)
+    if not isinstance(shape, tuple) or any(d is None for d in shape[1:]):
+        return x
+    want = tuple(shape[1:])
+    if x.shape[1:] == want:
+        return x
+    if int(np.prod(x.shape[1:])) == int(np.prod(want)):
+        return x.reshape((x.shape[0],) + want)
+    raise ValueError(
+        f"the model takes inputs of shape {want} per sample but the data has {x.shape[1:]}."
+    )

@@ -1,0 +1,158 @@
+"""``jax-spectral keras``: a saved Keras model on digits, .npz and a local tfds dataset,
+checked against a dense Hessian; and one-line errors with exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from jax_spectral import datasets
+from jax_spectral.cli import main
+
+keras = pytest.importorskip("keras")
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A 610-parameter softmax MLP trained briefly on digits with model.fit, saved."""
+    x, y = datasets.load_digits()
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(8, activation="tanh"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    path = tmp_path_factory.mktemp("model") / "mlp.keras"
+    model.save(path)
+    return path
+
+
+def _dense_reference(path):
+    """Eigenvalues and trace of the mean cross-entropy Hessian over all of digits, from
+    jax.hessian (forward-over-reverse Jacobian of the gradient, no HVP loop, no Lanczos)."""
+    model = keras.saving.load_model(path)
+    x, y = datasets.load_digits()
+    weights = [jnp.asarray(v.value) for v in model.trainable_variables]
+    flat, unravel = ravel_pytree(weights)
+
+    def loss(f):
+        w1, b1, w2, b2 = unravel(f)
+        p = jax.nn.softmax(jnp.tanh(x @ w1 + b1) @ w2 + b2)
+        return -jnp.mean(jnp.log(p[jnp.arange(len(y)), y]))
+
+    h = np.asarray(jax.hessian(loss)(flat), np.float64)
+    return np.linalg.eigvalsh((h + h.T) / 2)[::-1], float(np.trace(h))
+
+
+def _run(saved_model, out, *extra):
+    argv = ["keras", str(saved_model), "--out", str(out), "--order", "40", "--num-probes", "2",
+            "--top", "3", "--trace-matvecs", "60", "--quiet", *extra]  # fmt: skip
+    assert main(argv) == 0
+    return json.loads((out / "spectrum.json").read_text()), np.load(out / "spectrum.npz")
+
+
+def test_keras_command_on_digits_matches_the_dense_hessian(saved_model, tmp_path, capsys):
+    summary, saved = _run(saved_model, tmp_path)
+    printed = capsys.readouterr().out
+    assert "610 trainable parameters" in printed and "cost: about" in printed
+    eigenvalues, trace = _dense_reference(saved_model)
+    np.testing.assert_allclose(summary["top_eigenvalues"], eigenvalues[:3], rtol=1e-4)
+    assert all(summary["converged"]) and summary["num_params"] == 610
+    assert abs(summary["trace"] - trace) <= 3 * summary["trace_stderr"] + 1e-6 * abs(trace)
+    assert saved["tridiags"].shape == (2, 40, 40)
+    assert np.sum(saved["density"]) * (saved["grid"][1] - saved["grid"][0]) == pytest.approx(1.0)
+    assert (tmp_path / "density.png").read_bytes().startswith(b"\x89PNG")
+    assert summary["versions"]["keras"] == keras.__version__
+
+
+def test_npz_and_local_tfds_data_give_the_same_spectrum(saved_model, tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow as tf
+
+    reference, _ = _run(saved_model, tmp_path / "digits")
+    x, y = datasets.load_digits()
+    images = np.rint(x * 16).astype(np.uint8).reshape(-1, 8, 8, 1)  # the raw 0..16 pixels
+    np.savez(tmp_path / "digits.npz", inputs=images, labels=y)
+    from_npz, _ = _run(saved_model, tmp_path / "npz", "--data", str(tmp_path / "digits.npz"),
+                       "--keys", "inputs,labels", "--scale", "0.0625")  # fmt: skip
+
+    # A tensorflow-datasets dataset prepared locally from the same images: no download.
+    features = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(8, 8, 1)),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }
+    )
+    split = tf.data.Dataset.from_tensor_slices({"image": images, "label": y})
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="digits_local", version="1.0.0", features=features,
+        split_datasets={"train": split}, data_dir=str(tmp_path / "tfds"),
+    )  # fmt: skip
+    from_tfds, _ = _run(saved_model, tmp_path / "tfds_out", "--data", "tfds:digits_local",
+                        "--data-dir", str(tmp_path / "tfds"), "--scale", "0.0625")  # fmt: skip
+    for other in (from_npz, from_tfds):
+        assert other["num_samples"] == 1797
+        np.testing.assert_allclose(
+            other["top_eigenvalues"], reference["top_eigenvalues"], rtol=1e-4
+        )
+    limited, _ = _run(saved_model, tmp_path / "limited", "--data", "tfds:digits_local",
+                      "--data-dir", str(tmp_path / "tfds"), "--limit", "100")  # fmt: skip
+    assert limited["num_samples"] == 100
+
+
+def _bad_cases(tmp_path, saved_model):
+    np.savez(tmp_path / "wrong.npz", a=np.zeros((3, 64)))
+    np.savez(tmp_path / "narrow.npz", x=np.zeros((5, 10)), y=np.zeros(5, int))
+    (tmp_path / "not_a_model.keras").write_text("hello")
+    (tmp_path / "a_file").write_text("")
+    m = str(saved_model)
+    return {
+        "missing model": (["keras", str(tmp_path / "nope.keras")], "no model file"),
+        "not a model": (["keras", str(tmp_path / "not_a_model.keras")], "could not load"),
+        "wrong suffix": (["keras", str(tmp_path / "wrong.npz")], "expected a Keras model"),
+        "missing data": (["keras", m, "--data", str(tmp_path / "x.npz")], "no data file"),
+        "npz keys": (["keras", m, "--data", str(tmp_path / "wrong.npz")], "no array named 'x'"),
+        "shapes": (["keras", m, "--data", str(tmp_path / "narrow.npz")], "inputs of shape (64,)"),
+        "loss": (["keras", m, "--loss", "nonsense"], "unknown Keras loss 'nonsense'"),
+        "tfds": (
+            ["keras", m, "--data", "tfds:absent", "--data-dir", str(tmp_path)],
+            "never downloads",
+        ),  # fmt: skip
+        "out": (["demo", "--out", str(tmp_path / "a_file")], "is not a folder"),
+        "order": (["demo", "--order", "0"], "expected a positive integer"),
+        "sigma": (["keras", m, "--sigma-squared", "-1"], "expected a positive number"),
+        "keys": (["keras", m, "--keys", "x"], "expected two names as X,Y"),
+        "command": (["nonsense"], "invalid choice"),
+        "nothing": ([], "required"),
+    }
+
+
+def test_bad_arguments_and_files_exit_2_with_one_line(saved_model, tmp_path, capsys):
+    for name, (argv, expected) in _bad_cases(tmp_path, saved_model).items():
+        try:
+            code = main(argv + ["--quiet"] if argv[:1] == ["keras"] else argv)
+        except SystemExit as exit_:  # argparse's own errors
+            code = exit_.code
+        err = capsys.readouterr().err.strip()
+        assert code == 2, name
+        assert len(err.splitlines()) == 1 and "error:" in err and expected in err, (name, err)
+
+
+def test_bad_file_as_a_subprocess(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "jax_spectral", "keras", str(tmp_path / "nope.keras")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"jax-spectral keras: error: no model file '{tmp_path / 'nope.keras'}'."
+    ]
