@@ -28,16 +28,26 @@ then normalises it so that ``sum_j phi(g_j) * dg = 1`` (it integrates to one on 
 ``grids`` they are its first and last points. ``sigma_squared`` defaults to ``1e-5``; the
 original package advises values between ``1e-5`` and ``1e-1``.
 
-Conversions to other conventions in use (to match a figure from another tool):
+Other tools' kernels, and how to match them
+-------------------------------------------
+Every tool smooths with a Gaussian; they differ in how its width is set. With ``R`` the
+span of a tool's grid and ``m`` the Lanczos steps per probe, the kernel variance ``s^2`` is
 
-* PyHessian's ``sigma_squared`` (``1e-5`` by default) is the kernel variance itself with
-  no range factor: ``s^2 = sigma_squared_pyhessian``, so pass
-  ``sigma_squared = s^2 / max(1, lambda_max - lambda_min)`` here.
-* curvlinops / Papyan's ``kappa``: a Gaussian of standard deviation
-  ``kappa * (lambda_max - lambda_min)``, i.e. ``sigma_squared = kappa**2 * range`` for a
-  range above one.
-* hessian-eigenthings' grid over ``[min, max]`` with ``m`` points and bandwidth
-  ``(max - min) / m``-scale: use ``grid_len = m`` and the same rule above.
+* google/spectral-density (the original): ``sigma_squared * max(1, R)``, with the grid from
+  the mean over probes of each probe's extreme node, widened by ``grid_expand``;
+* PyHessian (``density_generate``): the same formula and default ``sigma_squared=1e-5``,
+  with the grid widened by an absolute ``overhead`` (``0.01``);
+* curvlinops (Papyan 2020, ``lanczos_approximate_spectrum``): the spectrum is mapped to
+  ``[-1, 1]`` after widening ``[lo, hi]`` by ``margin`` (``0.05``) on each side, and the
+  kernel's standard deviation there is ``2 / (m - 1) / sqrt(8 ln kappa)`` (``kappa=3``), so
+  ``s = (hi - lo) (1 + 2 margin) / ((m - 1) sqrt(8 ln kappa))`` in eigenvalue units;
+* hessian-eigenthings (``spectral_density``): standard deviation ``sigma``, by default
+  ``(max node - min node) / m``.
+
+:func:`kernel_variance` computes ``s^2`` for each convention from the nodes, and
+:func:`matching_sigma_squared` the ``sigma_squared`` that makes :func:`eigv_to_density`
+smooth with that same kernel (``s^2 / max(1, R)`` with ``R`` this module's grid span), so
+that a density computed here can be laid over another tool's figure.
 
 Differences from the original package (its faults, fixed here)
 --------------------------------------------------------------
@@ -61,7 +71,15 @@ import math
 import numpy as np
 from scipy.special import ndtr  # standard normal CDF; scipy comes with jax
 
-__all__ = ["eigv_to_density", "tridiag_to_density", "tridiag_to_eigv"]
+__all__ = [
+    "eigv_to_density",
+    "kernel_variance",
+    "matching_sigma_squared",
+    "tridiag_to_density",
+    "tridiag_to_eigv",
+]
+
+CONVENTIONS = ("spectral_density", "pyhessian", "curvlinops", "eigenthings")
 
 
 def tridiag_to_eigv(tridiag_list) -> tuple[np.ndarray, np.ndarray]:
@@ -201,3 +219,83 @@ def tridiag_to_density(
     """
     eig_vals, all_weights = tridiag_to_eigv(tridiag_list)
     return eigv_to_density(eig_vals, all_weights, grid_len=grid_len, sigma_squared=sigma_squared)
+
+
+def _nodes_weights(eig_vals, all_weights) -> tuple[np.ndarray, np.ndarray]:
+    nodes = np.atleast_2d(np.asarray(eig_vals, dtype=np.float64))
+    if all_weights is None:
+        return nodes, np.full_like(nodes, 1.0 / nodes.shape[1])
+    weights = np.atleast_2d(np.asarray(all_weights, dtype=np.float64))
+    if weights.shape != nodes.shape:
+        raise ValueError(f"all_weights has shape {weights.shape} but eig_vals {nodes.shape}.")
+    return nodes, weights
+
+
+def kernel_variance(
+    convention: str,
+    eig_vals,
+    all_weights=None,
+    *,
+    sigma_squared: float = 1e-5,
+    grid_expand: float = 1e-2,
+    overhead: float = 0.01,
+    kappa: float = 3.0,
+    margin: float = 0.05,
+    sigma: float | None = None,
+) -> float:
+    """The variance ``s^2`` (in eigenvalue units) of the Gaussian kernel that another tool
+    would use for these ``(num_draws, m)`` nodes; see the module docstring.
+
+    ``convention`` is ``"spectral_density"`` (the original package; ``sigma_squared``,
+    ``grid_expand``), ``"pyhessian"`` (``sigma_squared``, ``overhead``), ``"curvlinops"``
+    (``kappa``, ``margin``; the spectral bounds are the extreme nodes with positive weight)
+    or ``"eigenthings"`` (``sigma``, the standard deviation, or its default).
+    """
+    nodes, weights = _nodes_weights(eig_vals, all_weights)
+    m = nodes.shape[1]
+    used = nodes[weights > 0]
+    if used.size == 0:
+        raise ValueError("no node has positive weight.")
+    if convention in ("spectral_density", "pyhessian"):
+        pad = grid_expand if convention == "spectral_density" else overhead
+        span = float(np.mean(nodes.max(axis=1)) - np.mean(nodes.min(axis=1))) + 2 * pad
+        return sigma_squared * max(1.0, span)
+    if convention == "curvlinops":
+        if m < 2 or not kappa > 1:
+            raise ValueError("curvlinops' kernel needs m >= 2 Lanczos nodes and kappa > 1.")
+        width = (float(used.max()) - float(used.min())) * (1 + 2 * margin)
+        return (width / ((m - 1) * math.sqrt(8 * math.log(kappa)))) ** 2
+    if convention == "eigenthings":
+        if sigma is None:
+            sigma = (float(nodes.max()) - float(nodes.min())) / m
+        return float(sigma) ** 2
+    raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}.")
+
+
+def matching_sigma_squared(
+    convention: str,
+    eig_vals,
+    all_weights=None,
+    *,
+    grids=None,
+    grid_expand: float = 1e-2,
+    **settings,
+) -> float:
+    """``sigma_squared`` for :func:`eigv_to_density` (same nodes, ``grids`` and
+    ``grid_expand``) that gives the kernel of ``convention``; ``settings`` are that tool's
+    parameters, as for :func:`kernel_variance`.
+
+    >>> nodes = np.array([[0.0, 1.0, 40.0]])
+    >>> s2 = matching_sigma_squared("curvlinops", nodes, kappa=3.0)
+    >>> density, grid = eigv_to_density(nodes, sigma_squared=s2)
+    """
+    variance = kernel_variance(
+        convention, eig_vals, all_weights, grid_expand=grid_expand, **settings
+    )
+    nodes, weights = _nodes_weights(eig_vals, all_weights)
+    if grids is not None:
+        span = float(grids[-1]) - float(grids[0])
+    else:
+        used = nodes[weights > 0]
+        span = float(used.max()) - float(used.min()) + 2 * grid_expand
+    return variance / max(1.0, span)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jax_spectral import density as js_density
 from jax_spectral import eigv_to_density, lanczos, tridiag_to_density, tridiag_to_eigv
 
 
@@ -131,3 +132,79 @@ def test_degenerate_inputs():
         eigv_to_density(np.array([[1.0, 2.0]]), np.array([[0.0, 0.0]]))
     with pytest.raises(ValueError, match="the density vanishes on the grid"):
         eigv_to_density(np.array([[0.0]]), grids=np.linspace(1e6, 1e6 + 1, 5), sigma_squared=1e-9)
+
+
+# -- matching other tools' kernels: each tool's density written out from its own procedure
+
+
+def _gauss(x, mean, var):
+    return np.exp(-((x - mean) ** 2) / (2 * var)) / np.sqrt(2 * np.pi * var)
+
+
+def _pyhessian_density(nodes, weights, num_bins=3000, sigma_squared=1e-5, overhead=0.01):
+    lmax = np.mean(np.max(nodes, axis=1)) + overhead
+    lmin = np.mean(np.min(nodes, axis=1)) - overhead
+    grid = np.linspace(lmin, lmax, num_bins)
+    var = sigma_squared * max(1, lmax - lmin)
+    per_draw = [
+        [np.sum(_gauss(n, x, var) * w) for x in grid] for n, w in zip(nodes, weights, strict=True)
+    ]
+    out = np.mean(per_draw, axis=0)
+    return grid, out
+
+
+def _curvlinops_density(nodes, weights, num_points=3000, kappa=3.0, margin=0.05):
+    lo, hi = nodes.min(), nodes.max()
+    lo, hi = lo - margin * (hi - lo), hi + margin * (hi - lo)
+    c, d = (hi + lo) / 2, (hi - lo) / 2
+    grid_n = np.linspace(-1, 1, num_points)
+    sigma_n = 2 / (nodes.shape[1] - 1) / np.sqrt(8 * np.log(kappa))
+    per_draw = [
+        (w / d) @ _gauss(grid_n[None], ((n - c) / d)[:, None], sigma_n**2)
+        for n, w in zip(nodes, weights, strict=True)
+    ]
+    dens = np.mean(per_draw, axis=0)
+    return np.linspace(lo, hi, num_points), dens
+
+
+def _eigenthings_density(nodes, weights, num_points=3000, padding=0.1):
+    lo, hi = nodes.min(), nodes.max()
+    sigma = (hi - lo) / nodes.shape[1]
+    grid = np.linspace(lo - padding * (hi - lo), hi + padding * (hi - lo), num_points)
+    per_draw = [
+        w @ _gauss(grid[None], n[:, None], sigma**2) for n, w in zip(nodes, weights, strict=True)
+    ]
+    dens = np.mean(per_draw, axis=0)
+    return grid, dens
+
+
+@pytest.mark.parametrize(
+    "convention, reference",
+    [("pyhessian", _pyhessian_density), ("curvlinops", _curvlinops_density),
+     ("eigenthings", _eigenthings_density)],
+)  # fmt: skip
+def test_matching_sigma_squared_reproduces_other_tools_kernels(convention, reference):
+    rng = np.random.default_rng(3)
+    t = rng.standard_normal((3, 12, 12))
+    nodes, weights = tridiag_to_eigv(5 * (t + t.transpose(0, 2, 1)))  # spans about 60
+    grid, theirs = reference(nodes, weights)
+    s2 = js_density.matching_sigma_squared(convention, nodes, weights, grids=grid)
+    ours, _ = eigv_to_density(nodes, weights, grids=grid, sigma_squared=s2)
+    dx = grid[1] - grid[0]
+    np.testing.assert_allclose(ours, theirs / (theirs.sum() * dx), rtol=1e-6, atol=1e-12)
+    plain, _ = eigv_to_density(nodes, weights, grids=grid)
+    if convention == "pyhessian":  # same formula: on PyHessian's grid nothing changes
+        np.testing.assert_allclose(plain, ours, rtol=1e-12)
+    else:  # the conventions really differ: the default sigma_squared does not match
+        assert np.max(np.abs(plain - ours)) > 0.1 * ours.max()
+
+
+def test_original_convention_and_bad_names():
+    nodes = np.array([[0.0, 2.0, 30.0], [1.0, 3.0, 20.0]])
+    # The original: grid from the mean of per-draw extremes, widened by grid_expand.
+    expected = 1e-3 * ((25.0 - 0.5) + 2e-2)
+    assert js_density.kernel_variance("spectral_density", nodes, sigma_squared=1e-3) == (
+        pytest.approx(expected)
+    )
+    with pytest.raises(ValueError, match="convention must be one of"):
+        js_density.kernel_variance("torch", nodes)
