@@ -88,7 +88,8 @@ def test_probes_in_lockstep_equal_probes_one_at_a_time(loop):
     np.testing.assert_allclose(together.weights.sum(axis=1), 1.0, rtol=1e-6)
 
 
-def test_matmat_reads_each_batch_once_for_all_probes():
+@pytest.mark.parametrize("chunk", [None, 1, 2, 5])
+def test_matmat_reads_each_batch_once_for_all_probes(chunk):
     params = init_mlp(jax.random.key(0), [5, 6, 3])
     x, y = classification_data(jax.random.key(1), 20, 5, 3)
     reads = []
@@ -101,9 +102,20 @@ def test_matmat_reads_each_batch_once_for_all_probes():
     op = hessian_operator(mlp_loss, params, batches)
     vs = jax.random.normal(jax.random.key(3), (5, op.dim))
     reads.clear()
-    together = op.matmat(vs)
+    together = op.matmat(vs, chunk=chunk)
     assert len(reads) == 3  # one pass over the three batches serves all five vectors
-    np.testing.assert_allclose(together, np.stack([op.matvec(v) for v in vs]), rtol=1e-5, atol=1e-6)
+    separate = np.stack([op.matvec(v) for v in vs])
+    np.testing.assert_allclose(together, separate, rtol=1e-5, atol=1e-6)
+    in_memory = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop="host")
+    np.testing.assert_allclose(in_memory.matmat(vs, chunk=chunk), separate, rtol=1e-5, atol=1e-6)
+
+
+def test_matmat_rejects_a_bad_chunk():
+    params = init_mlp(jax.random.key(0), [5, 6, 3])
+    x, y = classification_data(jax.random.key(1), 20, 5, 3)
+    op = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop="host")
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        op.matmat(jnp.ones((2, op.dim)), chunk=0)
 
 
 def test_errors():
