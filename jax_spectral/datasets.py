@@ -103,6 +103,10 @@ def _load_tfds(name, data_dir, split, keys, limit):
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         dataset = builder.as_dataset(split=split, shuffle_files=False)
+    except ModuleNotFoundError as err:  # tfds imports parts of its dependencies lazily
+        raise ImportError(
+            f"tensorflow-datasets needs {err.name}: pip install 'jax-spectral[tfds]'"
+        ) from err
     except Exception as err:  # tfds raises many types; the message is what matters
         text = str(err).strip()
         first = text.splitlines()[0].rstrip(".") if text else type(err).__name__
