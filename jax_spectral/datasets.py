@@ -8,6 +8,7 @@ Install it with ``pip install 'jax-spectral[demo]'``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,7 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-__all__ = ["cross_entropy_loss", "load_arrays", "load_digits", "mlp", "train_classifier"]
+__all__ = [
+    "cross_entropy_loss",
+    "load_arrays",
+    "load_digits",
+    "mlp",
+    "prepare_tfds_digits",
+    "train_classifier",
+]
 
 
 def load_digits(dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
@@ -67,9 +75,41 @@ def load_arrays(
     return x, y
 
 
-def _load_npz(path: str, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
-    from pathlib import Path
+def prepare_tfds_digits(data_dir: str, name: str = "digits_local") -> str:
+    """Write the bundled digits as a tensorflow-datasets dataset under ``data_dir``.
 
+    Splits ``train`` (the first 1,500 samples) and ``test`` (the other 297); features
+    ``image`` (8x8x1 uint8, the raw 0..16 pixel values) and ``label`` (10 classes); tfds
+    stores each split's examples in its own shuffled order. Then
+    ``load_arrays(f"tfds:{name}", data_dir=data_dir)`` (or ``tfds.load(name,
+    data_dir=data_dir, download=False)``) reads it back; nothing is downloaded. Returns the
+    name. A dataset already prepared there is left as it is.
+    """
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    if (Path(data_dir) / name).is_dir():
+        return name
+    x, y = load_digits()
+    images = np.rint(x * 16).astype(np.uint8).reshape(-1, 8, 8, 1)
+    features = tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=(8, 8, 1)),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }
+    )
+    splits = {
+        "train": tf.data.Dataset.from_tensor_slices({"image": images[:1500], "label": y[:1500]}),
+        "test": tf.data.Dataset.from_tensor_slices({"image": images[1500:], "label": y[1500:]}),
+    }
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=name, version="1.0.0", features=features, split_datasets=splits,
+        data_dir=str(data_dir),
+    )  # fmt: skip
+    return name
+
+
+def _load_npz(path: str, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(
@@ -101,8 +141,10 @@ def _load_tfds(name, data_dir, split, keys, limit):
             "tfds: data needs tensorflow-datasets: pip install 'jax-spectral[tfds]'"
         ) from err
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
-        dataset = builder.as_dataset(split=split, shuffle_files=False)
+        dataset, info = tfds.load(
+            name, split=split, data_dir=data_dir, download=False, with_info=True,
+            shuffle_files=False,
+        )  # fmt: skip
     except ModuleNotFoundError as err:  # tfds imports parts of its dependencies lazily
         raise ImportError(
             f"tensorflow-datasets needs {err.name}: pip install 'jax-spectral[tfds]'"
@@ -115,7 +157,7 @@ def _load_tfds(name, data_dir, split, keys, limit):
             f"tensorflow-datasets could not read {name!r} (split {split!r}) from {where}: "
             f"{first}. jax-spectral never downloads: prepare the dataset there first."
         ) from None
-    supervised = builder.info.supervised_keys
+    supervised = info.supervised_keys
     if keys is None:
         keys = tuple(supervised) if supervised and len(supervised) == 2 else ("image", "label")
     xs, ys, count = [], [], 0

@@ -44,7 +44,7 @@ class Progress:
         self._started = time.perf_counter()
         self._bar = None
         if progress is True:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm  # plain text, also in notebooks (no ipywidgets needed)
 
             self._bar = tqdm(
                 total=self.total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True

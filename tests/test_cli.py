@@ -75,9 +75,7 @@ def test_keras_command_on_digits_matches_the_dense_hessian(saved_model, tmp_path
 
 
 def test_npz_and_local_tfds_data_give_the_same_spectrum(saved_model, tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    import tensorflow as tf
-
+    pytest.importorskip("tensorflow_datasets")
     reference, _ = _run(saved_model, tmp_path / "digits")
     x, y = datasets.load_digits()
     images = np.rint(x * 16).astype(np.uint8).reshape(-1, 8, 8, 1)  # the raw 0..16 pixels
@@ -85,20 +83,11 @@ def test_npz_and_local_tfds_data_give_the_same_spectrum(saved_model, tmp_path):
     from_npz, _ = _run(saved_model, tmp_path / "npz", "--data", str(tmp_path / "digits.npz"),
                        "--keys", "inputs,labels", "--scale", "0.0625")  # fmt: skip
 
-    # A tensorflow-datasets dataset prepared locally from the same images: no download.
-    features = tfds.features.FeaturesDict(
-        {
-            "image": tfds.features.Image(shape=(8, 8, 1)),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }
-    )
-    split = tf.data.Dataset.from_tensor_slices({"image": images, "label": y})
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name="digits_local", version="1.0.0", features=features,
-        split_datasets={"train": split}, data_dir=str(tmp_path / "tfds"),
-    )  # fmt: skip
+    # The same images as a tensorflow-datasets dataset prepared locally: no download.
+    datasets.prepare_tfds_digits(str(tmp_path / "tfds"))
     from_tfds, _ = _run(saved_model, tmp_path / "tfds_out", "--data", "tfds:digits_local",
-                        "--data-dir", str(tmp_path / "tfds"), "--scale", "0.0625")  # fmt: skip
+                        "--data-dir", str(tmp_path / "tfds"), "--split", "train+test",
+                        "--scale", "0.0625")  # fmt: skip
     for other in (from_npz, from_tfds):
         assert other["num_samples"] == 1797
         np.testing.assert_allclose(
@@ -107,6 +96,15 @@ def test_npz_and_local_tfds_data_give_the_same_spectrum(saved_model, tmp_path):
     limited, _ = _run(saved_model, tmp_path / "limited", "--data", "tfds:digits_local",
                       "--data-dir", str(tmp_path / "tfds"), "--limit", "100")  # fmt: skip
     assert limited["num_samples"] == 100
+    x_test, y_test = datasets.load_arrays("tfds:digits_local", data_dir=str(tmp_path / "tfds"),
+                                          split="test")  # fmt: skip
+
+    # The same samples as the last 297 digits (tfds shuffles them when it writes the files).
+    def rows(images, labels):
+        table = np.column_stack([labels, images.reshape(len(labels), -1)]).astype(np.int64)
+        return table[np.lexsort(table.T[::-1])]
+
+    np.testing.assert_array_equal(rows(x_test, y_test), rows(images[1500:], y[1500:]))
 
 
 def _bad_cases(tmp_path, saved_model):
