@@ -102,10 +102,14 @@ def prepare_tfds_digits(data_dir: str, name: str = "digits_local") -> str:
         "train": tf.data.Dataset.from_tensor_slices({"image": images[:1500], "label": y[:1500]}),
         "test": tf.data.Dataset.from_tensor_slices({"image": images[1500:], "label": y[1500:]}),
     }
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name=name, version="1.0.0", features=features, split_datasets=splits,
-        data_dir=str(data_dir),
-    )  # fmt: skip
+    tfds.disable_progress_bar()
+    try:
+        tfds.dataset_builders.store_as_tfds_dataset(
+            name=name, version="1.0.0", features=features, split_datasets=splits,
+            data_dir=str(data_dir),
+        )  # fmt: skip
+    finally:
+        tfds.enable_progress_bar()
     return name
 
 

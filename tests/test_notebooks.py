@@ -1,0 +1,32 @@
+"""The notebooks run top to bottom (any error fails the test) and draw their figures."""
+
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.mark.parametrize("name, figures", [("jax_example.ipynb", 2), ("keras_example.ipynb", 3)])
+def test_notebook_runs_and_draws_its_figures(name, figures, tmp_path):
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    stored = [c for c in notebook.cells if c.cell_type == "code"]
+    assert stored and not any(c.outputs for c in stored), "store notebooks with outputs cleared"
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )  # fmt: skip
+    client.execute()  # raises CellExecutionError, naming the cell, on any error
+    images = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
+    ]
+    assert len(images) >= figures  # the density plots (and the heatmaps) are drawn
+    errors = [o for c in stored for o in c.outputs if o.output_type == "error"]
+    assert not errors
