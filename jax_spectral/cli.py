@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -50,6 +51,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value == 0:
+        raise argparse.ArgumentTypeError(f"expected a finite non-zero number, got {text}")
     return value
 
 
@@ -108,13 +119,15 @@ def _parser() -> argparse.ArgumentParser:
         "(a tensorflow-datasets dataset prepared under --data-dir; never downloaded)",
     )  # fmt: skip
     keras.add_argument("--data-dir", help="tensorflow-datasets data_dir for tfds:NAME")
-    keras.add_argument("--split", default="train", help="tfds split (train)")
+    keras.add_argument("--split", help="tfds split (train)")
     keras.add_argument(
         "--keys", type=_key_pair, help="names of inputs and targets: npz arrays (x,y) or "
         "tfds features (the dataset's supervised pair, else image,label)",
     )  # fmt: skip
     keras.add_argument("--limit", type=_positive_int, help="use only the first N samples")
-    keras.add_argument("--scale", type=float, default=1.0, help="multiply the inputs by this (1.0)")
+    keras.add_argument(
+        "--scale", type=_finite_float, default=1.0, help="multiply the inputs by this (1.0)"
+    )
     keras.add_argument("--loss", help="a Keras loss name; default: the model's compiled loss")
     keras.add_argument("--from-logits", action="store_true", help="the named --loss takes logits")
     keras.add_argument("--reduce", choices=["mean", "sum"], default="mean")
@@ -172,12 +185,15 @@ def analyse(
     from . import eigenpairs, hutchpp, slq, spectral_density
 
     dim = operator.dim
+    if top > dim:
+        raise InputError(f"--top {top} exceeds the model's {dim} parameters.")
     order = min(order, dim)
     eig_order = min(dim, max(4 * top, 80))
-    top = min(top, eig_order)
     trace_matvecs = max(trace_matvecs, 6)
     chunk = 10
-    passes = order + eig_order + -(-top // chunk) + -(-trace_matvecs // chunk)
+    third = trace_matvecs // 3  # Hutch++: sketch, its exact trace, then deflated probes
+    trace_passes = 2 * -(-third // chunk) + -(-(trace_matvecs - 2 * third) // chunk)
+    passes = order + eig_order + -(-top // chunk) + trace_passes
     itemsize = np.dtype(np.promote_types(operator.dtype, np.float32)).itemsize
     basis_mib = max(num_probes * order, eig_order) * dim * itemsize / 2**20
     print(
@@ -203,7 +219,12 @@ def analyse(
     summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
     _save_json(out, summary)
 
-    pairs = eigenpairs(operator, key_eig, top, which="largest", order=eig_order, progress=progress)
+    try:
+        pairs = eigenpairs(
+            operator, key_eig, top, which="largest", order=eig_order, progress=progress
+        )
+    except ValueError as err:  # fewer distinct eigenvalues than --top (the density is saved)
+        raise InputError(f"--top {top}: {err}") from None
     trace = hutchpp(operator, key_trace, num_matvecs=trace_matvecs, progress=progress)
     _save_npz(out, **arrays, top_eigenvalues=pairs.values, residuals=pairs.residuals)
     summary.update(
@@ -213,7 +234,11 @@ def analyse(
     try:
         from .plot import plot_density
 
-        plot_density(dens, outliers=pairs.values, path=out / "density.png", title=title)
+        fig = plot_density(dens, outliers=pairs.values, path=out / "density.png", title=title)
+        fig.clf()  # written; free it (pyplot keeps figures alive otherwise)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
         figure = str(out / "density.png")
     except ImportError:
         figure = "not drawn (pip install 'jax-spectral[plot]' for density.png)"
@@ -309,12 +334,23 @@ def run_keras(args: argparse.Namespace) -> dict:
 
     from . import datasets, hessian_operator
 
+    tfds = args.data.startswith("tfds:")
+    for option, value, allowed in (
+        ("--split", args.split, tfds), ("--data-dir", args.data_dir, tfds),
+        ("--keys", args.keys, args.data != "digits"),
+    ):  # fmt: skip
+        if value is not None and not allowed:
+            raise InputError(f"{option} does not apply to --data {args.data}.")
+    if args.from_logits and args.loss is None:
+        raise InputError("--from-logits applies to a loss named with --loss.")
     try:
         model = loading.load_model(args.model)
         x, y = datasets.load_arrays(
-            args.data, data_dir=args.data_dir, split=args.split, keys=args.keys, limit=args.limit
-        )
+            args.data, data_dir=args.data_dir, split=args.split or "train", keys=args.keys,
+            limit=args.limit,
+        )  # fmt: skip
         x = loading.shape_inputs(model, x) * args.scale
+        loading.check_targets(model, y)
         loss_fn = loading.loss_closure(model, args.loss, from_logits=args.from_logits)
     except (OSError, ValueError) as err:
         raise InputError(str(err)) from None
@@ -340,7 +376,8 @@ def run_keras(args: argparse.Namespace) -> dict:
         "num_samples": len(x),
         "data": args.data,
         "settings": {"seed": args.seed, "batch_size": args.batch_size, "reduce": args.reduce,
-                     "loss": args.loss or "compiled", "split": args.split, "limit": args.limit,
+                     "loss": args.loss or "compiled", "from_logits": args.from_logits,
+                     "split": args.split, "limit": args.limit,
                      "scale": args.scale, "loop": operator.loop},
         "versions": _versions(keras=keras.__version__),
     }  # fmt: skip
@@ -353,12 +390,29 @@ def run_keras(args: argparse.Namespace) -> dict:
     )  # fmt: skip
 
 
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the output folder and check that it is writable, before any work."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {str(out)!r} exists and is not a folder.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".jax-spectral-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"--out {str(out)!r} cannot be written: {err.strerror or err}.") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.out.exists() and not args.out.is_dir():
-            raise InputError(f"--out {str(args.out)!r} exists and is not a folder.")
+        _prepare_out(args.out)
         if args.command == "demo":
             run_demo(
                 args.out, order=args.order, seed=args.seed, batch_size=args.batch_size,
@@ -368,8 +422,9 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         else:
             run_keras(args)
-    except InputError as err:
-        print(f"jax-spectral {args.command}: error: {err}", file=sys.stderr)
+    except (InputError, FloatingPointError) as err:
+        # FloatingPointError: a NaN or Inf product, from the data, the model or the loss.
+        print(f"jax-spectral {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except ImportError as err:
         print(f"jax-spectral: {err}", file=sys.stderr)

@@ -66,8 +66,16 @@ def load_arrays(
         x, y = _load_tfds(spec[5:], data_dir, split, keys, limit)
     else:
         x, y = _load_npz(spec, keys or ("x", "y"))
+    x, y = np.asarray(x), np.asarray(y)
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"{spec}: inputs and targets need a leading sample axis.")
     if len(x) != len(y):
         raise ValueError(f"{spec}: {len(x)} inputs but {len(y)} targets.")
+    for what, values in (("inputs", x), ("targets", y)):
+        if not np.issubdtype(values.dtype, np.number):
+            raise ValueError(f"{spec}: the {what} have dtype {values.dtype}; expected numbers.")
+        if np.issubdtype(values.dtype, np.inexact) and not np.all(np.isfinite(values)):
+            raise ValueError(f"{spec}: the {what} contain NaN or Inf.")
     if limit is not None:
         x, y = x[:limit], y[:limit]
     if len(x) == 0:

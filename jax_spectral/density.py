@@ -253,12 +253,15 @@ def kernel_variance(
     """
     nodes, weights = _nodes_weights(eig_vals, all_weights)
     m = nodes.shape[1]
-    used = nodes[weights > 0]
-    if used.size == 0:
-        raise ValueError("no node has positive weight.")
+    valid = weights > 0  # zero weight: padding after a Lanczos breakdown, not a node
+    used = nodes[valid]
+    if used.size == 0 or not np.all(valid.any(axis=1)):
+        raise ValueError("every draw needs a node with positive weight.")
     if convention in ("spectral_density", "pyhessian"):
         pad = grid_expand if convention == "spectral_density" else overhead
-        span = float(np.mean(nodes.max(axis=1)) - np.mean(nodes.min(axis=1))) + 2 * pad
+        highs = np.where(valid, nodes, -np.inf).max(axis=1)
+        lows = np.where(valid, nodes, np.inf).min(axis=1)
+        span = float(np.mean(highs) - np.mean(lows)) + 2 * pad
         return sigma_squared * max(1.0, span)
     if convention == "curvlinops":
         if m < 2 or not kappa > 1:
@@ -267,7 +270,7 @@ def kernel_variance(
         return (width / ((m - 1) * math.sqrt(8 * math.log(kappa)))) ** 2
     if convention == "eigenthings":
         if sigma is None:
-            sigma = (float(nodes.max()) - float(nodes.min())) / m
+            sigma = (float(used.max()) - float(used.min())) / m
         return float(sigma) ** 2
     raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}.")
 

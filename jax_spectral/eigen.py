@@ -68,6 +68,8 @@ def eigenpairs(
     ------
     ValueError
         ``k < 1`` or more than the steps run, an unknown ``which``.
+    FloatingPointError
+        A product (in Lanczos or for a residual) was NaN or Inf.
     """
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}.")

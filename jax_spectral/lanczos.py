@@ -295,7 +295,8 @@ def lanczos(
         ``True`` shows a progress bar (steps, time per step, ETA; the host loop also shows
         the latest ``alpha`` and ``beta``) on stderr; a callable is called as
         ``progress(steps_done, order, elapsed_seconds)``; ``False`` is silent. In the scanned
-        loop the report comes from ``jax.debug.callback`` and is compiled in only when asked.
+        loop the report comes from ``jax.debug.callback`` and is compiled in only when asked;
+        under the caller's own ``jit``/``vmap`` progress is off.
 
     Returns
     -------
@@ -379,7 +380,7 @@ def lanczos(
     if v0.shape != (dim,):
         raise ValueError(f"the start vector has shape {v0.shape}, expected ({dim},).")
     if not _is_tracer(v0):
-        norm = float(jnp.linalg.norm(v0))
+        norm = float(np.linalg.norm(np.asarray(v0, np.float64)))  # host: also under a jit
         if not (np.isfinite(norm) and norm > 0):
             raise ValueError(f"the start vector must be finite and non-zero; its norm is {norm}.")
 
@@ -407,7 +408,10 @@ def lanczos(
                 flat, v0, order=order, reorthogonalize=reorthogonalize, tol=tol, bar=bar
             )
     else:
-        if _is_tracer(v0):
+        traced = _is_tracer(v0) or any(
+            _is_tracer(leaf) for leaf in jax.tree_util.tree_leaves((operand, template))
+        )
+        if traced:
             progress = False  # under the caller's jit/vmap: nothing to report to yet
         with Progress(progress, order, "lanczos") as bar:
             result = _scan_lanczos(

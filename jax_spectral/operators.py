@@ -208,9 +208,9 @@ class HessianOperator:
 
         A traceable operator vmaps each batch's HVP over all ``k`` tangents. A host-driven
         one vmaps over chunks of ``chunk`` tangents at a time (default
-        ``HOST_TANGENT_CHUNK`` = 4), each batch still read once: on the CIFAR CNN on CPU,
-        chunks of 2 to 4 cost 0.85 of separate products and one vmap over 10 cost 1.0
-        (``benchmarks/bench_slq.py``).
+        ``HOST_TANGENT_CHUNK`` = 4), each batch still read once: on the CIFAR CNN on CPU at
+        ``k = 10``, chunks of 4 cost 0.98 of ten separate products and one vmap over all ten
+        1.19 (``benchmarks/results/bench_slq_2cpu.txt``).
         """
         vectors = jnp.asarray(vectors)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:

@@ -6,6 +6,7 @@ given ``path``, saves it (PNG, PDF or any format matplotlib knows from the suffi
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ def _pyplot():
 
 def _finish(fig, path: str | Path | None):
     if path is not None:
-        fig.savefig(path, bbox_inches="tight", dpi=150)
+        path = Path(path)
+        # Written next to its final name, then renamed: never a half-written figure.
+        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+        fig.savefig(tmp, bbox_inches="tight", dpi=150)
+        os.replace(tmp, path)
     return fig
 
 

@@ -6,9 +6,12 @@ Every long-running function takes ``progress``:
 * ``True``: a tqdm bar on stderr with the step count, time per step and ETA;
 * a callable: called as ``progress(done, total, elapsed_seconds)`` after each step.
 
-Host-driven loops report after every step. Compiled ``lax.scan`` loops report through
-``jax.debug.callback`` (:func:`scan_tick`): the callback is part of the compiled program
-only when progress was asked for, so a silent run compiles exactly as before.
+Host-driven loops report after every step. Compiled ``lax.scan`` loops report through an
+ordered ``jax.debug.callback`` (:func:`scan_tick`): the callback is part of the compiled
+program only when progress was asked for, so a silent run compiles exactly as before. An
+exception raised by a user's callback inside a compiled loop reaches the caller as a JAX
+runtime error. Under the caller's own ``jit`` or ``vmap`` progress is off (there is nothing
+to report to while tracing).
 """
 
 from __future__ import annotations
@@ -99,4 +102,4 @@ def scan_tick(reporter_id: jax.Array, done: jax.Array) -> None:
 
     Under ``vmap`` the callback sees the batched values; the largest is reported.
     """
-    jax.debug.callback(_tick, reporter_id, done)
+    jax.debug.callback(_tick, reporter_id, done, ordered=True)

@@ -12,6 +12,7 @@ package's vector layout). Requires ``KERAS_BACKEND=jax``.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -34,7 +35,7 @@ def approximate_hessian(
     reduce_op: str = "MEAN",
     random_seed: int = 0,
     *,
-    progress: bool = True,
+    progress: bool | Callable[[int, int, float], None] = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Lanczos approximation of the Hessian of a Keras model's loss over a dataset.
 

@@ -6,6 +6,9 @@ Used by ``jax-spectral keras MODEL.keras``; every failure is a ``ValueError`` (o
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import numpy as np
 
 from .closure import _keras
 
-__all__ = ["load_model", "loss_closure", "shape_inputs"]
+__all__ = ["check_targets", "load_model", "loss_closure", "shape_inputs"]
 
 
 def _first_line(err: BaseException) -> str:
@@ -31,7 +34,10 @@ def load_model(path: str | Path) -> Any:
     if file.suffix not in (".keras", ".h5", ".hdf5"):
         raise ValueError(f"{path}: expected a Keras model saved as .keras (or .h5).")
     try:
-        model = keras.saving.load_model(file, compile=True)
+        with warnings.catch_warnings():
+            # A model compiled but never trained has no optimizer variables to restore.
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            model = keras.saving.load_model(file, compile=True)
     except Exception as err:  # Keras raises many types for unreadable files
         raise ValueError(f"{path}: Keras could not load it: {_first_line(err)}") from None
     if not model.trainable_variables:
@@ -53,10 +59,7 @@ def loss_closure(model: Any, name: str | None = None, *, from_logits: bool = Fal
         except (ValueError, TypeError) as err:
             raise ValueError(f"unknown Keras loss {name!r}: {_first_line(err)}") from None
         if from_logits:
-            base = fn
-
-            def fn(y, p):
-                return base(y, p, from_logits=True)
+            fn = _with_logits(keras, name, fn)
     else:
         compiled = getattr(model, "loss", None)
         if compiled is None:
@@ -75,6 +78,33 @@ def loss_closure(model: Any, name: str | None = None, *, from_logits: bool = Fal
         return keras.ops.mean(fn(y, model(x, training=False)))
 
     return loss_fn
+
+
+def _with_logits(keras: Any, name: str, fn: Any) -> Any:
+    """The loss ``fn`` (a function or a ``keras.losses.Loss``) taking logits."""
+    if isinstance(fn, keras.losses.Loss):
+        config = fn.get_config()
+        if "from_logits" not in config:
+            raise ValueError(f"the Keras loss {name!r} has no from_logits option.")
+        return type(fn).from_config({**config, "from_logits": True})
+    if "from_logits" not in inspect.signature(fn).parameters:
+        raise ValueError(f"the Keras loss {name!r} has no from_logits option.")
+    return functools.partial(fn, from_logits=True)
+
+
+def check_targets(model: Any, y: np.ndarray) -> None:
+    """For a classifier (integer labels, one per sample, several outputs), every label must
+    name an output: a label outside ``[0, classes)`` gives a loss without curvature."""
+    y = np.asarray(y)
+    shape = getattr(model, "output_shape", None)
+    if not (isinstance(shape, tuple) and shape and isinstance(shape[-1], int)):
+        return
+    classes = shape[-1]
+    if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and classes > 1:
+        if y.min() < 0 or y.max() >= classes:
+            raise ValueError(
+                f"labels run from {y.min()} to {y.max()} but the model has {classes} outputs."
+            )
 
 
 def shape_inputs(model: Any, x: np.ndarray) -> np.ndarray:

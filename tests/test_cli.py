@@ -108,8 +108,12 @@ def test_npz_and_local_tfds_data_give_the_same_spectrum(saved_model, tmp_path):
 
 
 def _bad_cases(tmp_path, saved_model):
+    x, y = datasets.load_digits()
     np.savez(tmp_path / "wrong.npz", a=np.zeros((3, 64)))
     np.savez(tmp_path / "narrow.npz", x=np.zeros((5, 10)), y=np.zeros(5, int))
+    np.savez(tmp_path / "scalar.npz", x=np.float32(1.0), y=np.int32(1))
+    np.savez(tmp_path / "nan.npz", x=np.where(np.arange(64) == 3, np.nan, x), y=y)
+    np.savez(tmp_path / "labels.npz", x=x, y=y + 45)
     (tmp_path / "not_a_model.keras").write_text("hello")
     (tmp_path / "a_file").write_text("")
     m = str(saved_model)
@@ -119,25 +123,32 @@ def _bad_cases(tmp_path, saved_model):
         "wrong suffix": (["keras", str(tmp_path / "wrong.npz")], "expected a Keras model"),
         "missing data": (["keras", m, "--data", str(tmp_path / "x.npz")], "no data file"),
         "npz keys": (["keras", m, "--data", str(tmp_path / "wrong.npz")], "no array named 'x'"),
+        "0-d arrays": (["keras", m, "--data", str(tmp_path / "scalar.npz")], "sample axis"),
+        "NaN inputs": (["keras", m, "--data", str(tmp_path / "nan.npz")], "NaN or Inf"),
+        "labels": (["keras", m, "--data", str(tmp_path / "labels.npz")], "has 10 outputs"),
         "shapes": (["keras", m, "--data", str(tmp_path / "narrow.npz")], "inputs of shape (64,)"),
         "loss": (["keras", m, "--loss", "nonsense"], "unknown Keras loss 'nonsense'"),
+        "logits alone": (["keras", m, "--from-logits"], "--from-logits applies to a loss"),
+        "logits option": (["keras", m, "--loss", "mse", "--from-logits"], "no from_logits"),
+        "split": (["keras", m, "--split", "test"], "--split does not apply to --data digits"),
         "tfds": (
             ["keras", m, "--data", "tfds:absent", "--data-dir", str(tmp_path)],
             "never downloads",
         ),  # fmt: skip
-        "out": (["demo", "--out", str(tmp_path / "a_file")], "is not a folder"),
-        "order": (["demo", "--order", "0"], "expected a positive integer"),
+        "out parent": (["keras", m, "--out", str(tmp_path / "a_file" / "x")], "cannot be written"),
+        "top": (["keras", m, "--top", "700"], "--top 700 exceeds the model's 610 parameters"),
         "sigma": (["keras", m, "--sigma-squared", "-1"], "expected a positive number"),
+        "scale": (["keras", m, "--scale", "nan"], "expected a finite non-zero number"),
         "keys": (["keras", m, "--keys", "x"], "expected two names as X,Y"),
-        "command": (["nonsense"], "invalid choice"),
-        "nothing": ([], "required"),
     }
 
 
 def test_bad_arguments_and_files_exit_2_with_one_line(saved_model, tmp_path, capsys):
     for name, (argv, expected) in _bad_cases(tmp_path, saved_model).items():
+        if "--out" not in argv:
+            argv = argv + ["--out", str(tmp_path / "out")]
         try:
-            code = main(argv + ["--quiet"] if argv[:1] == ["keras"] else argv)
+            code = main(argv + ["--quiet"])
         except SystemExit as exit_:  # argparse's own errors
             code = exit_.code
         err = capsys.readouterr().err.strip()
@@ -154,3 +165,32 @@ def test_bad_file_as_a_subprocess(tmp_path):
     assert out.stderr.strip().splitlines() == [
         f"jax-spectral keras: error: no model file '{tmp_path / 'nope.keras'}'."
     ]
+
+
+def test_a_late_failure_keeps_the_density(saved_model, tmp_path, capsys):
+    # Identical inputs make the Hessian low-rank: Lanczos finds fewer than 100 distinct
+    # eigenvalues, so --top 100 fails after SLQ; the density files are already written.
+    x, y = datasets.load_digits()
+    np.savez(tmp_path / "flat.npz", x=np.zeros_like(x), y=y)
+    argv = [
+        "keras",
+        str(saved_model),
+        "--data",
+        str(tmp_path / "flat.npz"),
+        "--top",
+        "100",
+        "--order",
+        "20",
+        "--num-probes",
+        "2",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+    ]
+    assert main(argv) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--top 100" in err and "invariant subspace" in err
+    saved = np.load(tmp_path / "out" / "spectrum.npz")
+    assert np.sum(saved["density"]) * (saved["grid"][1] - saved["grid"][0]) == pytest.approx(1.0)
+    summary = json.loads((tmp_path / "out" / "spectrum.json").read_text())
+    assert summary["settings"]["top"] == 100 and "top_eigenvalues" not in summary

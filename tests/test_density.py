@@ -208,3 +208,14 @@ def test_original_convention_and_bad_names():
     )
     with pytest.raises(ValueError, match="convention must be one of"):
         js_density.kernel_variance("torch", nodes)
+
+
+@pytest.mark.parametrize(
+    "convention", ["spectral_density", "pyhessian", "curvlinops", "eigenthings"]
+)
+def test_breakdown_padding_does_not_change_the_kernel(convention):
+    nodes = np.array([[3.0, 7.0, 20.0, 0.0, 0.0], [4.0, 9.0, 25.0, 30.0, 0.0]])
+    weights = np.array([[0.2, 0.3, 0.5, 0.0, 0.0], [0.1, 0.2, 0.3, 0.4, 0.0]])
+    padded = js_density.kernel_variance(convention, nodes, weights)
+    shifted = np.where(weights > 0, nodes, 12.0)  # padding moved inside the range
+    assert padded == pytest.approx(js_density.kernel_variance(convention, shifted, weights))

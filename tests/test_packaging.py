@@ -79,3 +79,30 @@ def test_demo_as_a_subprocess(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "spectrum.npz").is_file() and (tmp_path / "spectrum.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["demo", "--order", "0"], "expected a positive integer"),
+        (["demo", "--order", "ten"], "expected a positive integer"),
+        (["demo", "--sigma-squared", "-1"], "expected a positive number"),
+        (["nonsense"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_exit_with_code_2_and_one_line(argv, expected, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2
+    assert len(err.splitlines()) == 1 and "error:" in err and expected in err
+
+
+def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):
+        assert main(["demo", "--out", str(out)]) == 2
+        err = capsys.readouterr()
+        assert err.out == ""  # nothing trained
+        assert len(err.err.strip().splitlines()) == 1 and str(out) in err.err

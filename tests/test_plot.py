@@ -37,6 +37,8 @@ def test_density_plot_renders_headless(tmp_path):
     assert len(ax.collections) == 1  # the standard-error band
     plot_density(tridiag_to_density(result.lanczos.tridiag, 1e-3, 500), path=tmp_path / "d.pdf")
     assert (tmp_path / "d.pdf").read_bytes().startswith(b"%PDF")
+    # Written under a temporary name and renamed: only the two figures are left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.pdf", "density.png"]
     matplotlib.pyplot.close("all")
 
 

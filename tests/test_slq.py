@@ -141,3 +141,32 @@ def test_progress_reports_every_step_and_is_silent_by_default(loop, capsys):
     slq(op, jax.random.key(0), num_probes=3, order=5, progress=True)
     err = capsys.readouterr().err
     assert "SLQ (3 probes)" in err and "5/5" in err
+
+
+def test_breakdown_scan_and_host_agree_and_padding_has_no_weight():
+    # A quadratic loss whose Hessian is diag(d) with three distinct eigenvalues: every
+    # probe's Krylov space is exhausted after three steps.
+    d = jnp.array([1.0, 1.0, 2.0, 2.0, 2.0, 5.0, 5.0, 5.0])
+
+    def loss(w, batch):  # batches of ones: the mean over samples is 0.5 w^T diag(d) w
+        return 0.5 * jnp.sum(d * w**2) * jnp.mean(batch)
+
+    data = jnp.ones(12)
+    results = {
+        loop: slq(hessian_operator(loss, jnp.zeros(8), data, batch_size=5, loop=loop),
+                  jax.random.key(0), num_probes=3, order=6)
+        for loop in ("scan", "host")
+    }  # fmt: skip
+    for result in results.values():
+        np.testing.assert_array_equal(result.lanczos.num_steps, [3, 3, 3])
+        np.testing.assert_allclose(result.nodes[:, :3], np.tile([1.0, 2.0, 5.0], (3, 1)), rtol=1e-5)
+        np.testing.assert_array_equal(result.weights[:, 3:], 0.0)
+        np.testing.assert_allclose(result.weights.sum(axis=1), 1.0, rtol=1e-6)
+        # The weight of each eigenvalue is the probe's squared mass on its eigenspace.
+        starts = np.asarray(result.lanczos.basis[:, 0], np.float64)
+        mass = np.stack([np.sum(starts[:, d == lam] ** 2, axis=1) for lam in (1.0, 2.0, 5.0)], 1)
+        np.testing.assert_allclose(result.weights[:, :3], mass, rtol=1e-4)
+    np.testing.assert_allclose(results["scan"].lanczos.tridiag, results["host"].lanczos.tridiag,
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    density = spectral_density(results["scan"], sigma_squared=1e-3, grid_len=500)
+    assert density.grid[0] > 0.9 and density.grid[-1] < 5.1  # padding zeros do not widen it
