@@ -11,7 +11,10 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 
 @pytest.mark.parametrize("name, figures", [("jax_example.ipynb", 2), ("keras_example.ipynb", 3)])
-def test_notebook_runs_and_draws_its_figures(name, figures, tmp_path):
+def test_notebook_runs_and_draws_its_figures(name, figures, tmp_path, monkeypatch):
+    # The kernel inherits the environment: a file-only backend (test_plot sets MPLBACKEND=Agg)
+    # would swallow the figures that the notebook's inline backend shows.
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
     stored = [c for c in notebook.cells if c.cell_type == "code"]
     assert stored and not any(c.outputs for c in stored), "store notebooks with outputs cleared"
