@@ -37,6 +37,7 @@ scaling, so large entries do not overflow. The reorthogonalisation products use
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -196,9 +197,9 @@ def _flat_matvec(fn: Callable | None, operand: Any, template: PyTree | None) -> 
     return matvec
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "order", "reorthogonalize", "tol", "report"))
-def _scan_lanczos(fn, operand, template, v0, reporter, *, order, reorthogonalize, tol, report):
-    matvec = _flat_matvec(fn, operand, template)
+def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter):
+    """``lax.scan`` of :func:`lanczos_step` over ``steps``; after a stop the product is
+    skipped with ``lax.cond``."""
     step_fn = functools.partial(lanczos_step, reorthogonalize=reorthogonalize, tol=tol)
 
     def body(state, step):
@@ -211,8 +212,30 @@ def _scan_lanczos(fn, operand, template, v0, reporter, *, order, reorthogonalize
             scan_tick(reporter, step + 1)
         return state, None
 
-    state, _ = jax.lax.scan(body, init_state(v0, order), jnp.arange(order))
+    return jax.lax.scan(body, state, steps)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("fn", "order", "reorthogonalize", "tol", "report"))
+def _scan_lanczos(fn, operand, template, v0, reporter, *, order, reorthogonalize, tol, report):
+    state = _scan_steps(
+        _flat_matvec(fn, operand, template), init_state(v0, order), jnp.arange(order),
+        reorthogonalize=reorthogonalize, tol=tol, report=report, reporter=reporter,
+    )  # fmt: skip
     return pack_result(state)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("fn", "length", "reorthogonalize", "tol", "report"),
+    donate_argnames=("state",),
+)
+def _scan_segment(fn, operand, template, state, start, reporter, *, length, reorthogonalize,
+                  tol, report):  # fmt: skip
+    """Steps ``start .. start + length - 1`` of the scanned recurrence (for checkpoints)."""
+    return _scan_steps(
+        _flat_matvec(fn, operand, template), state, start + jnp.arange(length),
+        reorthogonalize=reorthogonalize, tol=tol, report=report, reporter=reporter,
+    )  # fmt: skip
 
 
 _init_jit = jax.jit(init_state, static_argnums=1)
@@ -220,10 +243,11 @@ _step_jit = jax.jit(lanczos_step, static_argnames=("reorthogonalize", "tol"), do
 _pack_jit = jax.jit(pack_result)
 
 
-def _host_lanczos(matvec, v0, *, order, reorthogonalize, tol, bar):
-    state = _init_jit(v0, order)
-    for step in range(order):
-        w = jnp.asarray(matvec(state.basis[step]), v0.dtype)
+def _host_steps(matvec, state, start, stop, *, reorthogonalize, tol, bar):
+    """Steps ``start .. stop - 1`` from the host, ending early at a breakdown."""
+    order = state.alphas.shape[0]
+    for step in range(start, stop):
+        w = jnp.asarray(matvec(state.basis[step]), state.basis.dtype)
         state = _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
         stopped = bool(state.stopped)
         if bar.enabled:
@@ -231,7 +255,29 @@ def _host_lanczos(matvec, v0, *, order, reorthogonalize, tol, bar):
             bar.update_to(order if stopped else step + 1, alpha=f"{alpha:.4g}", beta=f"{beta:.4g}")
         if stopped:
             break
-    return _pack_jit(state)
+    return state
+
+
+def run_checkpointed(checkpointer, state, order, every, advance, bar, resume):
+    """Advance ``state`` ``every`` steps at a time with ``advance(state, start, stop)``,
+    saving after each segment; continue from the folder's checkpoint when ``resume``."""
+    start, done = 0, False
+    if checkpointer.exists():
+        if not resume:
+            raise FileExistsError(
+                f"{checkpointer.folder} already holds a checkpoint; pass resume=True to "
+                "continue that run, or give an empty folder."
+            )
+        state, start, done = checkpointer.load(state)
+        bar.update_to(order if done else start)
+    while not done:
+        stop = min(start + every, order)
+        state = advance(state, start, stop)
+        done = stop == order or bool(jnp.all(state.stopped))
+        checkpointer.save(state, stop, done)
+        bar.update_to(order if done else stop)
+        start = stop
+    return state
 
 
 def _is_tracer(x: Any) -> bool:
@@ -254,6 +300,9 @@ def lanczos(
     loop: str | None = None,
     breakdown_tol: float | None = None,
     progress: ProgressArg = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
 ) -> LanczosResult:
     """Run ``order`` steps of Lanczos on a symmetric operator.
 
@@ -297,6 +346,15 @@ def lanczos(
         ``progress(steps_done, order, elapsed_seconds)``; ``False`` is silent. In the scanned
         loop the report comes from ``jax.debug.callback`` and is compiled in only when asked;
         under the caller's own ``jit``/``vmap`` progress is off.
+    checkpoint, checkpoint_every, resume:
+        With ``checkpoint`` a folder, the state is saved there every ``checkpoint_every``
+        steps (see :mod:`jax_spectral.checkpoint`: atomic writes, only new basis rows each
+        time); the scanned loop then runs as segments of that many steps. ``resume=True``
+        continues the run saved there (or starts one if the folder has none) and gives the
+        same tridiagonal, bit for bit, as an uninterrupted checkpointed run; a checkpoint
+        of other settings, another operator, other data or another start vector is refused
+        with ``ValueError``. Without ``resume`` a folder that already holds a checkpoint is
+        refused (``FileExistsError``). Not under ``jit``/``vmap``.
 
     Returns
     -------
@@ -396,35 +454,64 @@ def lanczos(
         )
     tol = _default_tol(dtype) if breakdown_tol is None else float(breakdown_tol)
 
-    if loop == "host":
-        if _is_tracer(v0):
+    traced = _is_tracer(v0) or any(
+        _is_tracer(leaf) for leaf in jax.tree_util.tree_leaves((operand, template))
+    )
+    if traced:
+        progress = False  # under the caller's jit/vmap: nothing to report to yet
+        if loop == "host" or checkpoint is not None:
             raise ValueError(
-                "host-driven Lanczos cannot run under jit or vmap; use a traceable operator "
-                "with loop='scan', or call lanczos outside the transformation."
+                "host-driven or checkpointed Lanczos cannot run under jit or vmap; use a "
+                "traceable operator with loop='scan', or call lanczos outside the "
+                "transformation."
             )
-        flat = _flat_matvec(fn, operand, template)
-        with Progress(progress, order, "lanczos") as bar:
-            result = _host_lanczos(
-                flat, v0, order=order, reorthogonalize=reorthogonalize, tol=tol, bar=bar
-            )
-    else:
-        traced = _is_tracer(v0) or any(
-            _is_tracer(leaf) for leaf in jax.tree_util.tree_leaves((operand, template))
-        )
-        if traced:
-            progress = False  # under the caller's jit/vmap: nothing to report to yet
-        with Progress(progress, order, "lanczos") as bar:
+    if checkpoint is not None:
+        if isinstance(checkpoint_every, bool) or int(checkpoint_every) < 1:
+            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
+        from .checkpoint import Checkpointer, fingerprint
+
+        checkpointer = Checkpointer(
+            checkpoint,
+            settings={"kind": "lanczos", "order": order, "dim": dim, "dtype": str(dtype),
+                      "reorthogonalize": reorthogonalize, "tol": tol, "loop": loop},
+            identity={"operator and data": fingerprint(operand if operand is not None else fn),
+                      "start vector": fingerprint(v0)},
+            rows_axis=0,
+        )  # fmt: skip
+
+    with Progress(progress, order, "lanczos") as bar:
+        if checkpoint is not None:
+            if loop == "host":
+                flat = _flat_matvec(fn, operand, template)
+
+                def advance(state, start, stop):
+                    return _host_steps(flat, state, start, stop, reorthogonalize=reorthogonalize,
+                                       tol=tol, bar=bar)  # fmt: skip
+            else:
+
+                def advance(state, start, stop):
+                    return _scan_segment(
+                        fn, operand, template, state, jnp.int32(start), jnp.int32(bar.id),
+                        length=stop - start, reorthogonalize=reorthogonalize, tol=tol,
+                        report=bar.enabled,
+                    )  # fmt: skip
+
+            state = run_checkpointed(
+                checkpointer, _init_jit(v0, order), order, int(checkpoint_every), advance,
+                bar, resume,
+            )  # fmt: skip
+            result = _pack_jit(state)
+        elif loop == "host":
+            state = _host_steps(
+                _flat_matvec(fn, operand, template), _init_jit(v0, order), 0, order,
+                reorthogonalize=reorthogonalize, tol=tol, bar=bar,
+            )  # fmt: skip
+            result = _pack_jit(state)
+        else:
             result = _scan_lanczos(
-                fn,
-                operand,
-                template,
-                v0,
-                jnp.int32(bar.id),
-                order=order,
-                reorthogonalize=reorthogonalize,
-                tol=tol,
-                report=bar.enabled,
-            )
+                fn, operand, template, v0, jnp.int32(bar.id), order=order,
+                reorthogonalize=reorthogonalize, tol=tol, report=bar.enabled,
+            )  # fmt: skip
             if bar.enabled:
                 jax.block_until_ready(result)
                 jax.effects_barrier()

@@ -26,6 +26,7 @@ conventions of :mod:`jax_spectral.density`.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -33,7 +34,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from .density import eigv_to_density, tridiag_to_eigv
-from .lanczos import LanczosResult, _default_tol, init_state, lanczos_step, pack_result
+from .lanczos import (
+    LanczosResult,
+    _default_tol,
+    init_state,
+    lanczos_step,
+    pack_result,
+    run_checkpointed,
+)
 from .progress import Progress, ProgressArg, scan_tick
 
 __all__ = ["SLQResult", "SpectralDensity", "slq", "spectral_density"]
@@ -80,37 +88,42 @@ def _matmat(operator, vectors):
     return jax.vmap(operator.matvec)(vectors)
 
 
-@functools.partial(jax.jit, static_argnames=("order", "reorthogonalize", "tol", "report"))
-def _scan_slq(operator, starts, reporter, *, order, reorthogonalize, tol, report):
-    # The operator is a pytree argument: its arrays are inputs, not compiled-in constants.
+@functools.partial(
+    jax.jit,
+    static_argnames=("length", "reorthogonalize", "tol", "report"),
+    donate_argnames=("state",),
+)
+def _scan_slq(operator, state, start, reporter, *, length, reorthogonalize, tol, report):
+    """Steps ``start .. start + length - 1`` for all probes, as one ``lax.scan``.
+
+    The operator is a pytree argument: its arrays are inputs, not compiled-in constants.
+    """
     step_fn = jax.vmap(
         functools.partial(lanczos_step, reorthogonalize=reorthogonalize, tol=tol),
         in_axes=(0, None, 0),
     )
 
     def body(state, step):
-        products = _matmat(operator, state.basis[:, step]).astype(starts.dtype)
+        products = _matmat(operator, state.basis[:, step]).astype(state.basis.dtype)
         state = step_fn(state, step, products)
         if report:
             scan_tick(reporter, step + 1)
         return state, None
 
-    state = jax.vmap(init_state, in_axes=(0, None))(starts, order)
-    state, _ = jax.lax.scan(body, state, jnp.arange(order))
-    return jax.vmap(pack_result)(state)
+    return jax.lax.scan(body, state, start + jnp.arange(length))[0]
 
 
-def _host_slq(operator, starts, order, reorthogonalize, tol, bar):
-    state = _init_many(starts, order)
+def _host_slq(operator, state, start, stop, reorthogonalize, tol, bar):
     step_fn = _many_step(reorthogonalize, tol)
-    for step in range(order):
+    order = state.alphas.shape[1]
+    for step in range(start, stop):
         products = _matmat(operator, state.basis[:, step])
-        state = step_fn(state, step, products.astype(starts.dtype))
+        state = step_fn(state, step, products.astype(state.basis.dtype))
         stopped = bool(jnp.all(state.stopped))
         bar.update_to(order if stopped else step + 1)
         if stopped:
             break
-    return _pack_many(state)
+    return state
 
 
 def slq(
@@ -121,6 +134,9 @@ def slq(
     order: int,
     reorthogonalize: bool = True,
     progress: ProgressArg = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature with ``num_probes`` probes of ``order`` steps.
 
@@ -129,7 +145,9 @@ def slq(
     one runs inside ``jit`` and must be a registered pytree. Raises
     ``ValueError`` for a non-positive ``num_probes`` or ``order``, and
     ``FloatingPointError`` naming the step when a product is NaN or Inf. ``progress`` is
-    as for :func:`jax_spectral.lanczos` (one step serves every probe).
+    as for :func:`jax_spectral.lanczos` (one step serves every probe); so are
+    ``checkpoint``, ``checkpoint_every`` and ``resume`` (the state of all probes is saved
+    together).
     """
     for name, value in (("num_probes", num_probes), ("order", order)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -137,18 +155,48 @@ def slq(
     dtype = jnp.promote_types(operator.dtype, jnp.float32)
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
     tol = _default_tol(dtype)
+    traceable = getattr(operator, "traceable", True)
     with Progress(progress, order, f"SLQ ({num_probes} probes)") as bar:
-        if getattr(operator, "traceable", True):
-            result = _scan_slq(
-                operator, starts, jnp.int32(bar.id), order=order,
-                reorthogonalize=reorthogonalize, tol=tol, report=bar.enabled,
-            )  # fmt: skip
-            if bar.enabled:
-                jax.block_until_ready(result)
-                jax.effects_barrier()
-                bar.update_to(order)
+        if traceable:
+
+            def advance(state, start, stop):
+                return _scan_slq(
+                    operator, state, jnp.int32(start), jnp.int32(bar.id), length=stop - start,
+                    reorthogonalize=reorthogonalize, tol=tol, report=bar.enabled,
+                )  # fmt: skip
         else:
-            result = _host_slq(operator, starts, order, reorthogonalize, tol, bar)
+
+            def advance(state, start, stop):
+                return _host_slq(operator, state, start, stop, reorthogonalize, tol, bar)
+
+        state = _init_many(starts, order)
+        if checkpoint is None:
+            state = advance(state, 0, order)
+        else:
+            if isinstance(checkpoint_every, bool) or int(checkpoint_every) < 1:
+                raise ValueError(
+                    f"checkpoint_every must be a positive int, got {checkpoint_every!r}."
+                )
+            from .checkpoint import Checkpointer, fingerprint
+
+            checkpointer = Checkpointer(
+                checkpoint,
+                settings={"kind": "slq", "order": order, "num_probes": num_probes,
+                          "dim": int(operator.dim), "dtype": str(dtype),
+                          "reorthogonalize": reorthogonalize, "tol": tol,
+                          "loop": "scan" if traceable else "host"},
+                identity={"operator and data": fingerprint(operator),
+                          "start vector": fingerprint(starts)},
+                rows_axis=1,
+            )  # fmt: skip
+            state = run_checkpointed(
+                checkpointer, state, order, int(checkpoint_every), advance, bar, resume
+            )
+        result = _pack_many(state)
+        if bar.enabled and traceable:
+            jax.block_until_ready(result)
+            jax.effects_barrier()
+            bar.update_to(order)
     bad = np.asarray(result.nonfinite_step)
     if np.any(bad >= 0):
         step = int(bad[bad >= 0].min())

@@ -1,0 +1,212 @@
+"""Checkpoints of a Lanczos (or SLQ) recurrence, so that a killed run loses at most a few steps.
+
+A checkpoint folder holds
+
+* ``basis-SSSSSS-EEEEEE.npy``: the Lanczos vectors ``v_S .. v_{E-1}`` (for SLQ, of every
+  probe), each file written once, when those rows are final;
+* ``state.npz``: the small part of the state (``alpha``, ``beta``, counters, scale), the
+  settings, a fingerprint of the operator and its data and of the start vectors, and the
+  SHA-256 of every basis file.
+
+Every file is written under a temporary name, flushed to disk and renamed (``os.replace``),
+and ``state.npz`` last: a run killed at any moment, even mid-write, leaves the previous
+checkpoint intact. Writing only the new basis rows keeps the cost of a checkpoint in
+proportion to the steps since the last one.
+
+Resuming loads the state, checks each basis file's hash, and refuses (``ValueError``) a
+checkpoint written for other settings, another operator or data, or other start vectors,
+naming what differs. The recurrence then continues with the same compiled step on the same
+values, so the resumed tridiagonal equals the uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["Checkpointer", "fingerprint"]
+
+_FORMAT = 1
+
+
+def _hash_update(digest, value: Any) -> None:
+    if isinstance(value, (np.ndarray, jax.Array)) or np.isscalar(value):
+        array = np.asarray(value)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    else:
+        digest.update(repr(value).encode())
+
+
+def _describe_function(fn: Any) -> str:
+    name = getattr(fn, "__qualname__", type(fn).__qualname__)
+    code = getattr(fn, "__code__", None)
+    body = hashlib.sha256(code.co_code).hexdigest()[:16] if code is not None else ""
+    return f"{getattr(fn, '__module__', '')}.{name}:{body}"
+
+
+def fingerprint(operator: Any) -> str:
+    """A SHA-256 over what determines the operator's products: for a Hessian operator its
+    loss function (name and bytecode), settings, parameters and in-memory batches (for a
+    stream: its first batch and sample count); for a ``Partial``, its function and arrays;
+    for a plain function, its name and bytecode only (arrays it closes over are not seen)."""
+    digest = hashlib.sha256()
+    if hasattr(operator, "stream") and hasattr(operator, "loss"):
+        digest.update(_describe_function(operator.loss).encode())
+        for setting in (operator.reduce, operator.batch_size, operator.num_samples):
+            _hash_update(digest, setting)
+        leaves = [operator.params, operator.stacked, operator.remainder]
+        if operator.stream is not None:
+            leaves.append(operator.stream.first())
+        for leaf in jax.tree_util.tree_leaves(leaves):
+            _hash_update(digest, leaf)
+    elif isinstance(operator, jax.tree_util.Partial):
+        digest.update(_describe_function(operator.func).encode())
+        for leaf in jax.tree_util.tree_leaves(operator):
+            _hash_update(digest, leaf)
+    else:
+        digest.update(_describe_function(operator).encode())
+        for leaf in jax.tree_util.tree_leaves(operator):
+            _hash_update(digest, leaf)
+    return digest.hexdigest()
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and len(value) == 64:  # a SHA-256
+        return value[:12] + "..."
+    return repr(value)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Checkpointer:
+    """Saves and restores one recurrence's state in ``folder``.
+
+    ``settings`` (JSON-serialisable) and ``identity`` (fingerprints of the operator and the
+    start vectors) must match on resume. ``rows_axis`` is the basis axis that counts steps
+    (0 for one run, 1 for SLQ's ``(probes, order, dim)``).
+    """
+
+    def __init__(self, folder: str | Path, *, settings: dict, identity: dict, rows_axis: int):
+        self.folder = Path(folder)
+        self.settings = settings
+        self.identity = identity
+        self.rows_axis = rows_axis
+        self.segments: list[dict] = []
+        self.rows_saved = 0
+
+    @property
+    def state_file(self) -> Path:
+        return self.folder / "state.npz"
+
+    def exists(self) -> bool:
+        return self.state_file.is_file()
+
+    # -- writing ----------------------------------------------------------------------
+    def save(self, state: Any, next_step: int, done: bool) -> None:
+        """Record the state after steps ``0 .. next_step - 1`` (rows ``0 .. next_step`` of
+        the basis are final)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        basis = state.basis
+        order = basis.shape[self.rows_axis]
+        rows_final = min(next_step + 1, order)
+        if rows_final > self.rows_saved:
+            index = [slice(None)] * basis.ndim
+            index[self.rows_axis] = slice(self.rows_saved, rows_final)
+            rows = np.asarray(basis[tuple(index)])
+            name = f"basis-{self.rows_saved:06d}-{rows_final:06d}.npy"
+            _write_atomic(self.folder / name, lambda f: np.save(f, rows, allow_pickle=False))
+            self.segments.append(
+                {"file": name, "start": self.rows_saved, "stop": rows_final,
+                 "sha256": _sha256(self.folder / name)}
+            )  # fmt: skip
+            self.rows_saved = rows_final
+        meta = {
+            "format": _FORMAT, "settings": self.settings, "identity": self.identity,
+            "next_step": int(next_step), "done": bool(done), "segments": self.segments,
+        }  # fmt: skip
+        small = {
+            field: np.asarray(getattr(state, field)) for field in state._fields if field != "basis"
+        }
+        _write_atomic(
+            self.state_file,
+            lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **small),
+        )
+
+    # -- reading ----------------------------------------------------------------------
+    def load(self, template: Any) -> tuple[Any, int, bool]:
+        """``(state, next_step, done)`` from the folder, shaped like ``template``."""
+        where = str(self.folder)
+        try:
+            with np.load(self.state_file, allow_pickle=False) as saved:
+                meta = json.loads(str(saved["meta"]))
+                small = {name: saved[name] for name in saved.files if name != "meta"}
+        except Exception as err:  # a truncated or foreign file
+            raise ValueError(
+                f"the checkpoint in {where} is unreadable or corrupt ({err})."
+            ) from None
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"the checkpoint in {where} has format {meta.get('format')}.")
+        for what, mine, theirs in (
+            ("settings", self.settings, meta["settings"]),
+            ("operator, data or start vectors", self.identity, meta["identity"]),
+        ):
+            if mine != theirs:
+                diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+                detail = ", ".join(
+                    f"{k}: now {_short(mine.get(k))}, saved {_short(theirs.get(k))}" for k in diff
+                )
+                raise ValueError(
+                    f"the checkpoint in {where} was written for different {what} ({detail}); "
+                    "resume only the same run, or use another folder."
+                )
+        basis = np.zeros(template.basis.shape, template.basis.dtype)
+        for segment in meta["segments"]:
+            path = self.folder / segment["file"]
+            if not path.is_file() or _sha256(path) != segment["sha256"]:
+                raise ValueError(
+                    f"the checkpoint in {where} is corrupt: {segment['file']} is missing or "
+                    "does not match its recorded SHA-256."
+                )
+            index = [slice(None)] * basis.ndim
+            index[self.rows_axis] = slice(segment["start"], segment["stop"])
+            basis[tuple(index)] = np.load(path, allow_pickle=False)
+        fields = {}
+        for field in template._fields:
+            reference = getattr(template, field)
+            value = basis if field == "basis" else small.get(field)
+            if value is None or value.shape != reference.shape or value.dtype != reference.dtype:
+                raise ValueError(f"the checkpoint in {where} is corrupt: field {field!r}.")
+            fields[field] = jax.numpy.asarray(value)
+        self.segments = list(meta["segments"])
+        self.rows_saved = max((s["stop"] for s in self.segments), default=0)
+        return type(template)(**fields), int(meta["next_step"]), bool(meta["done"])

@@ -1,0 +1,98 @@
+"""Checkpoint and resume: a run killed with SIGKILL and resumed gives the uninterrupted
+tridiagonal bit for bit; corrupt and mismatched checkpoints are refused."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from checkpoint_worker import ORDER, problem, run
+from conftest import classification_data, mlp_loss
+
+from jax_spectral import checkpoint as ckpt_module
+from jax_spectral import hessian_operator, lanczos, slq
+
+WORKER = Path(__file__).with_name("checkpoint_worker.py")
+
+
+def _state_meta(folder):
+    with np.load(folder / "state.npz") as saved:
+        return json.loads(str(saved["meta"]))
+
+
+@pytest.mark.parametrize("kind, loop", [("lanczos", "scan"), ("lanczos", "host"),
+                                        ("slq", "scan"), ("slq", "host")])  # fmt: skip
+def test_killed_run_resumes_to_the_identical_tridiagonal(kind, loop, tmp_path):
+    folder = tmp_path / "ckpt"
+    killed = subprocess.run(
+        [sys.executable, str(WORKER), str(folder), kind, loop, "13"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert killed.returncode == -9, killed.stderr  # SIGKILL, mid-run
+    meta = _state_meta(folder)
+    assert meta["next_step"] == 10 and not meta["done"]  # steps 10..12 were lost, no more
+    seen = []
+    resumed = run(folder, kind, loop, progress=lambda *s: seen.append(s[0]), resume=True)
+    assert seen[0] >= 10 and seen[-1] == ORDER  # the bar starts where the run stopped
+    uninterrupted = run(tmp_path / "fresh", kind, loop)
+    np.testing.assert_array_equal(np.asarray(resumed), np.asarray(uninterrupted))
+    # ... and a checkpointed run is the plain run.
+    op = problem(loop)
+    if kind == "lanczos":
+        plain = lanczos(op, jax.random.key(2), ORDER).tridiag
+    else:
+        plain = slq(op, jax.random.key(2), num_probes=3, order=ORDER).lanczos.tridiag
+    np.testing.assert_allclose(np.asarray(resumed), np.asarray(plain), rtol=1e-6, atol=1e-7)
+    assert _state_meta(folder)["done"]
+
+
+def test_corrupt_and_mismatched_checkpoints_are_refused(tmp_path):
+    folder = tmp_path / "ckpt"
+    run(folder, "lanczos", "scan")
+    reference = run(folder, "lanczos", "scan", resume=True)  # done: read back, nothing run
+
+    op = problem("scan")
+    with pytest.raises(ValueError, match=r"different settings \(order: now 12, saved 24\)"):
+        lanczos(op, jax.random.key(2), 12, checkpoint=folder, resume=True)
+    with pytest.raises(ValueError, match="different operator, data or start vectors.*start"):
+        lanczos(op, jax.random.key(7), ORDER, checkpoint=folder, resume=True)
+    other = jax.tree_util.tree_map(lambda a: a * 1.001, op.params)
+    x, y = classification_data(jax.random.key(1), 45, 6, 4)
+    moved = hessian_operator(mlp_loss, other, (x, y), batch_size=10, loop="scan")
+    with pytest.raises(ValueError, match="operator and data"):
+        lanczos(moved, jax.random.key(2), ORDER, checkpoint=folder, resume=True)
+    with pytest.raises(FileExistsError, match="pass resume=True"):
+        lanczos(op, jax.random.key(2), ORDER, checkpoint=folder)
+
+    segment = sorted(folder.glob("basis-*.npy"))[1]
+    segment.write_bytes(segment.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=f"corrupt: {segment.name}"):
+        run(folder, "lanczos", "scan", resume=True)
+    (folder / "state.npz").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="unreadable or corrupt"):
+        run(folder, "lanczos", "scan", resume=True)
+    assert reference.shape == (ORDER, ORDER)
+
+
+def test_a_write_interrupted_mid_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
+    folder = tmp_path / "ckpt"
+    calls = {"n": 0}
+    real_replace = ckpt_module.os.replace
+
+    def failing_replace(src, dst):
+        calls["n"] += 1
+        if Path(dst).name == "state.npz" and calls["n"] > 4:  # the third state write
+            raise KeyboardInterrupt("killed while renaming")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_module.os, "replace", failing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder, "lanczos", "host")
+    monkeypatch.setattr(ckpt_module.os, "replace", real_replace)
+    assert _state_meta(folder)["next_step"] == 10  # the last complete checkpoint
+    resumed = run(folder, "lanczos", "host", resume=True)
+    fresh = run(tmp_path / "fresh", "lanczos", "host")
+    np.testing.assert_array_equal(np.asarray(resumed), np.asarray(fresh))
