@@ -11,7 +11,8 @@ A checkpoint folder holds
 Every file is written under a temporary name, flushed to disk and renamed (``os.replace``),
 and ``state.npz`` last: a run killed at any moment, even mid-write, leaves the previous
 checkpoint intact. Writing only the new basis rows keeps the cost of a checkpoint in
-proportion to the steps since the last one.
+proportion to the steps since the last one, and the writes run on a background thread
+while the next steps compute (one write in flight at most; the run waits for the last).
 
 Resuming loads the state, checks each basis file's hash, and refuses (``ValueError``) a
 checkpoint written for other settings, another operator or data, or other start vectors,
@@ -24,10 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Checkpointer", "fingerprint"]
@@ -123,6 +126,8 @@ class Checkpointer:
         self.rows_axis = rows_axis
         self.segments: list[dict] = []
         self.rows_saved = 0
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
 
     @property
     def state_file(self) -> Path:
@@ -132,35 +137,64 @@ class Checkpointer:
         return self.state_file.is_file()
 
     # -- writing ----------------------------------------------------------------------
-    def save(self, state: Any, next_step: int, done: bool) -> None:
+    def save(self, state: Any, next_step: int, done: bool, on_saved=None) -> None:
         """Record the state after steps ``0 .. next_step - 1`` (rows ``0 .. next_step`` of
-        the basis are final)."""
+        the basis are final).
+
+        Copies are taken on the device here, before the next steps reuse (donate) the
+        state; one background thread moves them to the host and writes the files while the
+        next steps run, then calls ``on_saved()``. At most one write is in flight: a
+        failure of the previous write is raised here, and :meth:`flush` waits for the last.
+        """
+        self.flush()
         self.folder.mkdir(parents=True, exist_ok=True)
         basis = state.basis
         order = basis.shape[self.rows_axis]
         rows_final = min(next_step + 1, order)
+        small = {f: jnp.copy(getattr(state, f)) for f in state._fields if f != "basis"}
+        new_rows = None
         if rows_final > self.rows_saved:
-            index = [slice(None)] * basis.ndim
-            index[self.rows_axis] = slice(self.rows_saved, rows_final)
-            rows = np.asarray(basis[tuple(index)])
-            name = f"basis-{self.rows_saved:06d}-{rows_final:06d}.npy"
+            rows = jax.lax.slice_in_dim(basis, self.rows_saved, rows_final, axis=self.rows_axis)
+            new_rows = (self.rows_saved, rows_final, rows)
+            self.rows_saved = rows_final
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = self._writer.submit(self._write, new_rows, small, next_step, done, on_saved)
+
+    def flush(self) -> None:
+        """Wait for the write in flight, raising its error if it failed."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+    def _write(self, new_rows, small, next_step, done, on_saved) -> None:
+        new_rows, small = jax.device_get((new_rows, small))  # waits for the computation
+        if new_rows is not None:
+            start, stop, rows = new_rows
+            name = f"basis-{start:06d}-{stop:06d}.npy"
             _write_atomic(self.folder / name, lambda f: np.save(f, rows, allow_pickle=False))
             self.segments.append(
-                {"file": name, "start": self.rows_saved, "stop": rows_final,
+                {"file": name, "start": start, "stop": stop,
                  "sha256": _sha256(self.folder / name)}
             )  # fmt: skip
-            self.rows_saved = rows_final
         meta = {
             "format": _FORMAT, "settings": self.settings, "identity": self.identity,
-            "next_step": int(next_step), "done": bool(done), "segments": self.segments,
+            "next_step": int(next_step), "done": bool(done), "segments": list(self.segments),
         }  # fmt: skip
-        small = {
-            field: np.asarray(getattr(state, field)) for field in state._fields if field != "basis"
-        }
         _write_atomic(
             self.state_file,
             lambda f: np.savez(f, meta=np.array(json.dumps(meta)), **small),
         )
+        if on_saved is not None:
+            on_saved()
 
     # -- reading ----------------------------------------------------------------------
     def load(self, template: Any) -> tuple[Any, int, bool]:

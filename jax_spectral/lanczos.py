@@ -258,9 +258,14 @@ def _host_steps(matvec, state, start, stop, *, reorthogonalize, tol, bar):
     return state
 
 
-def run_checkpointed(checkpointer, state, order, every, advance, bar, resume):
+def run_checkpointed(checkpointer, state, order, every, advance, bar, resume, synced):
     """Advance ``state`` ``every`` steps at a time with ``advance(state, start, stop)``,
-    saving after each segment; continue from the folder's checkpoint when ``resume``."""
+    saving after each segment; continue from the folder's checkpoint when ``resume``.
+
+    ``synced``: ``advance`` has already waited for its result (the host loop), so a
+    breakdown ends the run at no cost. A scanned run is not waited for between segments
+    (after a stop the remaining segments skip their products); the writer thread waits.
+    """
     start, done = 0, False
     if checkpointer.exists():
         if not resume:
@@ -270,13 +275,16 @@ def run_checkpointed(checkpointer, state, order, every, advance, bar, resume):
             )
         state, start, done = checkpointer.load(state)
         bar.update_to(order if done else start)
-    while not done:
-        stop = min(start + every, order)
-        state = advance(state, start, stop)
-        done = stop == order or bool(jnp.all(state.stopped))
-        checkpointer.save(state, stop, done)
-        bar.update_to(order if done else stop)
-        start = stop
+    try:
+        while not done:
+            stop = min(start + every, order)
+            state = advance(state, start, stop)
+            done = stop == order or (synced and bool(np.all(np.asarray(state.stopped))))
+            reached = order if done else stop
+            checkpointer.save(state, stop, done, on_saved=lambda n=reached: bar.update_to(n))
+            start = stop
+    finally:
+        checkpointer.close()  # the last write completes (or raises) before returning
     return state
 
 
@@ -498,7 +506,7 @@ def lanczos(
 
             state = run_checkpointed(
                 checkpointer, _init_jit(v0, order), order, int(checkpoint_every), advance,
-                bar, resume,
+                bar, resume, synced=loop == "host",
             )  # fmt: skip
             result = _pack_jit(state)
         elif loop == "host":

@@ -190,8 +190,9 @@ def slq(
                 rows_axis=1,
             )  # fmt: skip
             state = run_checkpointed(
-                checkpointer, state, order, int(checkpoint_every), advance, bar, resume
-            )
+                checkpointer, state, order, int(checkpoint_every), advance, bar, resume,
+                synced=not traceable,
+            )  # fmt: skip
         result = _pack_many(state)
         if bar.enabled and traceable:
             jax.block_until_ready(result)

@@ -33,10 +33,12 @@ def test_killed_run_resumes_to_the_identical_tridiagonal(kind, loop, tmp_path):
     )  # fmt: skip
     assert killed.returncode == -9, killed.stderr  # SIGKILL, mid-run
     meta = _state_meta(folder)
-    assert meta["next_step"] == 10 and not meta["done"]  # steps 10..12 were lost, no more
+    # The checkpoint after step 10 may still have been in flight (written in the background):
+    # at most one interval more is lost, and what is on disk is complete.
+    assert meta["next_step"] in (5, 10) and not meta["done"]
     seen = []
     resumed = run(folder, kind, loop, progress=lambda *s: seen.append(s[0]), resume=True)
-    assert seen[0] >= 10 and seen[-1] == ORDER  # the bar starts where the run stopped
+    assert seen[0] >= meta["next_step"] and seen[-1] == ORDER  # the bar starts where it stopped
     uninterrupted = run(tmp_path / "fresh", kind, loop)
     np.testing.assert_array_equal(np.asarray(resumed), np.asarray(uninterrupted))
     # ... and a checkpointed run is the plain run.
