@@ -91,13 +91,13 @@ def prepare_tfds_digits(data_dir: str, name: str = "digits_local") -> str:
     stores each split's examples in its own shuffled order. Then
     ``load_arrays(f"tfds:{name}", data_dir=data_dir)`` (or ``tfds.load(name,
     data_dir=data_dir, download=False)``) reads it back; nothing is downloaded. Returns the
-    name. A dataset already prepared there is left as it is.
+    name. A dataset already prepared there (complete) is left as it is.
     """
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
-    if (Path(data_dir) / name).is_dir():
-        return name
+    if (Path(data_dir) / name / "1.0.0" / "dataset_info.json").is_file():
+        return name  # prepared (tfds writes elsewhere and renames when complete)
     x, y = load_digits()
     images = np.rint(x * 16).astype(np.uint8).reshape(-1, 8, 8, 1)
     features = tfds.features.FeaturesDict(

@@ -131,6 +131,10 @@ def _bad_cases(tmp_path, saved_model):
         "logits alone": (["keras", m, "--from-logits"], "--from-logits applies to a loss"),
         "logits option": (["keras", m, "--loss", "mse", "--from-logits"], "no from_logits"),
         "split": (["keras", m, "--split", "test"], "--split does not apply to --data digits"),
+        "tfds mnist": (
+            ["keras", m, "--data", "tfds:mnist", "--data-dir", str(tmp_path)],
+            "could not find data",
+        ),  # fmt: skip  (registered: download=False holds)
         "tfds": (
             ["keras", m, "--data", "tfds:absent", "--data-dir", str(tmp_path)],
             "never downloads",
