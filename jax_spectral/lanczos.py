@@ -197,7 +197,8 @@ def _flat_matvec(fn: Callable | None, operand: Any, template: PyTree | None) -> 
     return matvec
 
 
-def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter):
+def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter,
+                basis_sharding=None):  # fmt: skip
     """``lax.scan`` of :func:`lanczos_step` over ``steps``; after a stop the product is
     skipped with ``lax.cond``."""
     step_fn = functools.partial(lanczos_step, reorthogonalize=reorthogonalize, tol=tol)
@@ -208,6 +209,8 @@ def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter)
             state.stopped, lambda: jnp.zeros_like(v), lambda: matvec(v).astype(v.dtype)
         )
         state = step_fn(state, step, w)
+        if basis_sharding is not None:
+            state = _constrain(state, basis_sharding)
         if report:
             scan_tick(reporter, step + 1)
         return state, None
@@ -215,13 +218,31 @@ def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter)
     return jax.lax.scan(body, state, steps)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("fn", "order", "reorthogonalize", "tol", "report"))
-def _scan_lanczos(fn, operand, template, v0, reporter, *, order, reorthogonalize, tol, report):
+@functools.partial(
+    jax.jit,
+    static_argnames=("fn", "order", "reorthogonalize", "tol", "report", "basis_sharding"),
+)
+def _scan_lanczos(fn, operand, template, v0, reporter, *, order, reorthogonalize, tol, report,
+                  basis_sharding=None):  # fmt: skip
+    state = init_state(v0, order)
+    if basis_sharding is not None:
+        state = _constrain(state, basis_sharding)
     state = _scan_steps(
-        _flat_matvec(fn, operand, template), init_state(v0, order), jnp.arange(order),
+        _flat_matvec(fn, operand, template), state, jnp.arange(order),
         reorthogonalize=reorthogonalize, tol=tol, report=report, reporter=reporter,
+        basis_sharding=basis_sharding,
     )  # fmt: skip
-    return pack_result(state)
+    result = pack_result(state)
+    if basis_sharding is not None:
+        result = result._replace(
+            basis=jax.lax.with_sharding_constraint(result.basis, basis_sharding)
+        )
+    return result
+
+
+def _constrain(state, basis_sharding):
+    """Keep the basis laid out as ``basis_sharding`` (e.g. columns split over devices)."""
+    return state._replace(basis=jax.lax.with_sharding_constraint(state.basis, basis_sharding))
 
 
 @functools.partial(
@@ -311,6 +332,7 @@ def lanczos(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
+    basis_sharding: jax.sharding.Sharding | None = None,
 ) -> LanczosResult:
     """Run ``order`` steps of Lanczos on a symmetric operator.
 
@@ -363,6 +385,11 @@ def lanczos(
         of other settings, another operator, other data or another start vector is refused
         with ``ValueError``. Without ``resume`` a folder that already holds a checkpoint is
         refused (``FileExistsError``). Not under ``jit``/``vmap``.
+    basis_sharding:
+        Scanned loop: the layout of the ``(order, dim)`` basis across devices, for example
+        ``NamedSharding(mesh, PartitionSpec(None, "data"))`` to split its columns, so that
+        each device holds ``order * dim / n`` entries; the reorthogonalisation products
+        then run sharded with a reduction across devices.
 
     Returns
     -------
@@ -473,6 +500,12 @@ def lanczos(
                 "traceable operator with loop='scan', or call lanczos outside the "
                 "transformation."
             )
+    if basis_sharding is not None:
+        if loop == "host" or checkpoint is not None:
+            raise ValueError("basis_sharding= applies to the scanned loop without checkpoints.")
+        from .operators import check_auto_mesh
+
+        check_auto_mesh(basis_sharding.mesh)
     if checkpoint is not None:
         if isinstance(checkpoint_every, bool) or int(checkpoint_every) < 1:
             raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
@@ -519,6 +552,7 @@ def lanczos(
             result = _scan_lanczos(
                 fn, operand, template, v0, jnp.int32(bar.id), order=order,
                 reorthogonalize=reorthogonalize, tol=tol, report=bar.enabled,
+                basis_sharding=basis_sharding,
             )  # fmt: skip
             if bar.enabled:
                 jax.block_until_ready(result)

@@ -328,6 +328,41 @@ def _primitive_names(jaxpr) -> Iterator[str]:
                     yield from _primitive_names(inner)
 
 
+def check_auto_mesh(mesh) -> None:
+    """Sharded runs let XLA place the reductions: the mesh's axes must be ``Auto``."""
+    types = getattr(mesh, "axis_types", ())
+    if any(t != jax.sharding.AxisType.Auto for t in types):
+        raise ValueError(
+            f"the mesh's axes are {types}; jax-spectral needs Auto axes, e.g. "
+            "jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))."
+        )
+
+
+def _shard_data(mesh, axis, params, stacked, remainder, batch_size):
+    """Parameters replicated; batches split along their sample axis over ``axis``."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    if axis not in mesh.axis_names:
+        raise ValueError(f"mesh has axes {mesh.axis_names}, not {axis!r}.")
+    check_auto_mesh(mesh)
+    devices = mesh.shape[axis]
+    if stacked is not None and batch_size % devices:
+        raise ValueError(
+            f"batch_size {batch_size} is not a multiple of the {devices} devices on mesh "
+            f"axis {axis!r}; each device takes an equal part of every batch."
+        )
+    replicated = NamedSharding(mesh, P())
+    params = jax.device_put(params, replicated)
+    if stacked is not None:
+        stacked = jax.device_put(stacked, NamedSharding(mesh, P(None, axis)))
+    if remainder is not None:
+        rest = jax.tree_util.tree_leaves(remainder)[0].shape[0]
+        spec = P(axis) if rest % devices == 0 else P()
+        remainder = jax.device_put(remainder, NamedSharding(mesh, spec))
+    return params, stacked, remainder
+
+
 def _choose_loop(loss: Callable, params: PyTree, batch: PyTree) -> str:
     """``"host"`` on CPU for models with convolutions, ``"scan"`` otherwise (measured)."""
     if jax.default_backend() != "cpu":
@@ -344,6 +379,8 @@ def hessian_operator(
     reduce: str = "mean",
     batch_size: int | None = None,
     loop: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
 ) -> HessianOperator:
     """The Hessian of the loss over a whole dataset, as a linear operator.
 
@@ -366,6 +403,15 @@ def hessian_operator(
     loop:
         ``"scan"`` (in-memory only; the operator is traceable), ``"host"`` (a Python loop
         over batches with a jitted per-batch step), or ``"auto"`` (see the module notes).
+    mesh, data_axis:
+        Data parallelism for in-memory arrays: each batch is split along its sample axis
+        over the devices of ``mesh``'s axis ``data_axis`` (``batch_size`` must be a multiple
+        of their number) and the parameters are replicated. Inside ``jit`` every device
+        computes the HVP of its part of the batch and XLA reduces them across devices
+        (the batch mean is a sum over all devices' samples). A remainder batch whose size
+        is not a multiple is replicated (computed whole on every device). The same code
+        runs on several hosts after ``jax.distributed.initialize()``, with a mesh over all
+        processes' devices.
 
     Returns
     -------
@@ -406,10 +452,16 @@ def hessian_operator(
     params = jax.tree_util.tree_map(jnp.asarray, params)
     layout = _layout(params)
 
+    if mesh is not None and not is_array_data(data):
+        raise ValueError("mesh= applies to in-memory arrays; streams are read on one host.")
     if is_array_data(data):
         split = split_arrays(data, batch_size)
         stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
         remainder = jax.tree_util.tree_map(jnp.asarray, split.remainder)
+        if mesh is not None:
+            params, stacked, remainder = _shard_data(
+                mesh, data_axis, params, stacked, remainder, split.batch_size
+            )
         first = (
             jax.tree_util.tree_map(lambda a: a[0], stacked) if stacked is not None else remainder
         )

@@ -1,0 +1,76 @@
+"""Data-parallel operator and sharded Lanczos basis on 4 forced CPU devices.
+
+Run by tests/test_mesh.py in a subprocess (the device count is fixed when JAX starts):
+prints one JSON object comparing the 4-device results with one device.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, str(Path(__file__).parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from conftest import classification_data, init_mlp, mlp_loss  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jax_spectral import hessian_operator, lanczos, slq  # noqa: E402
+
+
+def main():
+    assert jax.device_count() == 4, jax.devices()
+    dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    params = init_mlp(jax.random.key(0), [6, 12, 4], dtype)  # 136 = 4 x 34 parameters
+    x, y = classification_data(jax.random.key(1), 70, 6, 4, dtype)  # batches: 4 x 16, 6
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    one = hessian_operator(mlp_loss, params, (x, y), batch_size=16)
+    four = hessian_operator(mlp_loss, params, (x, y), batch_size=16, mesh=mesh)
+    key = jax.random.key(2)
+    order = 30
+    single = lanczos(one, key, order)
+    basis_sharding = NamedSharding(mesh, P(None, "data"))
+    sharded = lanczos(four, key, order, basis_sharding=basis_sharding)
+    probes_one = slq(one, key, num_probes=3, order=order).lanczos.tridiag
+    probes_four = slq(four, key, num_probes=3, order=order).lanczos.tridiag
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    stacked = jax.tree_util.tree_leaves(four.stacked)[0]
+    ones = np.ones(one.dim, dtype)
+    print(json.dumps({
+        "dim": one.dim,
+        "tridiag_rel": rel(sharded.tridiag, single.tridiag),
+        "eig_rel": rel(np.linalg.eigvalsh(np.asarray(sharded.tridiag, np.float64)),
+                       np.linalg.eigvalsh(np.asarray(single.tridiag, np.float64))),
+        "slq_rel": rel(probes_four, probes_one),
+        "matvec_rel": rel(four.matvec(ones), one.matvec(ones)),
+        "data_shards": sorted({tuple(s.data.shape) for s in stacked.addressable_shards}),
+        "data_devices": len({s.device for s in stacked.addressable_shards}),
+        "basis_spec": str(sharded.basis.sharding.spec),
+        "basis_shards": sorted({tuple(s.data.shape) for s in sharded.basis.addressable_shards}),
+        "basis_bytes_per_device": max(s.data.nbytes for s in sharded.basis.addressable_shards),
+        "basis_bytes": int(sharded.basis.nbytes),
+        "explicit_refused": _explicit_refused(params, x, y),
+    }))  # fmt: skip
+
+
+def _explicit_refused(params, x, y):
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    try:
+        hessian_operator(mlp_loss, params, (x, y), batch_size=16, mesh=mesh)
+    except ValueError as err:
+        return "Auto axes" in str(err)
+    return False
+
+
+if __name__ == "__main__":
+    if "--x64" in sys.argv:
+        jax.config.update("jax_enable_x64", True)
+    main()

@@ -1,0 +1,27 @@
+"""Data-parallel operator and sharded basis on 4 forced CPU devices, against one device
+(in a subprocess: the number of host devices is fixed when JAX starts)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("mesh_worker.py")
+
+
+@pytest.mark.parametrize("precision, tol", [("float32", 1e-5), ("float64", 1e-12)])
+def test_four_devices_give_the_one_device_tridiagonal(precision, tol):
+    argv = [sys.executable, str(WORKER)] + (["--x64"] if precision == "float64" else [])
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    for measure in ("matvec_rel", "tridiag_rel", "eig_rel", "slq_rel"):
+        assert got[measure] <= tol, (measure, got[measure])
+    # Each of the 4 devices holds a quarter of every batch (4 batches x 4 of 16 samples) ...
+    assert got["data_devices"] == 4 and got["data_shards"] == [[4, 4, 6]]
+    # ... and a quarter of the basis's columns: order x dim / 4 entries each.
+    assert got["basis_spec"] == "P(None, 'data')" and got["basis_shards"] == [[30, 34]]
+    assert got["basis_bytes_per_device"] * 4 == got["basis_bytes"]
+    assert got["explicit_refused"]  # a mesh with Explicit axes gets a clear message
