@@ -12,6 +12,8 @@ A JAX-native successor to google/spectral-density. The pipeline is
 from importlib.metadata import PackageNotFoundError, version
 
 from . import density as density
+from .costs import CostEstimate as CostEstimate
+from .costs import estimate as estimate
 from .density import eigv_to_density as eigv_to_density
 from .density import tridiag_to_density as tridiag_to_density
 from .density import tridiag_to_eigv as tridiag_to_eigv
@@ -39,6 +41,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = [
+    "CostEstimate",
     "Eigenpairs",
     "HessianOperator",
     "LanczosResult",
@@ -48,6 +51,7 @@ __all__ = [
     "density",
     "eigenpairs",
     "eigv_to_density",
+    "estimate",
     "full_hessian",
     "hessian_operator",
     "hutchinson",

@@ -399,6 +399,9 @@ def lanczos(
 
     Raises
     ------
+    MemoryError
+        The ``(order, dim)`` basis cannot fit in the memory of one device (see
+        :func:`jax_spectral.estimate`); the message says what would.
     ValueError
         ``order <= 0``; no way to know ``dim`` (or a non-positive ``dim``); a start vector of
         the wrong length, zero or non-finite;
@@ -500,6 +503,10 @@ def lanczos(
                 "traceable operator with loop='scan', or call lanczos outside the "
                 "transformation."
             )
+    if not traced:  # refuse a basis that cannot fit before allocating it
+        from .costs import check_fits, estimate
+
+        check_fits(estimate(dim, order=order, dtype=dtype, basis_sharding=basis_sharding))
     if basis_sharding is not None:
         if loop == "host" or checkpoint is not None:
             raise ValueError("basis_sharding= applies to the scanned loop without checkpoints.")

@@ -17,6 +17,7 @@ to report to while tracing).
 from __future__ import annotations
 
 import itertools
+import os
 import sys
 import threading
 import time
@@ -49,9 +50,12 @@ class Progress:
         if progress is True:
             from tqdm import tqdm  # plain text, also in notebooks (no ipywidgets needed)
 
+            # A terminal that reports zero columns (some pseudo-terminals) would get no bar.
+            width = _stderr_columns()
             self._bar = tqdm(
-                total=self.total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True
-            )
+                total=self.total, desc=desc, unit=unit, file=sys.stderr,
+                dynamic_ncols=width != 0, ncols=100 if width == 0 else None,
+            )  # fmt: skip
         self.id = 0
         if self.enabled:
             with _LOCK:
@@ -89,6 +93,13 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _stderr_columns() -> int | None:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, ValueError, AttributeError):  # not a terminal, or no file descriptor
+        return None
 
 
 def _tick(reporter_id, done) -> None:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .costs import check_fits, estimate
 from .density import eigv_to_density, tridiag_to_eigv
 from .lanczos import (
     LanczosResult,
@@ -144,7 +145,8 @@ def slq(
     with ``matvec`` (``matmat`` optional), ``dim``, ``dtype`` and ``traceable``; a traceable
     one runs inside ``jit`` and must be a registered pytree. Raises
     ``ValueError`` for a non-positive ``num_probes`` or ``order``, and
-    ``FloatingPointError`` naming the step when a product is NaN or Inf. ``progress`` is
+    ``FloatingPointError`` naming the step when a product is NaN or Inf, and
+    ``MemoryError`` (saying what would fit) when the probes' bases cannot. ``progress`` is
     as for :func:`jax_spectral.lanczos` (one step serves every probe); so are
     ``checkpoint``, ``checkpoint_every`` and ``resume`` (the state of all probes is saved
     together).
@@ -153,6 +155,7 @@ def slq(
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     dtype = jnp.promote_types(operator.dtype, jnp.float32)
+    check_fits(estimate(operator, order=order, num_probes=num_probes), num_probes=num_probes)
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
     tol = _default_tol(dtype)
     traceable = getattr(operator, "traceable", True)

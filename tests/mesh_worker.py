@@ -19,7 +19,7 @@ from conftest import classification_data, init_mlp, mlp_loss  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jax_spectral import hessian_operator, lanczos, slq  # noqa: E402
+from jax_spectral import estimate, hessian_operator, lanczos, slq  # noqa: E402
 
 
 def main():
@@ -57,6 +57,8 @@ def main():
         "basis_shards": sorted({tuple(s.data.shape) for s in sharded.basis.addressable_shards}),
         "basis_bytes_per_device": max(s.data.nbytes for s in sharded.basis.addressable_shards),
         "basis_bytes": int(sharded.basis.nbytes),
+        "estimate_per_device": estimate(four, order=order,
+                                        basis_sharding=basis_sharding).basis_bytes_per_device,
         "explicit_refused": _explicit_refused(params, x, y),
     }))  # fmt: skip
 

@@ -24,4 +24,5 @@ def test_four_devices_give_the_one_device_tridiagonal(precision, tol):
     # ... and a quarter of the basis's columns: order x dim / 4 entries each.
     assert got["basis_spec"] == "P(None, 'data')" and got["basis_shards"] == [[30, 34]]
     assert got["basis_bytes_per_device"] * 4 == got["basis_bytes"]
+    assert got["estimate_per_device"] == got["basis_bytes_per_device"]  # known beforehand
     assert got["explicit_refused"]  # a mesh with Explicit axes gets a clear message

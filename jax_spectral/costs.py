@@ -1,0 +1,127 @@
+"""Cost and memory of a Lanczos or SLQ run, known before it starts.
+
+``estimate(operator, order=m, num_probes=n)`` counts the passes over the data (one per
+step; SLQ's probes share them), the Hessian-vector products (one per probe per step) and
+the bytes of the Lanczos bases (``n * m * dim`` entries of the recurrence's dtype), in all
+and per device under a ``basis_sharding``. :func:`jax_spectral.lanczos` and
+:func:`jax_spectral.slq` call :func:`check_fits` before allocating anything: a basis larger
+than the memory available on one device is refused with ``MemoryError``, saying what would
+fit (sharding the basis over the devices, fewer probes at a time, or a lower order).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["CostEstimate", "check_fits", "estimate"]
+
+_USABLE = 0.8  # of the free memory: the HVP and the rest of the state need room too
+
+
+class CostEstimate(NamedTuple):
+    """What a run will cost (see :func:`estimate`)."""
+
+    passes: int  # passes over the data (Lanczos steps)
+    hvps: int  # Hessian-vector products: passes x probes
+    basis_bytes: int  # all Lanczos bases together
+    basis_bytes_per_device: int  # the largest share of one device
+    devices: int  # devices the basis is spread over
+    free_bytes: int | None  # memory free on one device (None when unknown)
+
+    @property
+    def fits(self) -> bool:
+        return self.free_bytes is None or self.basis_bytes_per_device <= _USABLE * self.free_bytes
+
+    def __str__(self) -> str:
+        free = "unknown" if self.free_bytes is None else _size(self.free_bytes)
+        return (
+            f"{self.passes} passes over the data, {self.hvps} Hessian-vector products, "
+            f"Lanczos bases {_size(self.basis_bytes)} ({_size(self.basis_bytes_per_device)} "
+            f"on each of {self.devices} device(s); free: {free})"
+        )
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if nbytes < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def free_device_bytes(device: Any = None) -> int | None:
+    """Free memory of ``device`` (default: the first): from the accelerator's allocator,
+    or the host's available physical memory for a CPU device; ``None`` when unknown."""
+    device = device or jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    if device.platform == "cpu":
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+            return None
+    return None
+
+
+def estimate(
+    operator: Any,
+    *,
+    order: int,
+    num_probes: int = 1,
+    dtype: Any = None,
+    basis_sharding: jax.sharding.Sharding | None = None,
+) -> CostEstimate:
+    """Passes, products and basis bytes of ``num_probes`` Lanczos runs of ``order`` steps.
+
+    ``operator`` is an operator (``dim`` and ``dtype`` from it) or the dimension as an int
+    (then give ``dtype``; default float32). The recurrence's dtype is the operator's
+    promoted to at least float32, as in :func:`jax_spectral.lanczos`.
+    """
+    if isinstance(operator, (int, np.integer)):
+        dim, base = int(operator), dtype or jnp.float32
+    else:
+        dim, base = int(operator.dim), dtype or operator.dtype
+    itemsize = np.dtype(jnp.promote_types(base, jnp.float32)).itemsize
+    total = int(num_probes) * int(order) * dim * itemsize
+    devices = 1
+    if basis_sharding is not None:
+        devices = len(basis_sharding.device_set)
+        shard = basis_sharding.shard_shape((int(order), dim))  # each probe's (order, dim)
+        per_device = int(num_probes) * int(np.prod(shard)) * itemsize
+    else:
+        per_device = total
+    return CostEstimate(
+        passes=int(order), hvps=int(order) * int(num_probes), basis_bytes=total,
+        basis_bytes_per_device=per_device, devices=devices, free_bytes=free_device_bytes(),
+    )  # fmt: skip
+
+
+def check_fits(cost: CostEstimate, *, num_probes: int = 1) -> None:
+    """Raise ``MemoryError`` when the basis cannot fit, naming what would."""
+    if cost.fits:
+        return
+    budget = _USABLE * cost.free_bytes
+    options = []
+    count = jax.device_count()
+    if cost.devices == 1 and count > 1 and cost.basis_bytes / count <= budget:
+        options.append(
+            f"shard the basis over the {count} devices (basis_sharding=NamedSharding(mesh, "
+            f"PartitionSpec(None, 'data')): {_size(cost.basis_bytes / count)} each)"
+        )
+    if num_probes > 1 and cost.basis_bytes_per_device / num_probes <= budget:
+        fit = max(1, int(budget // (cost.basis_bytes_per_device / num_probes)))
+        options.append(f"run at most {fit} probes at a time (several slq calls)")
+    steps = int(budget // (cost.basis_bytes_per_device / cost.passes))
+    if steps >= 1:
+        options.append(f"use order <= {steps}")
+    raise MemoryError(
+        f"the Lanczos basis needs {_size(cost.basis_bytes_per_device)} per device but about "
+        f"{_size(budget)} is usable ({_size(cost.free_bytes)} free). "
+        + ("It would fit if you " + "; or ".join(options) + "." if options else "")
+    )
