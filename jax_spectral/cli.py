@@ -182,7 +182,7 @@ def analyse(
     import jax
     import numpy as np
 
-    from . import eigenpairs, hutchpp, slq, spectral_density
+    from . import eigenpairs, estimate, hutchpp, slq, spectral_density
 
     dim = operator.dim
     if top > dim:
@@ -194,8 +194,13 @@ def analyse(
     third = trace_matvecs // 3  # Hutch++: sketch, its exact trace, then deflated probes
     trace_passes = 2 * -(-third // chunk) + -(-(trace_matvecs - 2 * third) // chunk)
     passes = order + eig_order + -(-top // chunk) + trace_passes
-    itemsize = np.dtype(np.promote_types(operator.dtype, np.float32)).itemsize
-    basis_mib = max(num_probes * order, eig_order) * dim * itemsize / 2**20
+    basis_mib = (
+        max(
+            estimate(operator, order=order, num_probes=num_probes).basis_bytes,
+            estimate(operator, order=eig_order).basis_bytes,
+        )
+        / 2**20
+    )
     print(
         f"cost: about {passes} passes over {operator.num_samples or 'the'} samples "
         f"({order} SLQ steps serving all {num_probes} probes at once, {eig_order} Lanczos steps "
