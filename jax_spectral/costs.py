@@ -76,12 +76,15 @@ def estimate(
     num_probes: int = 1,
     dtype: Any = None,
     basis_sharding: jax.sharding.Sharding | None = None,
+    on_host: bool = False,
 ) -> CostEstimate:
     """Passes, products and basis bytes of ``num_probes`` Lanczos runs of ``order`` steps.
 
     ``operator`` is an operator (``dim`` and ``dtype`` from it) or the dimension as an int
     (then give ``dtype``; default float32). The recurrence's dtype is the operator's
-    promoted to at least float32, as in :func:`jax_spectral.lanczos`.
+    promoted to at least float32, as in :func:`jax_spectral.lanczos`. ``on_host``: the
+    bases live in host memory (``slq(basis_memory="host")``), so the free memory is the
+    host's.
     """
     if isinstance(operator, (int, np.integer)):
         dim, base = int(operator), dtype or jnp.float32
@@ -98,16 +101,20 @@ def estimate(
         per_device = total
     return CostEstimate(
         passes=int(order), hvps=int(order) * int(num_probes), basis_bytes=total,
-        basis_bytes_per_device=per_device, devices=devices, free_bytes=free_device_bytes(),
+        basis_bytes_per_device=per_device, devices=devices,
+        free_bytes=free_device_bytes(jax.devices("cpu")[0] if on_host else None),
     )  # fmt: skip
 
 
-def check_fits(cost: CostEstimate, *, num_probes: int = 1) -> None:
+def check_fits(cost: CostEstimate, *, num_probes: int = 1, on_host: bool = False) -> None:
     """Raise ``MemoryError`` when the basis cannot fit, naming what would."""
     if cost.fits:
         return
     budget = _USABLE * cost.free_bytes
     options = []
+    host = free_device_bytes(jax.devices("cpu")[0])
+    if num_probes > 1 and not on_host and host and cost.basis_bytes <= _USABLE * host:
+        options.append("keep the bases in host memory (slq(..., basis_memory='host'))")
     count = jax.device_count()
     if cost.devices == 1 and count > 1 and cost.basis_bytes / count <= budget:
         options.append(

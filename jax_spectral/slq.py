@@ -114,11 +114,18 @@ def _scan_slq(operator, state, start, reporter, *, length, reorthogonalize, tol,
     return jax.lax.scan(body, state, start + jnp.arange(length))[0]
 
 
-def _host_slq(operator, state, start, stop, reorthogonalize, tol, bar):
+def _host_slq(operator, state, start, stop, reorthogonalize, tol, bar, compute=None):
+    """Steps from the host. With ``compute`` (a device) the state stays where it is (host
+    memory) and only the probes' current vectors and products travel to and from it."""
     step_fn = _many_step(reorthogonalize, tol)
     order = state.alphas.shape[1]
     for step in range(start, stop):
-        products = _matmat(operator, state.basis[:, step])
+        vectors = state.basis[:, step]
+        if compute is not None:
+            products = jax.device_put(_matmat(operator, jax.device_put(vectors, compute)),
+                                      vectors.sharding)  # fmt: skip
+        else:
+            products = _matmat(operator, vectors)
         state = step_fn(state, step, products.astype(state.basis.dtype))
         stopped = bool(jnp.all(state.stopped))
         bar.update_to(order if stopped else step + 1)
@@ -138,6 +145,7 @@ def slq(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
+    basis_memory: str = "device",
 ) -> SLQResult:
     """Stochastic Lanczos quadrature with ``num_probes`` probes of ``order`` steps.
 
@@ -150,15 +158,30 @@ def slq(
     as for :func:`jax_spectral.lanczos` (one step serves every probe); so are
     ``checkpoint``, ``checkpoint_every`` and ``resume`` (the state of all probes is saved
     together).
+
+    ``basis_memory="host"`` keeps the probes' Lanczos bases (``num_probes * order * dim``
+    entries) in host memory, on JAX's CPU device, where the recurrence runs; the
+    accelerator holds only the operator and one vector per probe, which travel to it and
+    back each step. For SLQ on models whose bases do not fit the accelerator. It runs
+    from the host loop; the results equal the ``"device"`` run to rounding.
     """
     for name, value in (("num_probes", num_probes), ("order", order)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if basis_memory not in ("device", "host"):
+        raise ValueError(f"basis_memory must be 'device' or 'host', got {basis_memory!r}.")
+    on_host = basis_memory == "host"
     dtype = jnp.promote_types(operator.dtype, jnp.float32)
-    check_fits(estimate(operator, order=order, num_probes=num_probes), num_probes=num_probes)
+    check_fits(estimate(operator, order=order, num_probes=num_probes, on_host=on_host),
+               num_probes=num_probes, on_host=on_host)  # fmt: skip
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
     tol = _default_tol(dtype)
-    traceable = getattr(operator, "traceable", True)
+    traceable = getattr(operator, "traceable", True) and not on_host
+    host_device = jax.devices("cpu")[0] if on_host else None
+    compute = None
+    if on_host:
+        compute = jax.devices()[0]
+        starts = jax.device_put(starts, host_device)
     with Progress(progress, order, f"SLQ ({num_probes} probes)") as bar:
         if traceable:
 
@@ -170,9 +193,11 @@ def slq(
         else:
 
             def advance(state, start, stop):
-                return _host_slq(operator, state, start, stop, reorthogonalize, tol, bar)
+                return _host_slq(
+                    operator, state, start, stop, reorthogonalize, tol, bar, compute=compute
+                )
 
-        state = _init_many(starts, order)
+        state = _init_many(starts, order)  # on the host's CPU device with basis_memory="host"
         if checkpoint is None:
             state = advance(state, 0, order)
         else:
@@ -187,7 +212,8 @@ def slq(
                 settings={"kind": "slq", "order": order, "num_probes": num_probes,
                           "dim": int(operator.dim), "dtype": str(dtype),
                           "reorthogonalize": reorthogonalize, "tol": tol,
-                          "loop": "scan" if traceable else "host"},
+                          "loop": "scan" if traceable else "host",
+                          "basis_memory": basis_memory},
                 identity={"operator and data": fingerprint(operator),
                           "start vector": fingerprint(starts)},
                 rows_axis=1,

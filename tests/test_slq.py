@@ -170,3 +170,36 @@ def test_breakdown_scan_and_host_agree_and_padding_has_no_weight():
                                rtol=1e-6, atol=1e-6)  # fmt: skip
     density = spectral_density(results["scan"], sigma_squared=1e-3, grid_len=500)
     assert density.grid[0] > 0.9 and density.grid[-1] < 5.1  # padding zeros do not widen it
+
+
+@pytest.mark.parametrize("loop", ["scan", "host", "stream"])
+def test_bases_in_host_memory_give_the_same_tridiagonals(loop):
+    params = init_mlp(jax.random.key(0), [5, 6, 3])
+    x, y = classification_data(jax.random.key(1), 37, 5, 3)
+    if loop == "stream":
+        op = hessian_operator(
+            mlp_loss, params, [(x[i : i + 8], y[i : i + 8]) for i in range(0, 37, 8)]
+        )
+    else:
+        op = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop=loop)
+    on_device = slq(op, jax.random.key(2), num_probes=3, order=10)
+    on_host = slq(op, jax.random.key(2), num_probes=3, order=10, basis_memory="host")
+    np.testing.assert_allclose(on_host.lanczos.tridiag, on_device.lanczos.tridiag, rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    assert on_host.lanczos.basis.devices() == {jax.devices("cpu")[0]}
+    with pytest.raises(ValueError, match="basis_memory must be"):
+        slq(op, jax.random.key(2), num_probes=3, order=10, basis_memory="disk")
+
+
+def test_memory_error_suggests_host_memory_when_the_device_is_full(monkeypatch):
+    import jax_spectral.costs as costs
+
+    params = init_mlp(jax.random.key(0), [5, 6, 3])
+    x, y = classification_data(jax.random.key(1), 20, 5, 3)
+    op = hessian_operator(mlp_loss, params, (x, y), batch_size=8)
+    # The accelerator (the default device) is nearly full; the host has room.
+    monkeypatch.setattr(costs, "free_device_bytes",
+                        lambda device=None: 1000 if device is None else 10**9)  # fmt: skip
+    with pytest.raises(MemoryError, match="basis_memory='host'"):
+        slq(op, jax.random.key(0), num_probes=4, order=10)
+    slq(op, jax.random.key(0), num_probes=4, order=10, basis_memory="host")  # fits there
