@@ -22,6 +22,7 @@ values, so the resumed tridiagonal equals the uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -78,6 +79,14 @@ def fingerprint(operator: Any) -> str:
         for leaf in jax.tree_util.tree_leaves(operator):
             _hash_update(digest, leaf)
     return digest.hexdigest()
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _snapshot(state, start, count, axis):
+    """Copies of the new basis rows and of the small fields, in one dispatch."""
+    rows = jax.lax.dynamic_slice_in_dim(state.basis, start, count, axis=axis)
+    small = {f: jnp.copy(getattr(state, f)) for f in state._fields if f != "basis"}
+    return rows, small
 
 
 def _short(value: Any) -> str:
@@ -151,10 +160,10 @@ class Checkpointer:
         basis = state.basis
         order = basis.shape[self.rows_axis]
         rows_final = min(next_step + 1, order)
-        small = {f: jnp.copy(getattr(state, f)) for f in state._fields if f != "basis"}
+        count = max(rows_final - self.rows_saved, 0)
+        rows, small = _snapshot(state, jnp.int32(self.rows_saved), count, self.rows_axis)
         new_rows = None
-        if rows_final > self.rows_saved:
-            rows = jax.lax.slice_in_dim(basis, self.rows_saved, rows_final, axis=self.rows_axis)
+        if count:
             new_rows = (self.rows_saved, rows_final, rows)
             self.rows_saved = rows_final
         if self._writer is None:
