@@ -287,6 +287,8 @@ def run_checkpointed(checkpointer, state, order, every, advance, bar, resume, sy
     breakdown ends the run at no cost. A scanned run is not waited for between segments
     (after a stop the remaining segments skip their products); the writer thread waits.
     """
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
     start, done = 0, False
     if checkpointer.exists():
         if not resume:
@@ -514,8 +516,6 @@ def lanczos(
 
         check_auto_mesh(basis_sharding.mesh)
     if checkpoint is not None:
-        if isinstance(checkpoint_every, bool) or int(checkpoint_every) < 1:
-            raise ValueError(f"checkpoint_every must be a positive int, got {checkpoint_every!r}.")
         from .checkpoint import Checkpointer, fingerprint
 
         checkpointer = Checkpointer(
@@ -545,7 +545,7 @@ def lanczos(
                     )  # fmt: skip
 
             state = run_checkpointed(
-                checkpointer, _init_jit(v0, order), order, int(checkpoint_every), advance,
+                checkpointer, _init_jit(v0, order), order, checkpoint_every, advance,
                 bar, resume, synced=loop == "host",
             )  # fmt: skip
             result = _pack_jit(state)

@@ -177,11 +177,9 @@ def slq(
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
     tol = _default_tol(dtype)
     traceable = getattr(operator, "traceable", True) and not on_host
-    host_device = jax.devices("cpu")[0] if on_host else None
-    compute = None
+    compute = jax.devices()[0] if on_host else None  # where products run; the state: CPU
     if on_host:
-        compute = jax.devices()[0]
-        starts = jax.device_put(starts, host_device)
+        starts = jax.device_put(starts, jax.devices("cpu")[0])
     with Progress(progress, order, f"SLQ ({num_probes} probes)") as bar:
         if traceable:
 
@@ -201,10 +199,6 @@ def slq(
         if checkpoint is None:
             state = advance(state, 0, order)
         else:
-            if isinstance(checkpoint_every, bool) or int(checkpoint_every) < 1:
-                raise ValueError(
-                    f"checkpoint_every must be a positive int, got {checkpoint_every!r}."
-                )
             from .checkpoint import Checkpointer, fingerprint
 
             checkpointer = Checkpointer(
@@ -219,7 +213,7 @@ def slq(
                 rows_axis=1,
             )  # fmt: skip
             state = run_checkpointed(
-                checkpointer, state, order, int(checkpoint_every), advance, bar, resume,
+                checkpointer, state, order, checkpoint_every, advance, bar, resume,
                 synced=not traceable,
             )  # fmt: skip
         result = _pack_many(state)

@@ -98,3 +98,21 @@ def test_a_write_interrupted_mid_checkpoint_leaves_the_previous_one(tmp_path, mo
     resumed = run(folder, "lanczos", "host", resume=True)
     fresh = run(tmp_path / "fresh", "lanczos", "host")
     np.testing.assert_array_equal(np.asarray(resumed), np.asarray(fresh))
+
+
+def test_bad_checkpoint_settings(tmp_path):
+    op = problem("scan")
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="checkpoint_every must be a positive int"):
+            lanczos(op, jax.random.key(2), 4, checkpoint=tmp_path / str(bad), checkpoint_every=bad)
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+    sharding = NamedSharding(mesh, P(None, "data"))
+    with pytest.raises(ValueError, match="basis_sharding= applies to the scanned loop"):
+        lanczos(op, jax.random.key(2), 4, checkpoint=tmp_path / "s", basis_sharding=sharding)
+    with pytest.raises(ValueError, match="basis_sharding= applies to the scanned loop"):
+        lanczos(problem("host"), jax.random.key(2), 4, basis_sharding=sharding)
+    one = lanczos(op, jax.random.key(2), 6, basis_sharding=sharding)  # one device: no-op
+    np.testing.assert_array_equal(one.tridiag, lanczos(op, jax.random.key(2), 6).tridiag)
