@@ -14,28 +14,16 @@ from __future__ import annotations
 
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_core import digits_problem  # noqa: E402
+from bench_core import _time, digits_problem  # noqa: E402
 
 from jax_spectral import hessian_operator, lanczos, slq  # noqa: E402
-
-
-def _median(fn, repeats=5):
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -56,9 +44,9 @@ def main():
     print(f"\n{'run':<22}{'plain (s)':>11}{'every 10 (s)':>14}{'overhead':>10}")
     with tempfile.TemporaryDirectory() as root:
         for i, (name, fn) in enumerate(runs.items()):
-            plain = _median(fn)
+            plain = _time(fn, 5)
             folders = (f"{root}/{i}-{n}" for n in range(1000))  # a fresh folder per run
-            saved = _median(lambda fn=fn, folders=folders: fn(checkpoint=next(folders)))
+            saved = _time(lambda fn=fn, folders=folders: fn(checkpoint=next(folders)), 5)
             print(f"{name:<22}{plain:>11.4f}{saved:>14.4f}{saved / plain - 1:>10.1%}")
 
 

@@ -75,3 +75,16 @@ def digits_dense():
         ]
         dense = np.asarray(jnp.concatenate(columns))
     return loss, params, (x, y), (dense + dense.T) / 2
+
+
+def counted_batches(x, y, size):
+    """``(batches, reads)``: a callable yielding ``(x, y)`` batches of ``size`` afresh on
+    each call, and the list of batch starts it has read (to count passes over the data)."""
+    reads = []
+
+    def batches():
+        for i in range(0, len(x), size):
+            reads.append(i)
+            yield x[i : i + size], y[i : i + size]
+
+    return batches, reads

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import classification_data, init_mlp, mlp_loss
+from conftest import classification_data, counted_batches, init_mlp, mlp_loss
 
 from jax_spectral import eigv_to_density, hessian_operator, lanczos
 from jax_spectral.slq import slq, spectral_density
@@ -69,16 +69,20 @@ def test_density_matches_the_exact_smoothed_density(case):
     assert abs(mean - np.trace(a) / a.shape[0]) <= 3 * se
 
 
-@pytest.mark.parametrize("loop", ["scan", "host", "stream"])
-def test_probes_in_lockstep_equal_probes_one_at_a_time(loop):
+def _mlp_operator(loop):
+    """A small MLP's Hessian over 37 samples in batches of 8: scanned, host loop or stream."""
     params = init_mlp(jax.random.key(0), [5, 6, 3])
     x, y = classification_data(jax.random.key(1), 37, 5, 3)
     if loop == "stream":
-        op = hessian_operator(
+        return hessian_operator(
             mlp_loss, params, [(x[i : i + 8], y[i : i + 8]) for i in range(0, 37, 8)]
         )
-    else:
-        op = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop=loop)
+    return hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop=loop)
+
+
+@pytest.mark.parametrize("loop", ["scan", "host", "stream"])
+def test_probes_in_lockstep_equal_probes_one_at_a_time(loop):
+    op = _mlp_operator(loop)
     key = jax.random.key(2)
     together = slq(op, key, num_probes=4, order=12)
     keys = jax.random.split(key, 4)
@@ -92,13 +96,7 @@ def test_probes_in_lockstep_equal_probes_one_at_a_time(loop):
 def test_matmat_reads_each_batch_once_for_all_probes(chunk):
     params = init_mlp(jax.random.key(0), [5, 6, 3])
     x, y = classification_data(jax.random.key(1), 20, 5, 3)
-    reads = []
-
-    def batches():
-        for i in range(0, 20, 8):
-            reads.append(i)
-            yield x[i : i + 8], y[i : i + 8]
-
+    batches, reads = counted_batches(x, y, 8)
     op = hessian_operator(mlp_loss, params, batches)
     vs = jax.random.normal(jax.random.key(3), (5, op.dim))
     reads.clear()
@@ -174,14 +172,7 @@ def test_breakdown_scan_and_host_agree_and_padding_has_no_weight():
 
 @pytest.mark.parametrize("loop", ["scan", "host", "stream"])
 def test_bases_in_host_memory_give_the_same_tridiagonals(loop):
-    params = init_mlp(jax.random.key(0), [5, 6, 3])
-    x, y = classification_data(jax.random.key(1), 37, 5, 3)
-    if loop == "stream":
-        op = hessian_operator(
-            mlp_loss, params, [(x[i : i + 8], y[i : i + 8]) for i in range(0, 37, 8)]
-        )
-    else:
-        op = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop=loop)
+    op = _mlp_operator(loop)
     on_device = slq(op, jax.random.key(2), num_probes=3, order=10)
     on_host = slq(op, jax.random.key(2), num_probes=3, order=10, basis_memory="host")
     np.testing.assert_allclose(on_host.lanczos.tridiag, on_device.lanczos.tridiag, rtol=1e-5,

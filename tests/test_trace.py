@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import classification_data, init_mlp, mlp_loss
+from conftest import classification_data, counted_batches, init_mlp, mlp_loss
 from jax.flatten_util import ravel_pytree
 
 from jax_spectral import hessian_operator
@@ -69,13 +69,7 @@ def test_errors():
 def test_products_go_through_matmat_in_chunks_with_progress():
     params = init_mlp(jax.random.key(0), [4, 5, 3])
     x, y = classification_data(jax.random.key(1), 20, 4, 3)
-    reads = []
-
-    def batches():
-        for i in range(0, 20, 8):
-            reads.append(i)
-            yield x[i : i + 8], y[i : i + 8]
-
+    batches, reads = counted_batches(x, y, 8)
     op = hessian_operator(mlp_loss, params, batches)
     dense = np.stack([np.asarray(op.matvec(e)) for e in np.eye(op.dim, dtype=np.float32)])
     seen = []
