@@ -9,8 +9,8 @@ A checkpoint folder holds
   SHA-256 of every basis file.
 
 Every file is written under a temporary name and renamed (``os.replace``), and
-``state.npz`` last (fsync'd with its rename): a run killed at any moment, even mid-write,
-leaves the previous checkpoint intact. Writing only the new basis rows keeps the cost of a
+``state.npz`` last (its bytes fsync'd before the rename): a run killed at any moment, even
+mid-write, leaves the previous checkpoint intact. Writing only the new basis rows keeps the cost of a
 checkpoint in proportion to the steps since the last one, and the writes run on a
 background thread while the next steps compute (one write in flight at most; the run waits
 for the last).
@@ -108,8 +108,11 @@ def _sha256(path: Path) -> str:
 def _write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
     """Write ``data`` under a temporary name and rename it into place (atomic on POSIX).
 
-    ``durable`` also flushes the file and the rename to the disk (fsync), for power loss;
-    a process kill cannot leave a partial file either way.
+    ``durable`` also flushes the file's bytes to the disk (fsync) before the rename, so
+    that after a power loss the name holds either the old file or the complete new one. The
+    rename itself is not flushed (the folder is not fsync'd): at worst a power loss keeps
+    the previous checkpoint, which stays consistent because basis files are never removed.
+    A process kill cannot leave a partial file either way.
     """
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
@@ -118,16 +121,6 @@ def _write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
-    if not durable:
-        return
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -180,7 +173,7 @@ class Checkpointer:
         order = basis.shape[self.rows_axis]
         rows_final = min(next_step + 1, order)
         count = max(rows_final - self.rows_saved, 0)
-        rows, small = _snapshot(state, jnp.int32(self.rows_saved), count, self.rows_axis)
+        rows, small = _snapshot(state, np.int32(self.rows_saved), count, self.rows_axis)
         new_rows = None
         if count:
             new_rows = (self.rows_saved, rows_final, rows)
