@@ -10,10 +10,10 @@ A checkpoint folder holds
 
 Every file is written under a temporary name and renamed (``os.replace``), and
 ``state.npz`` last (its bytes fsync'd before the rename): a run killed at any moment, even
-mid-write, leaves the previous checkpoint intact. Writing only the new basis rows keeps the cost of a
-checkpoint in proportion to the steps since the last one, and the writes run on a
-background thread while the next steps compute (one write in flight at most; the run waits
-for the last).
+mid-write, leaves the previous checkpoint intact. Writing only the new basis rows keeps the
+cost of a checkpoint in proportion to the steps since the last one, and the writes run on
+a background thread while the next steps compute (one write in flight at most; the run
+waits for the last).
 
 Resuming loads the state, checks each basis file's hash, and refuses (``ValueError``) a
 checkpoint written for other settings, another operator or data, or other start vectors,
