@@ -59,13 +59,16 @@ def _describe_function(fn: Any) -> str:
 
 def fingerprint(operator: Any) -> str:
     """A SHA-256 over what determines the operator's products: for a Hessian operator its
-    loss function (name and bytecode), settings, parameters and in-memory batches (for a
-    stream: its first batch and sample count); for a ``Partial``, its function and arrays;
-    for a plain function, its name and bytecode only (arrays it closes over are not seen)."""
+    loss function (name and bytecode), settings (with its CPU rewrite), parameters and
+    in-memory batches (for a stream: its first batch and sample count); for a ``Partial``,
+    its function and arrays; for a plain function, its name and bytecode only (arrays it
+    closes over are not seen)."""
     digest = hashlib.sha256()
     if hasattr(operator, "stream") and hasattr(operator, "loss"):
         digest.update(_describe_function(operator.loss).encode())
-        for setting in (operator.reduce, operator.batch_size, operator.num_samples):
+        settings = (operator.reduce, operator.batch_size, operator.num_samples,
+                    getattr(operator, "rewrite", None))  # fmt: skip
+        for setting in settings:
             _hash_update(digest, setting)
         leaves = [operator.params, operator.stacked, operator.remainder]
         if operator.stream is not None:

@@ -1,0 +1,247 @@
+"""The original package's CIFAR CNN in JAX and in TensorFlow: gradient, HVP and Lanczos.
+
+Run by hand (TensorFlow needed for the TF rows:  pip install -e ".[tfds]"):
+
+    python benchmarks/bench_cnn_tf.py                # 128 images, Lanczos of order 10
+    python benchmarks/bench_cnn_tf.py --order 20 --repeats 7
+
+One batch of 128 synthetic 32x32x3 images; the model (conv64, conv64, maxpool, conv128,
+conv128, maxpool, dense1024, dense10; 'VALID' 3x3 convolutions; 3,548,234 parameters) is
+the Flax ``CifarCNN`` of ``bench_core.py``; TensorFlow runs the same layers with
+``tf.nn`` ops on the same weights and data, under ``tf.function``. Rows:
+
+* gradient pass: the gradient of the mean cross-entropy;
+* HVP pass: JAX's ``hessian_operator(...).matvec`` as written (``rewrite="none"``) and
+  with the CPU rewrite (``rewrite="cpu"``, the CPU default); TensorFlow's nested
+  ``GradientTape`` HVP (reverse-over-reverse, as the original package computes it) and a
+  forward-over-reverse HVP with ``tf.autodiff.ForwardAccumulator``;
+* Lanczos of ``--order`` steps: ``jax_spectral.lanczos`` on the default operator, and the
+  original package's TensorFlow Lanczos (the nested-tape HVP in float32, the recurrence in
+  float64 NumPy with full reorthogonalisation), its HVP traced once (the original retraced
+  it every step, so this baseline is faster than the original).
+
+Times are medians of ``--repeats`` calls after a warm-up (Lanczos: of ``--rounds``,
+alternating JAX and TF). The HVPs of the three implementations are compared with each
+other (relative max difference), which also checks that the two models are the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_core import _time, cifar_problem  # noqa: E402
+
+from jax_spectral import hessian_operator, lanczos  # noqa: E402
+from jax_spectral.rewrite import cpu_friendly  # noqa: E402
+
+
+def _tf_model(params):
+    """The CNN in TensorFlow ops with the Flax weights; returns (variables, loss(x, y))."""
+    import tensorflow as tf
+
+    names = ["Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"]
+    variables = []
+    for name in names:
+        variables += [tf.Variable(np.asarray(params[name]["kernel"])),
+                      tf.Variable(np.asarray(params[name]["bias"]))]  # fmt: skip
+
+    def logits(x):
+        h = x
+        for i in range(4):
+            kernel, bias = variables[2 * i], variables[2 * i + 1]
+            h = tf.nn.relu(tf.nn.conv2d(h, kernel, 1, "VALID") + bias)
+            if i in (1, 3):
+                h = tf.nn.max_pool2d(h, 2, 2, "VALID")
+        h = tf.reshape(h, (h.shape[0], -1))
+        h = tf.nn.relu(h @ variables[8] + variables[9])
+        return h @ variables[10] + variables[11]
+
+    def loss(x, y):
+        return tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits(x))
+        )
+
+    return variables, loss
+
+
+def _tf_functions(variables, loss, x, y):
+    import tensorflow as tf
+
+    @tf.function
+    def grad():
+        with tf.GradientTape() as tape:
+            value = loss(x, y)
+        return tape.gradient(value, variables)
+
+    @tf.function
+    def hvp_nested(v):  # the original package: grad of <grad, v>
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                value = loss(x, y)
+            grads = inner.gradient(value, variables)
+            dot = tf.add_n([tf.reduce_sum(g * t) for g, t in zip(grads, v, strict=True)])
+        return outer.gradient(dot, variables)
+
+    @tf.function
+    def hvp_forward(v):  # forward-over-reverse
+        with tf.autodiff.ForwardAccumulator(variables, v) as acc:
+            with tf.GradientTape() as tape:
+                value = loss(x, y)
+            grads = tape.gradient(value, variables)
+        return acc.jvp(grads)
+
+    return grad, hvp_nested, hvp_forward
+
+
+def _tf_lanczos(hvp, shapes, order, seed):
+    """The original package's Lanczos: float32 HVPs, float64 NumPy recurrence."""
+    import tensorflow as tf
+
+    sizes = [int(np.prod(s)) for s in shapes]
+    dim = sum(sizes)
+    rng = np.random.default_rng(seed)
+    v = rng.uniform(-1, 1, dim)
+    v /= np.linalg.norm(v)
+    basis = np.zeros((order, dim))
+    tridiag = np.zeros((order, order))
+    beta, previous = 0.0, np.zeros(dim)
+    for i in range(order):
+        basis[i] = v
+        parts = np.split(v.astype(np.float32), np.cumsum(sizes)[:-1])
+        tangent = [tf.constant(p.reshape(s)) for p, s in zip(parts, shapes, strict=True)]
+        w = np.concatenate([np.asarray(t).ravel() for t in hvp(tangent)]).astype(np.float64)
+        w -= beta * previous
+        alpha = w @ v
+        w -= alpha * v
+        w -= basis[: i + 1].T @ (basis[: i + 1] @ w)  # full reorthogonalisation
+        tridiag[i, i] = alpha
+        beta = np.linalg.norm(w)
+        if i + 1 < order:
+            tridiag[i, i + 1] = tridiag[i + 1, i] = beta
+        previous, v = v, w / beta
+    return tridiag
+
+
+def _relative(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--order", type=int, default=10)
+    args = parser.parse_args()
+    try:
+        import tensorflow as tf
+    except ImportError:
+        tf = None
+    print("# jax-spectral vs TensorFlow on the original package's CIFAR CNN")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python "
+        f"{platform.python_version()}; jax {jax.__version__}; flax {flax.__version__}; "
+        f"tensorflow {tf.__version__ if tf else 'not installed'}; "
+        f"backend {jax.default_backend()}"
+    )
+    loss, params, (images, labels) = cifar_problem()
+    x, y = images[:128], labels[:128]
+    modes = {"stock": "none", "CPU rewrite": "cpu"}
+    ops = {
+        label: hessian_operator(loss, params, (x, y), batch_size=128, rewrite=mode)
+        for label, mode in modes.items()
+    }
+    plain = ops["stock"]
+    v = jax.random.normal(jax.random.key(0), (plain.dim,), jnp.float32)
+    rows, hvps = {}, {}
+    batch = (jnp.asarray(x), jnp.asarray(y))
+    for label, fn in (("stock", loss), ("CPU rewrite", cpu_friendly(loss))):
+        grad = jax.jit(jax.grad(fn))
+        rows[f"JAX gradient ({label})"] = _time(lambda grad=grad: grad(params, batch), args.repeats)
+    for label, op in ops.items():
+        rows[f"JAX HVP ({label}, loop={op.loop})"] = _time(lambda op=op: op.matvec(v), args.repeats)
+        hvps[f"JAX, {label}"] = np.asarray(op.matvec(v))
+    if tf is not None:
+        variables, tf_loss = _tf_model(params)
+        grad, hvp_nested, hvp_forward = _tf_functions(variables, tf_loss, x, y)
+        names = ["Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"]
+        pairs = [(n, k) for n in names for k in ("kernel", "bias")]  # the TF variables' order
+        tree = plain.unravel(v)
+        tangent = [tf.constant(np.asarray(tree[n][k])) for n, k in pairs]
+
+        def flat(parts):  # the TF variables' order -> the ravel_pytree order
+            tree = {n: {} for n in names}
+            for (n, k), part in zip(pairs, parts, strict=True):
+                tree[n][k] = np.asarray(part)
+            return np.asarray(plain.ravel(tree))
+
+        rows["TF gradient"] = _time(grad, args.repeats)
+        rows["TF HVP (nested tapes)"] = _time(lambda: hvp_nested(tangent), args.repeats)
+        rows["TF HVP (forward-over-reverse)"] = _time(lambda: hvp_forward(tangent), args.repeats)
+        hvps["TF, nested tapes"] = flat(hvp_nested(tangent))
+        hvps["TF, forward-over-reverse"] = flat(hvp_forward(tangent))
+
+    print(f"\n128 images, {plain.dim:,} parameters; one pass each")
+    print(f"{'measurement':<48}{'seconds':>10}")
+    for label, seconds in rows.items():
+        print(f"{label:<48}{seconds:>10.3f}")
+    print("\nHVP: relative max difference from JAX, stock")
+    for label, value in hvps.items():
+        print(f"  {label:<30}{_relative(value, hvps['JAX, stock']):.2e}")
+
+    mine_grad = rows["JAX gradient (CPU rewrite)"]
+    mine_hvp = rows[f"JAX HVP (CPU rewrite, loop={ops['CPU rewrite'].loop})"]
+    stock_hvp = rows[f"JAX HVP (stock, loop={plain.loop})"]
+    ratios = [("JAX HVP: stock / CPU rewrite", stock_hvp / mine_hvp)]
+    if tf is not None:
+        ratios += [
+            ("JAX gradient (CPU rewrite) / TF gradient", mine_grad / rows["TF gradient"]),
+            ("JAX HVP (CPU rewrite) / TF HVP (nested tapes)",
+             mine_hvp / rows["TF HVP (nested tapes)"]),
+            ("JAX HVP (CPU rewrite) / TF HVP (fwd-over-rev)",
+             mine_hvp / rows["TF HVP (forward-over-reverse)"]),
+        ]  # fmt: skip
+    print(f"\n{'ratio':<48}")
+    for label, ratio in ratios:
+        print(f"{label:<48}{ratio:>10.2f}")
+    if tf is None:
+        return
+
+    # Lanczos: ours on the default operator against the original's TF Lanczos.
+    op = hessian_operator(loss, params, (x, y), batch_size=128)
+    keys = iter(jax.random.split(jax.random.key(1), 2 * args.rounds + 2))
+    shapes = [tuple(t.shape) for t in tangent]
+    mine = lambda: lanczos(op, next(keys), args.order).tridiag  # noqa: E731
+    theirs = lambda: _tf_lanczos(hvp_nested, shapes, args.order, 0)  # noqa: E731
+    jax.block_until_ready(mine())  # compile
+    ours, original = [], []
+    for _ in range(args.rounds):
+        ours.append(_timed(mine))
+        original.append(_timed(theirs))
+    a, b = statistics.median(ours), statistics.median(original)
+    print(f"\nLanczos, order {args.order}, medians of {args.rounds} alternating runs (seconds)")
+    print(f"{'jax_spectral.lanczos (loop=' + op.loop + ')':<48}{a:>10.2f}")
+    print(f"{'original TF Lanczos (nested tapes, NumPy f64)':<48}{b:>10.2f}")
+    print(f"{'ratio JAX / TF':<48}{a / b:>10.2f}")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()

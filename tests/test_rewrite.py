@@ -1,0 +1,176 @@
+"""The CPU rewrite (convolutions as patch matrix products, max pooling as reshapes) gives
+XLA's values, gradients and jvp-of-grad HVPs to float32 rounding, and a Hessian operator
+built with it matches the dense Hessian (``jacfwd(jacrev)`` of the stock loss) and the
+stock operator."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from jax_spectral import full_hessian, hessian_operator
+from jax_spectral import rewrite as rewrite_module
+from jax_spectral.rewrite import cpu_friendly, reshape_max_pool
+
+CONVOLUTIONS = {
+    "NHWC, VALID": dict(x=(4, 9, 9, 3), w=(3, 3, 3, 5), dn=("NHWC", "HWIO", "NHWC"),
+                        strides=(1, 1), padding="VALID", dilation=(1, 1)),
+    "strided, SAME": dict(x=(4, 9, 9, 3), w=(3, 3, 3, 5), dn=("NHWC", "HWIO", "NHWC"),
+                          strides=(2, 1), padding="SAME", dilation=(1, 1)),
+    "NCHW, dilated, uneven pads": dict(x=(4, 3, 9, 8), w=(5, 3, 3, 2),
+                                       dn=("NCHW", "OIHW", "NCHW"), strides=(1, 2),
+                                       padding=((1, 2), (0, 1)), dilation=(2, 1)),
+    "1-D": dict(x=(2, 11, 3), w=(4, 3, 6), dn=("NWC", "WIO", "NWC"), strides=(3,),
+                padding="SAME", dilation=(1,)),
+    "3-D": dict(x=(2, 5, 6, 7, 2), w=(2, 3, 2, 2, 4), dn=("NDHWC", "DHWIO", "NDHWC"),
+                strides=(1, 1, 2), padding="VALID", dilation=(1, 1, 1)),
+    "1x1 kernel": dict(x=(3, 4, 4, 6), w=(1, 1, 6, 2), dn=("NHWC", "HWIO", "NHWC"),
+                       strides=(1, 1), padding="VALID", dilation=(1, 1)),
+}  # fmt: skip
+
+
+def _close(actual, expected, rtol=2e-5):
+    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected),
+                    strict=True):  # fmt: skip
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        scale = np.max(np.abs(e))
+        assert scale > 0
+        np.testing.assert_allclose(a, e, rtol=0, atol=rtol * scale)
+
+
+def _primitives(fn, *args):
+    return {eqn.primitive.name for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns}
+
+
+def _random(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+@pytest.mark.parametrize("case", list(CONVOLUTIONS))
+@pytest.mark.parametrize("chunk_bytes", [None, 1])  # one chunk, and one image per chunk
+def test_convolutions_equal_xla_in_value_gradient_and_hvp(case, chunk_bytes, monkeypatch):
+    if chunk_bytes is not None:
+        monkeypatch.setattr(rewrite_module, "PATCH_BYTES", chunk_bytes)
+    c = CONVOLUTIONS[case]
+    x, w = _random(c["x"], 0), _random(c["w"], 1)
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, c["strides"], c["padding"],
+                                            rhs_dilation=c["dilation"],
+                                            dimension_numbers=c["dn"])  # fmt: skip
+
+    def loss(x, w):
+        return jnp.sum(jnp.tanh(conv(x, w)) ** 2)
+
+    fast = cpu_friendly(loss)
+    assert "conv_general_dilated" not in _primitives(fast, x, w)
+    _close(cpu_friendly(conv)(x, w), conv(x, w))
+    _close(jax.grad(fast, (0, 1))(x, w), jax.grad(loss, (0, 1))(x, w))
+
+    def hvp(f, tangents):
+        return jax.jvp(jax.grad(f, (0, 1)), (x, w), tangents)[1]
+
+    tangents = (_random(c["x"], 2), _random(c["w"], 3))
+    _close(jax.jit(hvp, static_argnums=0)(fast, tangents), hvp(loss, tangents))
+    many = jax.tree_util.tree_map(lambda t: jnp.stack([t, -2 * t]), tangents)  # under vmap
+    _close(jax.vmap(lambda t: hvp(fast, t))(many), jax.vmap(lambda t: hvp(loss, t))(many))
+
+
+def test_max_pool_equals_reduce_window_and_sends_the_derivative_to_one_element():
+    x = _random((2, 7, 9, 3), 0)  # 7 and 9: trailing rows and columns fill no window
+    expected = nn.max_pool(x, (2, 3), (2, 3))
+    assert jnp.array_equal(reshape_max_pool(x, (1, 2, 3, 1)), expected)
+    assert jnp.array_equal(cpu_friendly(lambda x: nn.max_pool(x, (2, 3), (2, 3)))(x), expected)
+    g = jax.grad(lambda x: jnp.sum(reshape_max_pool(x, (1, 2, 3, 1)) * 2.0))(x)
+    g_xla = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 3), (2, 3)) * 2.0))(x)
+    assert jnp.array_equal(g, g_xla)  # no ties in random data: the same element
+    tied = jnp.zeros((1, 2, 2, 1))  # a window of equal values: one element gets it all
+    g = jax.grad(lambda x: jnp.sum(reshape_max_pool(x, (1, 2, 2, 1))))(tied)
+    assert float(jnp.sum(g)) == 1.0 and int(jnp.sum(g != 0)) == 1
+
+
+def test_what_is_not_rewritten_stays_and_still_agrees():
+    x, w = _random((2, 6, 6, 4), 0), _random((3, 3, 2, 4), 1)
+
+    def grouped(x, w):  # depthwise-style: feature_group_count 2
+        return jnp.sum(jax.lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=2) ** 2)  # fmt: skip
+
+    def transposed(x, w):  # input dilation
+        return jnp.sum(jax.lax.conv_general_dilated(
+            x, jnp.tile(w, (1, 1, 2, 1)), (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2),
+            dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)  # fmt: skip
+
+    def overlapping_pool(x, w):
+        return jnp.sum(nn.max_pool(x, (3, 3), (1, 1)) * w[0, 0, 0, 0])
+
+    for fn, kept in ((grouped, "conv_general_dilated"), (transposed, "conv_general_dilated"),
+                     (overlapping_pool, "reduce_window_max")):  # fmt: skip
+        assert kept in _primitives(cpu_friendly(fn), x, w)
+        _close(jax.grad(cpu_friendly(fn), (0, 1))(x, w), jax.grad(fn, (0, 1))(x, w))
+
+
+def test_nested_jit_is_inlined_and_the_wrapper_is_cached():
+    x, w = _random((2, 5, 5, 3), 0), _random((3, 3, 3, 2), 1)
+    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
+        x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))  # fmt: skip
+
+    def loss(x, w):
+        return jnp.sum(conv(x, w) ** 2)
+
+    assert cpu_friendly(loss) is cpu_friendly(loss)
+    jaxpr = jax.make_jaxpr(cpu_friendly(loss))(x, w)
+    assert "conv_general_dilated" not in str(jaxpr)
+    _close(cpu_friendly(loss)(x, w), loss(x, w))
+
+
+class _CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), padding="VALID")(x))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.tanh(nn.Conv(3, (2, 2), strides=(1, 1), padding="SAME")(x))
+        return nn.Dense(3)(x.reshape((x.shape[0], -1)))
+
+
+def _cnn_problem():
+    model = _CNN()
+    images = np.random.default_rng(0).standard_normal((10, 8, 8, 2)).astype(np.float32)
+    labels = np.random.default_rng(1).integers(0, 3, 10)
+    params = model.init(jax.random.key(0), images[:1])["params"]
+
+    def loss(params, batch):
+        logits = model.apply({"params": params}, batch[0])
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+            logits, batch[1][:, None], -1)[:, 0])  # fmt: skip
+
+    return loss, params, (images, labels)
+
+
+def test_operator_with_the_rewrite_matches_the_dense_hessian():
+    loss, params, data = _cnn_problem()
+    op = hessian_operator(loss, params, data, batch_size=4, rewrite="cpu")
+    stock = hessian_operator(loss, params, data, batch_size=4, rewrite="none")
+    assert op.rewrite == "cpu" and op.loop == "scan"  # rewritten: the scanned loop is fast
+    dense = np.zeros((op.dim, op.dim))
+    for i in range(0, 10, 4):  # the batch-size-weighted mean of batch Hessians
+        batch = (data[0][i : i + 4], data[1][i : i + 4])
+        dense += len(batch[1]) / 10 * np.asarray(full_hessian(loss, params, batch), np.float64)
+    v = np.random.default_rng(2).standard_normal(op.dim).astype(np.float32)
+    scale = np.max(np.abs(dense @ v))
+    np.testing.assert_allclose(op.matvec(v), dense @ v, atol=2e-5 * scale)
+    _close(op.matvec(v), stock.matvec(v))
+    _close(op.matmat(np.stack([v, 2 * v])), np.stack([stock.matvec(v), 2 * stock.matvec(v)]))
+
+
+def test_rewrite_setting():
+    loss, params, data = _cnn_problem()
+    auto = hessian_operator(loss, params, data, batch_size=4)
+    assert auto.rewrite == ("cpu" if jax.default_backend() == "cpu" else "none")
+    assert hessian_operator(loss, params, data, batch_size=4, rewrite="none").loop == (
+        "host" if jax.default_backend() == "cpu" else "scan"
+    )
+    with pytest.raises(ValueError, match="rewrite must be one of"):
+        hessian_operator(loss, params, data, rewrite="fast")
