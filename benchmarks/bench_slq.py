@@ -3,9 +3,10 @@
 Run by hand:  python benchmarks/bench_slq.py [--model mlp|cnn|both]
 
 For k = 1, 4, 10 it times ``operator.matmat`` on k vectors (each batch read once, its HVP
-vmapped over the k tangents; for the host-driven CNN in chunks of 4 tangents, the default,
-and in one vmap over all k) against k calls of ``operator.matvec``, on the digits MLP and on
-the original package's CIFAR CNN (256 synthetic images, batches of 128; host loop on CPU),
+vmapped over the k tangents; for a host-driven operator in chunks of 4 tangents, the
+default, and in one vmap over all k) against k calls of ``operator.matvec``, on the digits
+MLP and on the original package's CIFAR CNN (256 synthetic images, batches of 128; with
+the CPU rewrite, the scanned loop by default, and the host loop),
 and for the MLP also a whole SLQ run (k probes x 80 steps, one scan) against k single-probe
 Lanczos runs. The goal is lockstep <= 0.6 x separate at k = 10. A CNN SLQ step is its
 matmat pass plus the vmapped recurrence, so the pass ratio is the SLQ ratio there.
@@ -76,6 +77,8 @@ def main():
         loss, params, data = cifar_problem()
         op = hessian_operator(loss, params, data, batch_size=128)
         bench("CIFAR CNN, 256 images, batch 128", op, 1)
+        op = hessian_operator(loss, params, data, batch_size=128, loop="host")
+        bench("CIFAR CNN, 256 images, batch 128, host loop", op, 1)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from .lanczos import lanczos_alg as lanczos_alg
 from .lanczos import ritz as ritz
 from .operators import HessianOperator as HessianOperator
 from .operators import hessian_operator as hessian_operator
+from .rewrite import cpu_friendly as cpu_friendly
 from .slq import SLQResult as SLQResult
 from .slq import SpectralDensity as SpectralDensity
 from .slq import slq as slq
@@ -48,6 +49,7 @@ __all__ = [
     "SLQResult",
     "SpectralDensity",
     "TraceEstimate",
+    "cpu_friendly",
     "density",
     "eigenpairs",
     "eigv_to_density",
