@@ -59,15 +59,16 @@ def _describe_function(fn: Any) -> str:
 
 def fingerprint(operator: Any) -> str:
     """A SHA-256 over what determines the operator's products: for a Hessian operator its
-    loss function (name and bytecode), settings (with its CPU rewrite), parameters and
-    in-memory batches (for a stream: its first batch and sample count); for a ``Partial``,
-    its function and arrays; for a plain function, its name and bytecode only (arrays it
-    closes over are not seen)."""
+    loss function (name and bytecode), settings (with its CPU rewrite when that changes
+    the products: a CNN's, not an MLP's), parameters and in-memory batches (for a stream:
+    its first batch and sample count); for a ``Partial``, its function and arrays; for a
+    plain function, its name and bytecode only (arrays it closes over are not seen)."""
     digest = hashlib.sha256()
     if hasattr(operator, "stream") and hasattr(operator, "loss"):
         digest.update(_describe_function(operator.loss).encode())
-        settings = (operator.reduce, operator.batch_size, operator.num_samples,
-                    getattr(operator, "rewrite", None))  # fmt: skip
+        settings = [operator.reduce, operator.batch_size, operator.num_samples]
+        if _rewritten_products(operator):  # the products differ from the stock ones
+            settings.append(("rewrite", operator.rewrite))
         for setting in settings:
             _hash_update(digest, setting)
         leaves = [operator.params, operator.stacked, operator.remainder]
@@ -84,6 +85,20 @@ def fingerprint(operator: Any) -> str:
         for leaf in jax.tree_util.tree_leaves(operator):
             _hash_update(digest, leaf)
     return digest.hexdigest()
+
+
+def _rewritten_products(operator: Any) -> bool:
+    if getattr(operator, "rewrite", "none") == "none":
+        return False
+    from .rewrite import affects
+
+    if operator.stacked is not None:
+        batch = jax.tree_util.tree_map(lambda a: a[0], operator.stacked)
+    elif operator.remainder is not None:
+        batch = operator.remainder
+    else:
+        batch = operator.stream.first()
+    return affects(operator.loss, operator.params, batch)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

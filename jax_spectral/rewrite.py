@@ -18,18 +18,20 @@ The convolutions run over chunks of images (``lax.map``) sized so that one chunk
 take about ``PATCH_BYTES``; each chunk's patches are recomputed in the backward pass
 (``jax.checkpoint``) rather than stored: a whole batch's patch matrix is the image data
 times the window size (9x for 3x3) and would not stay in cache. Measured on the original
-package's CIFAR CNN on a 2-core CPU (``benchmarks/bench_cnn_tf.py``): 2.6x faster
-gradients and HVPs, and fast inside ``lax.scan`` too, where XLA's own convolution
-gradients are 20x slower still (jax-ml/jax#12868).
+package's CIFAR CNN on a 2-core CPU (``benchmarks/bench_cnn_tf.py``): 2.7x faster
+gradients and 2.5x faster HVPs, and fast inside ``lax.scan`` too, where XLA's own
+convolution gradients are 20x slower still (jax-ml/jax#12868).
 
 The results are the same sums in another order: equal to the stock ones to float32
 rounding (tests compare values, gradients and HVPs). Pooling sends the derivative to the
 first maximal element of each window, as XLA's rule sends it to one. Rewritten: any
 number of spatial dimensions, any dimension numbers, window strides, kernel (rhs)
-dilation, non-negative padding. Left to XLA: grouped or depthwise convolutions, input
-(lhs) dilation as in transposed convolutions, negative padding, overlapping or padded
-pooling, and anything inside ``lax.scan``/``while``/``cond`` bodies or custom-derivative
-functions. Calls to ``jit`` inside the function are inlined.
+dilation, non-negative padding; pooling of floating-point arrays. Left to XLA: grouped or
+depthwise convolutions, input (lhs) dilation as in transposed convolutions, negative
+padding, overlapping or padded pooling, integer or boolean pooling, operations with empty
+inputs or outputs, and anything inside ``lax.scan``/``while``/``cond`` bodies,
+``jax.checkpoint`` (remat) bodies or custom-derivative functions. Calls to ``jit`` inside
+the function are inlined (their sharding annotations are dropped).
 
 :func:`jax_spectral.hessian_operator` applies the rewrite when JAX's default backend is
 the CPU (``rewrite="auto"``); GPUs and TPUs keep the stock operations, whose vendor
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 
-__all__ = ["PATCH_BYTES", "cpu_friendly", "patch_conv", "reshape_max_pool"]
+__all__ = ["PATCH_BYTES", "affects", "cpu_friendly", "patch_conv", "reshape_max_pool"]
 
 PATCH_BYTES = 8 << 20  # one chunk's patch matrix (measured: 2-16 MiB on a 2-core CPU)
 _INLINED_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
@@ -125,21 +127,32 @@ def reshape_max_pool(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
     x = x.reshape(*out, -1)
     first = jnp.argmax(lax.stop_gradient(x), axis=-1, keepdims=True)
     chosen = lax.broadcasted_iota(first.dtype, x.shape, x.ndim - 1) == first
-    return jnp.sum(jnp.where(chosen, x, jnp.zeros((), x.dtype)), axis=-1)
+    return jnp.sum(jnp.where(chosen, x, jnp.zeros((), x.dtype)), axis=-1, dtype=x.dtype)
 
 
-def _pool_eligible(params: dict) -> bool:
+def _nonempty(eqn: Any) -> bool:
+    """Every input and the output hold elements (XLA returns empty results itself)."""
+    avals = [v.aval for v in (*eqn.invars, *eqn.outvars)]
+    return all(math.prod(a.shape) > 0 for a in avals)
+
+
+def _pool_eligible(eqn: Any) -> bool:
+    params = eqn.params
     return (
-        tuple(params["window_dimensions"]) == tuple(params["window_strides"])
+        jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating)  # derivatives; dtype kept
+        and _nonempty(eqn)
+        and tuple(params["window_dimensions"]) == tuple(params["window_strides"])
         and all(d == 1 for d in params["base_dilation"])
         and all(d == 1 for d in params["window_dilation"])
         and all(lo == 0 and hi == 0 for lo, hi in params["padding"])
     )
 
 
-def _eligible(params: dict) -> bool:
+def _conv_eligible(eqn: Any) -> bool:
+    params = eqn.params
     return (
-        params["feature_group_count"] == 1
+        _nonempty(eqn)
+        and params["feature_group_count"] == 1
         and params["batch_group_count"] == 1
         and all(d == 1 for d in params["lhs_dilation"])
         and all(lo >= 0 and hi >= 0 for lo, hi in params["padding"])
@@ -176,9 +189,9 @@ def _evaluate(jaxpr: Any, consts: list, args: list) -> list:
     for eqn in jaxpr.eqns:
         inputs = [read(v) for v in eqn.invars]
         name = eqn.primitive.name
-        if name == "conv_general_dilated" and _eligible(eqn.params):
+        if name == "conv_general_dilated" and _conv_eligible(eqn):
             outputs = [_conv_from_params(*inputs, eqn.params)]
-        elif name == "reduce_window_max" and _pool_eligible(eqn.params):
+        elif name == "reduce_window_max" and _pool_eligible(eqn):
             outputs = [reshape_max_pool(inputs[0], tuple(eqn.params["window_dimensions"]))]
         elif name in _INLINED_CALLS and isinstance(eqn.params.get("jaxpr"), jex_core.ClosedJaxpr):
             inner = eqn.params["jaxpr"]
@@ -191,14 +204,35 @@ def _evaluate(jaxpr: Any, consts: list, args: list) -> list:
     return [read(v) for v in jaxpr.outvars]
 
 
+def _any_eligible(jaxpr: Any) -> bool:
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if (name == "conv_general_dilated" and _conv_eligible(eqn)) or (
+            name == "reduce_window_max" and _pool_eligible(eqn)
+        ):
+            return True
+        inner = eqn.params.get("jaxpr")
+        if name in _INLINED_CALLS and isinstance(inner, jex_core.ClosedJaxpr):
+            if _any_eligible(inner.jaxpr):
+                return True
+    return False
+
+
+def affects(fn: Callable, *args: Any) -> bool:
+    """Whether :func:`cpu_friendly` changes anything in ``fn`` called on ``args``."""
+    return _any_eligible(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def cpu_friendly(fn: Callable) -> Callable:
     """``fn`` with its convolutions computed as chunked patch matrix products and its
     non-overlapping max pooling as reshape reductions (see the module notes).
 
-    The returned function takes the same positional arguments (pytrees of arrays) and
-    returns the same values to float32 rounding; it can be differentiated, vmapped and
-    jitted like ``fn``. The same wrapper is returned for the same ``fn`` (cached), so
-    jitted code that takes it as a static argument is compiled once.
+    The returned function takes the same positional arguments, which must be pytrees of
+    arrays (every leaf is traced), and returns the same values to float32 rounding; it can
+    be differentiated, vmapped and jitted like ``fn``. The same wrapper is returned for
+    the same hashable ``fn`` (an LRU cache of 64, which keeps those functions alive), so
+    jitted code that takes it as a static argument is compiled once; an unhashable ``fn``
+    gets a fresh wrapper on each call.
     """
     try:
         return _rewritten(fn)

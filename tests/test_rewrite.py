@@ -85,9 +85,9 @@ def test_max_pool_equals_reduce_window_and_sends_the_derivative_to_one_element()
     g = jax.grad(lambda x: jnp.sum(reshape_max_pool(x, (1, 2, 3, 1)) * 2.0))(x)
     g_xla = jax.grad(lambda x: jnp.sum(nn.max_pool(x, (2, 3), (2, 3)) * 2.0))(x)
     assert jnp.array_equal(g, g_xla)  # no ties in random data: the same element
-    tied = jnp.zeros((1, 2, 2, 1))  # a window of equal values: one element gets it all
+    tied = jnp.zeros((1, 2, 2, 1))  # a window of equal values: the first gets it all
     g = jax.grad(lambda x: jnp.sum(reshape_max_pool(x, (1, 2, 2, 1))))(tied)
-    assert float(jnp.sum(g)) == 1.0 and int(jnp.sum(g != 0)) == 1
+    assert float(g[0, 0, 0, 0]) == 1.0 and int(jnp.sum(g != 0)) == 1
 
 
 def test_what_is_not_rewritten_stays_and_still_agrees():
@@ -110,6 +110,44 @@ def test_what_is_not_rewritten_stays_and_still_agrees():
                      (overlapping_pool, "reduce_window_max")):  # fmt: skip
         assert kept in _primitives(cpu_friendly(fn), x, w)
         _close(jax.grad(cpu_friendly(fn), (0, 1))(x, w), jax.grad(fn, (0, 1))(x, w))
+
+
+def test_integer_pooling_and_empty_results_are_left_to_xla():
+    pool = lambda x: jax.lax.reduce_window(  # noqa: E731
+        x, np.int8(-128), jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID"
+    )
+    x = jnp.asarray(np.random.default_rng(0).integers(-100, 100, (2, 4, 4, 3)), jnp.int8)
+    mixed = lambda x: pool(x) + x[:, ::2, ::2]  # noqa: E731  (int8 + int8 stays int8)
+    assert cpu_friendly(mixed)(x).dtype == jnp.int8
+    assert jnp.array_equal(cpu_friendly(mixed)(x), mixed(x))
+    assert "reduce_window_max" in _primitives(cpu_friendly(pool), x)
+    half = _random((2, 4, 4, 3), 1).astype(jnp.float16)
+    assert cpu_friendly(lambda x: nn.max_pool(x, (2, 2), (2, 2)))(half).dtype == jnp.float16
+
+    def empty(x, w):  # a dilated window larger than the input: XLA gives a (2, 0, 0, 2)
+        return jax.lax.conv_general_dilated(x, w, (2, 2), "VALID", rhs_dilation=(2, 2),
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+
+    x, w = _random((2, 4, 4, 3), 2), _random((3, 3, 3, 2), 3)
+    assert cpu_friendly(empty)(x, w).shape == empty(x, w).shape == (2, 0, 0, 2)
+    wide = lambda x: nn.max_pool(x, (5, 5), (5, 5))  # noqa: E731  (window over the size)
+    assert cpu_friendly(wide)(x).shape == wide(x).shape
+
+
+def test_chunks_of_several_images(monkeypatch):
+    c = CONVOLUTIONS["NHWC, VALID"]  # 7 x 7 outputs, 27 patch columns: 5,292 bytes an image
+    x, w = _random((6, 9, 9, 3), 0), _random(c["w"], 1)
+    monkeypatch.setattr(rewrite_module, "PATCH_BYTES", 3 * 5292)
+    assert rewrite_module._chunk_size(6, 5292) == 3
+    assert rewrite_module._chunk_size(7, 5292) == 1  # a prime batch: one image a chunk
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
+            x, w, (1, 1), "VALID", dimension_numbers=c["dn"])))  # fmt: skip
+
+    jaxpr = str(jax.make_jaxpr(cpu_friendly(loss))(x, w))
+    assert "scan" in jaxpr and "f32[3,9,9,3]" in jaxpr  # a loop over two chunks of three
+    _close(jax.grad(cpu_friendly(loss), (0, 1))(x, w), jax.grad(loss, (0, 1))(x, w))
 
 
 def test_nested_jit_is_inlined_and_the_wrapper_is_cached():
@@ -165,6 +203,33 @@ def test_operator_with_the_rewrite_matches_the_dense_hessian():
     _close(op.matmat(np.stack([v, 2 * v])), np.stack([stock.matvec(v), 2 * stock.matvec(v)]))
 
 
+def test_host_loop_and_stream_with_the_rewrite():
+    loss, params, data = _cnn_problem()
+    stock = hessian_operator(loss, params, data, batch_size=4, rewrite="none")
+    batches = [(data[0][i : i + 4], data[1][i : i + 4]) for i in range(0, 10, 4)]
+    v = np.random.default_rng(3).standard_normal(stock.dim).astype(np.float32)
+    expected = stock.matvec(v)
+    for op in (hessian_operator(loss, params, data, batch_size=4, rewrite="cpu", loop="host"),
+               hessian_operator(loss, params, batches, rewrite="cpu")):  # fmt: skip
+        assert op.loop == "host" and op.rewrite == "cpu"
+        _close(op.matvec(v), expected)
+
+
+def test_checkpoint_fingerprint_sees_the_rewrite_only_where_it_changes_products():
+    from conftest import classification_data, init_mlp, mlp_loss
+
+    from jax_spectral.checkpoint import fingerprint
+
+    params = init_mlp(jax.random.key(0), [4, 5, 3])
+    x, y = classification_data(jax.random.key(1), 20, 4, 3)
+    mlp = [hessian_operator(mlp_loss, params, (x, y), batch_size=8, rewrite=r)
+           for r in ("cpu", "none")]  # fmt: skip
+    assert fingerprint(mlp[0]) == fingerprint(mlp[1])  # no convolutions: same products
+    loss, params, data = _cnn_problem()
+    cnn = [hessian_operator(loss, params, data, batch_size=4, rewrite=r) for r in ("cpu", "none")]
+    assert fingerprint(cnn[0]) != fingerprint(cnn[1])
+
+
 def test_rewrite_setting():
     loss, params, data = _cnn_problem()
     auto = hessian_operator(loss, params, data, batch_size=4)
@@ -174,3 +239,12 @@ def test_rewrite_setting():
     )
     with pytest.raises(ValueError, match="rewrite must be one of"):
         hessian_operator(loss, params, data, rewrite="fast")
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, params, batch):
+            return loss(params, batch)
+
+    with pytest.raises(TypeError, match="loss must be hashable"):
+        hessian_operator(Unhashable(), params, data)
