@@ -90,14 +90,13 @@ def fingerprint(operator: Any) -> str:
 def _rewritten_products(operator: Any) -> bool:
     if getattr(operator, "rewrite", "none") == "none":
         return False
+    from .operators import first_batch
     from .rewrite import affects
 
-    if operator.stacked is not None:
-        batch = jax.tree_util.tree_map(lambda a: a[0], operator.stacked)
-    elif operator.remainder is not None:
-        batch = operator.remainder
-    else:
+    if operator.stream is not None:
         batch = operator.stream.first()
+    else:
+        batch = first_batch(operator.stacked, operator.remainder)
     return affects(operator.loss, operator.params, batch)
 
 

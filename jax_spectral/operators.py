@@ -386,6 +386,13 @@ def _shard_data(mesh, axis, params, stacked, remainder, batch_size):
     return params, stacked, remainder
 
 
+def first_batch(stacked: PyTree | None, remainder: PyTree | None) -> PyTree:
+    """The first batch of in-memory data: the first stacked batch, else the remainder."""
+    if stacked is not None:
+        return jax.tree_util.tree_map(lambda a: a[0], stacked)
+    return remainder
+
+
 def _choose_loop(loss: Callable, params: PyTree, batch: PyTree) -> str:
     """``"host"`` on CPU for a loss whose products keep XLA convolutions, ``"scan"``
     otherwise (measured; ``loss`` is the loss as the products evaluate it)."""
@@ -505,9 +512,7 @@ def hessian_operator(
             params, stacked, remainder = _shard_data(
                 mesh, data_axis, params, stacked, remainder, split.batch_size
             )
-        first = (
-            jax.tree_util.tree_map(lambda a: a[0], stacked) if stacked is not None else remainder
-        )
+        first = first_batch(stacked, remainder)
         check_scalar_loss(loss, params, first)
         if loop == "auto":
             product_loss = cpu_friendly(loss) if rewrite == "cpu" else loss

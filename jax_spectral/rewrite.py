@@ -176,6 +176,25 @@ def _conv_from_params(lhs: jax.Array, rhs: jax.Array, params: dict) -> jax.Array
     return jnp.transpose(y, order)
 
 
+def _replacement(eqn: Any) -> Callable | None:
+    """``inputs -> outputs`` computing ``eqn`` the CPU-friendly way, or ``None``."""
+    name = eqn.primitive.name
+    if name == "conv_general_dilated" and _conv_eligible(eqn):
+        return lambda inputs: [_conv_from_params(*inputs, eqn.params)]
+    if name == "reduce_window_max" and _pool_eligible(eqn):
+        window = tuple(eqn.params["window_dimensions"])
+        return lambda inputs: [reshape_max_pool(inputs[0], window)]
+    return None
+
+
+def _inlined(eqn: Any) -> Any:
+    """The closed jaxpr of a nested ``jit`` call, which is evaluated inline; else ``None``."""
+    inner = eqn.params.get("jaxpr")
+    if eqn.primitive.name in _INLINED_CALLS and isinstance(inner, jex_core.ClosedJaxpr):
+        return inner
+    return None
+
+
 def _evaluate(jaxpr: Any, consts: list, args: list) -> list:
     """Evaluate ``jaxpr`` with eligible convolutions and pooling replaced, inlining nested
     ``jit``s."""
@@ -188,13 +207,10 @@ def _evaluate(jaxpr: Any, consts: list, args: list) -> list:
     env.update(zip(jaxpr.invars, args, strict=True))
     for eqn in jaxpr.eqns:
         inputs = [read(v) for v in eqn.invars]
-        name = eqn.primitive.name
-        if name == "conv_general_dilated" and _conv_eligible(eqn):
-            outputs = [_conv_from_params(*inputs, eqn.params)]
-        elif name == "reduce_window_max" and _pool_eligible(eqn):
-            outputs = [reshape_max_pool(inputs[0], tuple(eqn.params["window_dimensions"]))]
-        elif name in _INLINED_CALLS and isinstance(eqn.params.get("jaxpr"), jex_core.ClosedJaxpr):
-            inner = eqn.params["jaxpr"]
+        replace, inner = _replacement(eqn), _inlined(eqn)
+        if replace is not None:
+            outputs = replace(inputs)
+        elif inner is not None:
             outputs = _evaluate(inner.jaxpr, inner.consts, inputs)
         else:
             with eqn.ctx.manager:
@@ -205,16 +221,11 @@ def _evaluate(jaxpr: Any, consts: list, args: list) -> list:
 
 
 def _any_eligible(jaxpr: Any) -> bool:
+    """Whether :func:`_evaluate` would replace anything in ``jaxpr``."""
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if (name == "conv_general_dilated" and _conv_eligible(eqn)) or (
-            name == "reduce_window_max" and _pool_eligible(eqn)
-        ):
+        inner = _inlined(eqn)
+        if _replacement(eqn) is not None or (inner is not None and _any_eligible(inner.jaxpr)):
             return True
-        inner = eqn.params.get("jaxpr")
-        if name in _INLINED_CALLS and isinstance(inner, jex_core.ClosedJaxpr):
-            if _any_eligible(inner.jaxpr):
-                return True
     return False
 
 
