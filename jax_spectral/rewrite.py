@@ -1,37 +1,43 @@
 """CPU-friendly rewrites of convolutions and max pooling, for fast gradients and HVPs.
 
-On XLA's CPU backend the kernel gradient of a convolution (a convolution whose window is
-the whole image) runs several times slower than the forward pass, and a forward-over-reverse
-HVP contains several of them; max pooling's derivative lowers to slow unfused
-``select_and_gather`` code. :func:`cpu_friendly` rewrites a function so that
+On XLA's CPU backend the input and kernel gradients of a convolution run several times
+slower than the forward pass (the kernel gradient is a convolution whose window is the
+whole image), and a forward-over-reverse HVP contains several of each; max pooling's
+derivative lowers to slow unfused ``select_and_gather`` code. :func:`cpu_friendly`
+rewrites a function so that
 
-* each eligible ``lax.conv_general_dilated`` becomes the same convolution written as
-  matrix products (:func:`patch_conv`): the input is cut into window-sized patches
-  (``im2col``) and multiplied by the kernel reshaped to a matrix. Autodiff of that form
-  gives the kernel gradient as a product of patches and output cotangents, and the input
-  gradient as a product followed by adding the patches back in place;
+* each eligible float32 ``lax.conv_general_dilated`` runs on oneDNN's convolution kernels
+  (:mod:`jax_spectral.onednn`: forward, input-gradient and kernel-gradient primitives that
+  differentiate into each other) when oneDNN is installed;
+* any other eligible convolution becomes the same convolution written as matrix products
+  (:func:`patch_conv`): the input is cut into window-sized patches (``im2col``) and
+  multiplied by the kernel reshaped to a matrix. Autodiff of that form gives the kernel
+  gradient as a product of patches and output cotangents, and the input gradient as a
+  product followed by adding the patches back in place;
 * each max pooling over non-overlapping windows (``reduce_window_max`` with stride equal
-  to the window, no padding) becomes a reshape and a reduction over each window
-  (:func:`reshape_max_pool`).
+  to the window, no padding) becomes a running selection over the window's strided slices
+  (:func:`reshape_max_pool`), which XLA fuses into one loop, derivative included.
 
-The convolutions run over chunks of images (``lax.map``) sized so that one chunk's patches
-take about ``PATCH_BYTES``; each chunk's patches are recomputed in the backward pass
-(``jax.checkpoint``) rather than stored: a whole batch's patch matrix is the image data
-times the window size (9x for 3x3) and would not stay in cache. Measured on the original
-package's CIFAR CNN on a 2-core CPU (``benchmarks/bench_cnn_tf.py``): 2.7x faster
-gradients and 2.5x faster HVPs, and fast inside ``lax.scan`` too, where XLA's own
-convolution gradients are 20x slower still (jax-ml/jax#12868).
+The patch products run over chunks of images (``lax.map``) sized so that one chunk's
+patches take about ``PATCH_BYTES``; each chunk's patches are recomputed in the backward
+pass (``jax.checkpoint``) rather than stored: a whole batch's patch matrix is the image
+data times the window size (9x for 3x3) and would not stay in cache.
+
+Measured on the original package's CIFAR CNN on a 2-core CPU
+(``benchmarks/bench_cnn_tf.py``): HVPs 3.7x faster with oneDNN and 2.5x with patches, and
+fast inside ``lax.scan`` too, where XLA's own convolution gradients are 20x slower still
+(jax-ml/jax#12868).
 
 The results are the same sums in another order: equal to the stock ones to float32
 rounding (tests compare values, gradients and HVPs). Pooling sends the derivative to the
 first maximal element of each window, as XLA's rule sends it to one. Rewritten: any
-number of spatial dimensions, any dimension numbers, window strides, kernel (rhs)
-dilation, non-negative padding; pooling of floating-point arrays. Left to XLA: grouped or
-depthwise convolutions, input (lhs) dilation as in transposed convolutions, negative
-padding, overlapping or padded pooling, integer or boolean pooling, operations with empty
-inputs or outputs, and anything inside ``lax.scan``/``while``/``cond`` bodies,
-``jax.checkpoint`` (remat) bodies or custom-derivative functions. Calls to ``jit`` inside
-the function are inlined (their sharding annotations are dropped).
+number of spatial dimensions (oneDNN: one to three), any dimension numbers, window
+strides, kernel (rhs) dilation, non-negative padding; pooling of floating-point arrays.
+Left to XLA: grouped or depthwise convolutions, input (lhs) dilation as in transposed
+convolutions, negative padding, overlapping or padded pooling, integer or boolean pooling,
+operations with empty inputs or outputs, and anything inside ``lax.scan``/``while``/
+``cond`` bodies, ``jax.checkpoint`` (remat) bodies or custom-derivative functions. Calls
+to ``jit`` inside the function are inlined (their sharding annotations are dropped).
 
 :func:`jax_spectral.hessian_operator` applies the rewrite when JAX's default backend is
 the CPU (``rewrite="auto"``); GPUs and TPUs keep the stock operations, whose vendor
@@ -51,7 +57,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 
-__all__ = ["PATCH_BYTES", "affects", "cpu_friendly", "patch_conv", "reshape_max_pool"]
+from . import onednn as _dnnl
+
+__all__ = [
+    "PATCH_BYTES",
+    "affects",
+    "convolutions",
+    "cpu_friendly",
+    "patch_conv",
+    "reshape_max_pool",
+]
 
 PATCH_BYTES = 8 << 20  # one chunk's patch matrix (measured: 2-16 MiB on a 2-core CPU)
 _INLINED_CALLS = frozenset({"pjit", "jit", "closed_call", "core_call"})
@@ -116,18 +131,22 @@ def patch_conv(
 
 def reshape_max_pool(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
     """Max pooling over non-overlapping windows (stride = window, no padding; trailing
-    elements that fill no window are dropped, as in ``lax.reduce_window``), as a reshape
-    and a reduction over each window. The derivative goes to one maximal element of each
-    window (the first), as XLA's ``reduce_window`` rule sends it to one."""
+    elements that fill no window are dropped, as in ``lax.reduce_window``), as a running
+    selection over the window's strided slices: each output compares its window's elements
+    in row-major order and keeps the first largest (a NaN, once seen, wins). XLA fuses the
+    whole selection, and its derivative, into single loops. The derivative goes to that
+    one element, as XLA's ``reduce_window`` rule sends it to one."""
     out = [n // k for n, k in zip(x.shape, window, strict=True)]
-    x = x[tuple(slice(0, o * k) for o, k in zip(out, window, strict=True))]
-    x = x.reshape([d for o, k in zip(out, window, strict=True) for d in (o, k)])
-    rank = len(window)
-    x = jnp.transpose(x, [*range(0, 2 * rank, 2), *range(1, 2 * rank, 2)])
-    x = x.reshape(*out, -1)
-    first = jnp.argmax(lax.stop_gradient(x), axis=-1, keepdims=True)
-    chosen = lax.broadcasted_iota(first.dtype, x.shape, x.ndim - 1) == first
-    return jnp.sum(jnp.where(chosen, x, jnp.zeros((), x.dtype)), axis=-1, dtype=x.dtype)
+    best = None
+    for offset in itertools.product(*(range(k) for k in window)):
+        part = x[tuple(slice(o, o + n * k, k) for o, n, k in zip(offset, out, window,
+                                                                 strict=True))]  # fmt: skip
+        if best is None:
+            best = part
+            continue
+        larger = (part > best) | (jnp.isnan(part) & ~jnp.isnan(best))
+        best = jnp.where(larger, part, best)
+    return best
 
 
 def _nonempty(eqn: Any) -> bool:
@@ -159,16 +178,31 @@ def _conv_eligible(eqn: Any) -> bool:
     )
 
 
-def _conv_from_params(lhs: jax.Array, rhs: jax.Array, params: dict) -> jax.Array:
+def _use_onednn(x, w, strides, padding, dilation, params) -> bool:
+    """Whether this channels-last convolution goes to oneDNN (float32 in and out)."""
+    preferred = params["preferred_element_type"]
+    return (
+        x.dtype == jnp.float32
+        and w.dtype == jnp.float32
+        and (preferred is None or jnp.dtype(preferred) == jnp.float32)
+        and _dnnl.supports(x.shape, w.shape, strides, padding, dilation, x.dtype)
+    )
+
+
+def _conv_from_params(lhs: jax.Array, rhs: jax.Array, params: dict, onednn: bool) -> jax.Array:
     """``conv_general_dilated`` with these primitive parameters, through :func:`patch_conv`."""
     lhs_spec, rhs_spec, out_spec = params["dimension_numbers"]
     # Specs list dimension positions: (batch, feature, *spatial) and (out, in, *spatial).
     x = jnp.transpose(lhs, (lhs_spec[0], *lhs_spec[2:], lhs_spec[1]))
     w = jnp.transpose(rhs, (*rhs_spec[2:], rhs_spec[1], rhs_spec[0]))
-    y = patch_conv(
-        x, w, tuple(params["window_strides"]), tuple(map(tuple, params["padding"])),
-        tuple(params["rhs_dilation"]), params["precision"], params["preferred_element_type"],
-    )  # fmt: skip
+    strides, dilation = tuple(params["window_strides"]), tuple(params["rhs_dilation"])
+    padding = tuple(map(tuple, params["padding"]))
+    if onednn and _use_onednn(x, w, strides, padding, dilation, params):
+        y = _dnnl.conv(x, w, strides, padding, dilation)
+    else:
+        y = patch_conv(
+            x, w, strides, padding, dilation, params["precision"], params["preferred_element_type"]
+        )
     order = [0] * y.ndim  # y is (batch, *spatial, feature); put each where out_spec says
     order[out_spec[0]], order[out_spec[1]] = 0, y.ndim - 1
     for i, position in enumerate(out_spec[2:]):
@@ -176,11 +210,11 @@ def _conv_from_params(lhs: jax.Array, rhs: jax.Array, params: dict) -> jax.Array
     return jnp.transpose(y, order)
 
 
-def _replacement(eqn: Any) -> Callable | None:
+def _replacement(eqn: Any, onednn: bool = True) -> Callable | None:
     """``inputs -> outputs`` computing ``eqn`` the CPU-friendly way, or ``None``."""
     name = eqn.primitive.name
     if name == "conv_general_dilated" and _conv_eligible(eqn):
-        return lambda inputs: [_conv_from_params(*inputs, eqn.params)]
+        return lambda inputs: [_conv_from_params(*inputs, eqn.params, onednn)]
     if name == "reduce_window_max" and _pool_eligible(eqn):
         window = tuple(eqn.params["window_dimensions"])
         return lambda inputs: [reshape_max_pool(inputs[0], window)]
@@ -195,7 +229,7 @@ def _inlined(eqn: Any) -> Any:
     return None
 
 
-def _evaluate(jaxpr: Any, consts: list, args: list) -> list:
+def _evaluate(jaxpr: Any, consts: list, args: list, onednn: bool) -> list:
     """Evaluate ``jaxpr`` with eligible convolutions and pooling replaced, inlining nested
     ``jit``s."""
     env: dict = {}
@@ -207,11 +241,11 @@ def _evaluate(jaxpr: Any, consts: list, args: list) -> list:
     env.update(zip(jaxpr.invars, args, strict=True))
     for eqn in jaxpr.eqns:
         inputs = [read(v) for v in eqn.invars]
-        replace, inner = _replacement(eqn), _inlined(eqn)
+        replace, inner = _replacement(eqn, onednn), _inlined(eqn)
         if replace is not None:
             outputs = replace(inputs)
         elif inner is not None:
-            outputs = _evaluate(inner.jaxpr, inner.consts, inputs)
+            outputs = _evaluate(inner.jaxpr, inner.consts, inputs, onednn)
         else:
             with eqn.ctx.manager:
                 result = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(eqn.params))
@@ -234,29 +268,39 @@ def affects(fn: Callable, *args: Any) -> bool:
     return _any_eligible(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def cpu_friendly(fn: Callable) -> Callable:
-    """``fn`` with its convolutions computed as chunked patch matrix products and its
-    non-overlapping max pooling as reshape reductions (see the module notes).
+def cpu_friendly(fn: Callable, *, onednn: bool = True) -> Callable:
+    """``fn`` with its convolutions computed by oneDNN (or as chunked patch matrix
+    products) and its non-overlapping max pooling as strided-slice selections (see the
+    module notes).
 
-    The returned function takes the same positional arguments, which must be pytrees of
-    arrays (every leaf is traced), and returns the same values to float32 rounding; it can
-    be differentiated, vmapped and jitted like ``fn``. The same wrapper is returned for
-    the same hashable ``fn`` (an LRU cache of 64, which keeps those functions alive), so
-    jitted code that takes it as a static argument is compiled once; an unhashable ``fn``
-    gets a fresh wrapper on each call.
+    ``onednn=False`` uses the patch products even where oneDNN is available (for example
+    on a mesh of CPU devices: XLA cannot split a oneDNN call across devices and gathers
+    its operands). The returned function takes the same positional arguments, which must
+    be pytrees of arrays (every leaf is traced), and returns the same values to float32
+    rounding; it can be differentiated, vmapped and jitted like ``fn``. The same wrapper is
+    returned for the same hashable ``fn`` (an LRU cache of 64, which keeps those functions
+    alive), so jitted code that takes it as a static argument is compiled once; an
+    unhashable ``fn`` gets a fresh wrapper on each call.
     """
     try:
-        return _rewritten(fn)
+        return _rewritten(fn, bool(onednn))
     except TypeError:  # an unhashable callable: a fresh wrapper
-        return _rewritten.__wrapped__(fn)
+        return _rewritten.__wrapped__(fn, bool(onednn))
 
 
 @functools.lru_cache(maxsize=64)
-def _rewritten(fn: Callable) -> Callable:
+def _rewritten(fn: Callable, onednn: bool) -> Callable:
     @functools.wraps(fn)
     def rewritten(*args):
         closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-        outputs = _evaluate(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args))
+        leaves = jax.tree_util.tree_leaves(args)
+        outputs = _evaluate(closed.jaxpr, closed.consts, leaves, onednn)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), outputs)
 
     return rewritten
+
+
+def convolutions(onednn: bool = True) -> str:
+    """Which convolutions :func:`cpu_friendly` uses here: ``"onednn"`` (its float32
+    convolutions go to oneDNN, see :mod:`jax_spectral.onednn`) or ``"patches"``."""
+    return "onednn" if onednn and _dnnl.available() else "patches"

@@ -1,7 +1,7 @@
-"""The CPU rewrite (convolutions as patch matrix products, max pooling as reshapes) gives
-XLA's values, gradients and jvp-of-grad HVPs to float32 rounding, and a Hessian operator
-built with it matches the dense Hessian (``jacfwd(jacrev)`` of the stock loss) and the
-stock operator."""
+"""The CPU rewrite (convolutions through oneDNN or as patch matrix products, max pooling as
+strided-slice selections) gives XLA's values, gradients and jvp-of-grad HVPs to float32
+rounding, and a Hessian operator built with it matches the dense Hessian
+(``jacfwd(jacrev)`` of the stock loss) and the stock operator."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from jax_spectral import full_hessian, hessian_operator
+from jax_spectral import full_hessian, hessian_operator, onednn
 from jax_spectral import rewrite as rewrite_module
 from jax_spectral.rewrite import cpu_friendly, reshape_max_pool
+
+ONEDNN = pytest.mark.skipif(not onednn.available(), reason="oneDNN is not installed")
+# Each rewritten-operator test runs with both kinds of convolution.
+BACKENDS = [pytest.param("onednn", marks=ONEDNN), "patches"]
 
 CONVOLUTIONS = {
     "NHWC, VALID": dict(x=(4, 9, 9, 3), w=(3, 3, 3, 5), dn=("NHWC", "HWIO", "NHWC"),
@@ -48,10 +52,14 @@ def _random(shape, seed):
 
 
 @pytest.mark.parametrize("case", list(CONVOLUTIONS))
-@pytest.mark.parametrize("chunk_bytes", [None, 1])  # one chunk, and one image per chunk
-def test_convolutions_equal_xla_in_value_gradient_and_hvp(case, chunk_bytes, monkeypatch):
+@pytest.mark.parametrize(
+    "backend, chunk_bytes",  # patches in one chunk, and one image per chunk
+    [pytest.param("onednn", None, marks=ONEDNN), ("patches", None), ("patches", 1)],
+)
+def test_convolutions_equal_xla_in_value_gradient_and_hvp(case, backend, chunk_bytes, monkeypatch):
     if chunk_bytes is not None:
         monkeypatch.setattr(rewrite_module, "PATCH_BYTES", chunk_bytes)
+    use_onednn = backend == "onednn"
     c = CONVOLUTIONS[case]
     x, w = _random(c["x"], 0), _random(c["w"], 1)
 
@@ -63,9 +71,11 @@ def test_convolutions_equal_xla_in_value_gradient_and_hvp(case, chunk_bytes, mon
     def loss(x, w):
         return jnp.sum(jnp.tanh(conv(x, w)) ** 2)
 
-    fast = cpu_friendly(loss)
-    assert "conv_general_dilated" not in _primitives(fast, x, w)
-    _close(cpu_friendly(conv)(x, w), conv(x, w))
+    fast = cpu_friendly(loss, onednn=use_onednn)
+    primitives = _primitives(fast, x, w)
+    assert "conv_general_dilated" not in primitives
+    assert ("onednn_conv" in primitives) == use_onednn
+    _close(cpu_friendly(conv, onednn=use_onednn)(x, w), conv(x, w))
     _close(jax.grad(fast, (0, 1))(x, w), jax.grad(loss, (0, 1))(x, w))
 
     def hvp(f, tangents):
@@ -145,9 +155,10 @@ def test_chunks_of_several_images(monkeypatch):
         return jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
             x, w, (1, 1), "VALID", dimension_numbers=c["dn"])))  # fmt: skip
 
-    jaxpr = str(jax.make_jaxpr(cpu_friendly(loss))(x, w))
+    patched = cpu_friendly(loss, onednn=False)
+    jaxpr = str(jax.make_jaxpr(patched)(x, w))
     assert "scan" in jaxpr and "f32[3,9,9,3]" in jaxpr  # a loop over two chunks of three
-    _close(jax.grad(cpu_friendly(loss), (0, 1))(x, w), jax.grad(loss, (0, 1))(x, w))
+    _close(jax.grad(patched, (0, 1))(x, w), jax.grad(loss, (0, 1))(x, w))
 
 
 def test_nested_jit_is_inlined_and_the_wrapper_is_cached():
@@ -187,11 +198,12 @@ def _cnn_problem():
     return loss, params, (images, labels)
 
 
-def test_operator_with_the_rewrite_matches_the_dense_hessian():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_operator_with_the_rewrite_matches_the_dense_hessian(backend):
     loss, params, data = _cnn_problem()
-    op = hessian_operator(loss, params, data, batch_size=4, rewrite="cpu")
+    op = hessian_operator(loss, params, data, batch_size=4, rewrite=backend)
     stock = hessian_operator(loss, params, data, batch_size=4, rewrite="none")
-    assert op.rewrite == "cpu" and op.loop == "scan"  # rewritten: the scanned loop is fast
+    assert op.rewrite == backend and op.loop == "scan"  # rewritten: the scanned loop is fast
     dense = np.zeros((op.dim, op.dim))
     for i in range(0, 10, 4):  # the batch-size-weighted mean of batch Hessians
         batch = (data[0][i : i + 4], data[1][i : i + 4])
@@ -203,15 +215,16 @@ def test_operator_with_the_rewrite_matches_the_dense_hessian():
     _close(op.matmat(np.stack([v, 2 * v])), np.stack([stock.matvec(v), 2 * stock.matvec(v)]))
 
 
-def test_host_loop_and_stream_with_the_rewrite():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_host_loop_and_stream_with_the_rewrite(backend):
     loss, params, data = _cnn_problem()
     stock = hessian_operator(loss, params, data, batch_size=4, rewrite="none")
     batches = [(data[0][i : i + 4], data[1][i : i + 4]) for i in range(0, 10, 4)]
     v = np.random.default_rng(3).standard_normal(stock.dim).astype(np.float32)
     expected = stock.matvec(v)
-    for op in (hessian_operator(loss, params, data, batch_size=4, rewrite="cpu", loop="host"),
-               hessian_operator(loss, params, batches, rewrite="cpu")):  # fmt: skip
-        assert op.loop == "host" and op.rewrite == "cpu"
+    for op in (hessian_operator(loss, params, data, batch_size=4, rewrite=backend, loop="host"),
+               hessian_operator(loss, params, batches, rewrite=backend)):  # fmt: skip
+        assert op.loop == "host" and op.rewrite == backend
         _close(op.matvec(v), expected)
 
 
@@ -222,18 +235,32 @@ def test_checkpoint_fingerprint_sees_the_rewrite_only_where_it_changes_products(
 
     params = init_mlp(jax.random.key(0), [4, 5, 3])
     x, y = classification_data(jax.random.key(1), 20, 4, 3)
+    settings = ("cpu", "patches", "none")
     mlp = [hessian_operator(mlp_loss, params, (x, y), batch_size=8, rewrite=r)
-           for r in ("cpu", "none")]  # fmt: skip
-    assert fingerprint(mlp[0]) == fingerprint(mlp[1])  # no convolutions: same products
+           for r in settings]  # fmt: skip
+    assert len({fingerprint(op) for op in mlp}) == 1  # no convolutions: the same products
     loss, params, data = _cnn_problem()
-    cnn = [hessian_operator(loss, params, data, batch_size=4, rewrite=r) for r in ("cpu", "none")]
-    assert fingerprint(cnn[0]) != fingerprint(cnn[1])
+    cnn = [hessian_operator(loss, params, data, batch_size=4, rewrite=r) for r in settings]
+    expected = 3 if onednn.available() else 2  # "cpu" is "patches" without oneDNN
+    assert len({fingerprint(op) for op in cnn}) == expected
 
 
-def test_rewrite_setting():
+def test_rewrite_setting(monkeypatch):
+    from jax_spectral import operators
+
     loss, params, data = _cnn_problem()
     auto = hessian_operator(loss, params, data, batch_size=4)
-    assert auto.rewrite == ("cpu" if jax.default_backend() == "cpu" else "none")
+    on_cpu = "onednn" if onednn.available() else "patches"
+    assert auto.rewrite == (on_cpu if jax.default_backend() == "cpu" else "none")
+    assert hessian_operator(loss, params, data, batch_size=4, rewrite="cpu").rewrite == on_cpu
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = hessian_operator(loss, params, data, batch_size=4, rewrite="cpu", mesh=mesh)
+    assert sharded.rewrite == "patches"  # a oneDNN call would not be split across devices
+    monkeypatch.setattr(operators, "convolutions", lambda: "patches")  # as if not installed
+    with pytest.raises(ValueError, match="needs oneDNN"):
+        hessian_operator(loss, params, data, rewrite="onednn")
+    assert hessian_operator(loss, params, data, batch_size=4, rewrite="cpu").rewrite == "patches"
+    monkeypatch.undo()
     assert hessian_operator(loss, params, data, batch_size=4, rewrite="none").loop == (
         "host" if jax.default_backend() == "cpu" else "scan"
     )

@@ -1,0 +1,179 @@
+"""oneDNN's convolution primitives against XLA's convolution: values, the input and kernel
+gradients, derivatives of every order (forward-over-reverse, reverse-over-reverse,
+forward-over-forward), vmap, lax.scan, and what happens when oneDNN is missing or fails."""
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_spectral import onednn
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="oneDNN is not installed")
+
+# x shape, w shape, strides, explicit padding, kernel dilation; channels last throughout.
+GEOMETRIES = {
+    "3x3 VALID": ((3, 9, 10, 4), (3, 3, 4, 5), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    "strided, padded, dilated": ((2, 11, 12, 3), (3, 2, 3, 6), (2, 1), ((1, 2), (0, 1)), (1, 2)),
+    "1-D": ((2, 13, 3), (4, 3, 2), (3,), ((2, 1),), (1,)),
+    "3-D": ((2, 5, 6, 7, 2), (2, 3, 2, 2, 3), (1, 1, 2), ((0, 0), (1, 1), (0, 1)), (1, 1, 1)),
+    "1x1": ((3, 4, 4, 6), (1, 1, 6, 2), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+}  # fmt: skip
+
+
+def _dimension_numbers(rank):
+    spatial = "DHW"[3 - rank :]
+    return (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
+
+
+def _xla(x, w, strides, padding, dilation):
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, rhs_dilation=dilation,
+        dimension_numbers=_dimension_numbers(x.ndim - 2),
+    )  # fmt: skip
+
+
+def _mine(x, w, strides, padding, dilation):
+    return onednn.conv(x, w, strides, padding, dilation)
+
+
+def _random(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _close(actual, expected, rtol=2e-5):
+    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected),
+                    strict=True):  # fmt: skip
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        assert a.shape == e.shape
+        scale = np.max(np.abs(e))
+        assert scale > 0
+        np.testing.assert_allclose(a, e, rtol=0, atol=rtol * scale)
+
+
+@pytest.mark.parametrize("case", list(GEOMETRIES))
+def test_three_kernels_equal_xla(case):
+    x_shape, w_shape, *geometry = GEOMETRIES[case]
+    x, w = _random(x_shape, 0), _random(w_shape, 1)
+    assert onednn.supports(x_shape, w_shape, *geometry, jnp.float32)
+    expected, pullback = jax.vjp(lambda x, w: _xla(x, w, *geometry), x, w)
+    _close(_mine(x, w, *geometry), expected)  # eager
+    _close(jax.jit(lambda x, w: _mine(x, w, *geometry))(x, w), expected)
+    dy = _random(expected.shape, 2)
+    mine_dx, mine_dw = jax.jit(jax.vjp(lambda x, w: _mine(x, w, *geometry), x, w)[1])(dy)
+    dx, dw = pullback(dy)
+    _close(mine_dx, dx)  # oneDNN's backward_data
+    _close(mine_dw, dw)  # oneDNN's backward_weights
+
+
+@pytest.mark.parametrize("case", ["3x3 VALID", "strided, padded, dilated", "1-D"])
+def test_derivatives_of_every_order_equal_xla(case):
+    x_shape, w_shape, *geometry = GEOMETRIES[case]
+    x, w = _random(x_shape, 0), _random(w_shape, 1)
+    tangents = (_random(x_shape, 2), _random(w_shape, 3))
+
+    def loss(conv):
+        return lambda x, w: jnp.sum(jnp.tanh(conv(x, w, *geometry)) ** 2)
+
+    def forward_over_reverse(conv):
+        return jax.jvp(jax.grad(loss(conv), (0, 1)), (x, w), tangents)[1]
+
+    def reverse_over_reverse(conv):
+        inner = jax.grad(loss(conv), (0, 1))
+        dot = lambda x, w: sum(  # noqa: E731
+            jnp.vdot(g, t) for g, t in zip(inner(x, w), tangents, strict=True)
+        )
+        return jax.grad(dot, (0, 1))(x, w)
+
+    def forward_over_forward(conv):
+        first = lambda x, w: jax.jvp(loss(conv), (x, w), tangents)[1]  # noqa: E731
+        return jax.jvp(first, (x, w), tangents)[1]
+
+    for derivative in (forward_over_reverse, reverse_over_reverse, forward_over_forward):
+        _close(jax.jit(derivative, static_argnums=0)(_mine), derivative(_xla))
+
+
+def _vmapped_gradients(conv, axes):
+    return jax.vmap(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 3), (0, 1)), axes)
+
+
+def test_vmap_folds_images_or_loops_and_scan_works():
+    x_shape, w_shape, *geometry = GEOMETRIES["strided, padded, dilated"]
+    xs = jnp.stack([_random(x_shape, 0), _random(x_shape, 1), _random(x_shape, 2)])
+    ws = jnp.stack([_random(w_shape, 3), _random(w_shape, 4), _random(w_shape, 5)])
+    mine = lambda x, w: _mine(x, w, *geometry)  # noqa: E731
+    xla = lambda x, w: _xla(x, w, *geometry)  # noqa: E731
+    for axes, args in (((0, None), (xs, ws[0])), ((None, 0), (xs[0], ws)), ((0, 0), (xs, ws))):
+        _close(jax.jit(jax.vmap(mine, axes))(*args), jax.vmap(xla, axes)(*args))
+        _close(jax.jit(_vmapped_gradients(mine, axes))(*args), _vmapped_gradients(xla, axes)(*args))
+    folded = jax.make_jaxpr(jax.vmap(mine, (0, None)))(xs, ws[0])
+    assert "scan" not in str(folded)  # a mapped input alone: the images are folded together
+    looped = jax.make_jaxpr(jax.vmap(mine, (None, 0)))(xs[0], ws)
+    assert "scan" in str(looped)  # a mapped kernel: one call per kernel
+
+    def summed_gradients(conv):
+        def body(total, x):
+            g = jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w))))(ws[0])
+            return total + g, None
+
+        return jax.lax.scan(body, jnp.zeros_like(ws[0]), xs)[0]
+
+    _close(jax.jit(summed_gradients, static_argnums=0)(mine), summed_gradients(xla))
+
+
+def test_supports_refuses_what_it_cannot_run():
+    base = GEOMETRIES["3x3 VALID"]
+    assert onednn.supports(*base, jnp.float32)
+    assert not onednn.supports(*base, jnp.float64)
+    assert not onednn.supports(*base, jnp.bfloat16)
+    x, w, strides, _, dilation = base
+    assert not onednn.supports(x, w, strides, ((-1, 0), (0, 0)), dilation, jnp.float32)
+    assert not onednn.supports(x, (3, 3, 7, 5), strides, ((0, 0), (0, 0)), dilation, "float32")
+    assert not onednn.supports((3, 2, 2, 4), w, strides, ((0, 0), (0, 0)), (1, 1), "float32")
+    four_d = ((1, 3, 3, 3, 3, 2), (1, 1, 1, 1, 2, 2), (1,) * 4, ((0, 0),) * 4, (1,) * 4)
+    assert not onednn.supports(*four_d, jnp.float32)
+
+
+def test_a_failing_kernel_gives_nan_and_a_log_record(monkeypatch, caplog):
+    def broken(self, name, a, b, out):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(onednn._Geometry, "run", broken)
+    x, w = _random((2, 6, 6, 3), 0), _random((3, 3, 3, 2), 1)
+    with caplog.at_level(logging.ERROR, logger="jax_spectral.onednn"):
+        y = jax.jit(lambda x, w: _mine(x, w, (1, 1), ((0, 0), (0, 0)), (1, 1)))(x, w)
+        y = np.asarray(y)
+    assert y.shape == (2, 4, 4, 2) and np.isnan(y).all()
+    assert "simulated failure" in caplog.text
+
+
+def test_turned_off_by_the_environment_the_rewrite_uses_patches():
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax_spectral import hessian_operator, onednn
+        from jax_spectral.rewrite import convolutions, cpu_friendly
+        assert not onednn.available() and convolutions() == "patches"
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 6, 6, 3)), jnp.float32)
+        w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 3, 2)), jnp.float32)
+        conv = lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        jaxpr = str(jax.make_jaxpr(cpu_friendly(conv))(x, w))
+        assert "onednn" not in jaxpr and "conv_general_dilated" not in jaxpr
+        np.testing.assert_allclose(cpu_friendly(conv)(x, w), conv(x, w), atol=1e-5)
+        loss = lambda w, batch: jnp.sum(conv(batch, w) ** 2)
+        assert hessian_operator(loss, w, x, rewrite="cpu").rewrite == "patches"
+        print("ok")
+        """
+    )
+    env = {**os.environ, "JAX_SPECTRAL_ONEDNN": "0", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("ok")
