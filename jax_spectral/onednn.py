@@ -330,11 +330,13 @@ def _geometry(x_shape, w_shape, strides, padding, dilation) -> _Geometry | None:
 
 
 def supports(x_shape, w_shape, strides, padding, dilation, dtype) -> bool:
-    """Whether :func:`conv` can run this convolution: oneDNN loaded, float32, 1-3 spatial
-    dimensions, non-negative padding, an implemented geometry."""
+    """Whether :func:`conv` can run this convolution: JAX's default backend is the CPU,
+    oneDNN loaded, float32, 1-3 spatial dimensions, non-negative padding, an implemented
+    geometry."""
     rank = len(x_shape) - 2
     return (
-        jnp.dtype(dtype) == jnp.float32
+        jax.default_backend() == "cpu"
+        and jnp.dtype(dtype) == jnp.float32
         and 1 <= rank <= 3
         and len(w_shape) == rank + 2
         and w_shape[-2] == x_shape[-1]

@@ -24,7 +24,7 @@ pass (``jax.checkpoint``) rather than stored: a whole batch's patch matrix is th
 data times the window size (9x for 3x3) and would not stay in cache.
 
 Measured on the original package's CIFAR CNN on a 2-core CPU
-(``benchmarks/bench_cnn_tf.py``): HVPs 3.7x faster with oneDNN and 2.5x with patches, and
+(``benchmarks/bench_cnn_tf.py``): HVPs 4x faster with oneDNN and 2.7x with patches, and
 fast inside ``lax.scan`` too, where XLA's own convolution gradients are 20x slower still
 (jax-ml/jax#12868).
 
