@@ -29,11 +29,16 @@ it :func:`available` is false and :mod:`jax_spectral.rewrite` falls back to patc
 products. Only float32 is handled, and only where oneDNN has a JIT kernel for the CPU and
 the geometry (its reference loops, ~100x slower, are refused). Calls run one at a time
 (one oneDNN stream, each kernel on all cores through OpenMP). A kernel that fails at run
-time writes NaN into its result and logs the error: nothing raises inside XLA.
+time writes NaN into its result and logs the error: nothing raises inside XLA (a Ctrl-C
+that lands in a handler is passed on to the main thread). The handlers are Python
+functions, which cannot run once the interpreter shuts down, so at exit the process waits
+for oneDNN work still running or queued (about a second longer when any was compiled).
 """
 
 from __future__ import annotations
 
+import _thread
+import atexit
 import ctypes
 import ctypes.util
 import functools
@@ -44,6 +49,8 @@ import os
 import site
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -195,16 +202,50 @@ def _candidates() -> list[str]:
 
 @functools.cache
 def _library() -> _Library | None:
-    if os.environ.get("JAX_SPECTRAL_ONEDNN", "") == "0":
+    if os.environ.get("JAX_SPECTRAL_ONEDNN", "") == "0" or _ffi_api_version() is None:
         return None
     for path in _candidates():
         if os.sep in path and not os.path.exists(path):
             continue
         try:
-            return _Library(path)
+            library = _Library(path)
         except (OSError, AttributeError, RuntimeError):
             continue
+        atexit.register(_finish_pending_work)
+        return library
     return None
+
+
+class _Activity:
+    """Handler calls in flight and the time the last one ended."""
+
+    lock = threading.Lock()
+    in_flight = 0
+    last = 0.0
+
+
+QUIET_SECONDS = 1.0  # at exit: no oneDNN call for this long means no queued work is left
+
+
+def _finish_pending_work(limit: float = 600.0) -> None:
+    """Wait at exit for computations still running or queued. Their oneDNN handlers are
+    Python callbacks: once the interpreter shuts down they cannot run, and XLA's teardown
+    would wait for them forever (or crash). Results still referenced are waited for
+    directly; work whose results were dropped (a loop stopped by Ctrl-C) is waited out
+    until no handler has run for ``QUIET_SECONDS`` (so a process that compiled oneDNN calls
+    takes that much longer to exit)."""
+    for array in jax.live_arrays():
+        try:
+            array.block_until_ready()
+        except Exception:  # noqa: BLE001 - a failed computation has nothing left to wait for
+            pass
+    if not _handlers:  # no program with oneDNN calls was compiled in this process
+        return
+    start = time.monotonic()
+    while time.monotonic() < start + limit and (
+        _Activity.in_flight or time.monotonic() - max(_Activity.last, start) < QUIET_SECONDS
+    ):
+        time.sleep(0.05)
 
 
 def available() -> bool:
@@ -405,59 +446,83 @@ class _CallFrame(ctypes.Structure):
 _HANDLER = ctypes.CFUNCTYPE(_P, ctypes.POINTER(_CallFrame))
 _METADATA_EXTENSION = 1
 _EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE
+_FFI_MAJOR = 0  # the XLA FFI major version these structures follow
+_registration = threading.Lock()
 _handlers: dict[tuple[str, str], tuple[str, object]] = {}
 
 
 @functools.cache
-def _ffi_api_version() -> tuple[int, int]:
-    """XLA FFI's (major, minor) API version, from the running jaxlib's header."""
+def _ffi_api_version() -> tuple[int, int] | None:
+    """XLA FFI's (major, minor) API version from the running jaxlib's header, or ``None``
+    when the header is missing or declares a major version the structures above were not
+    written for (then oneDNN is not used)."""
     header = Path(jax.ffi.include_dir()) / "xla" / "ffi" / "api" / "c_api.h"
     numbers = {}
-    for line in header.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 3 and parts[0] == "#define" and parts[1].startswith("XLA_FFI_API_M"):
-            numbers[parts[1]] = int(parts[2])
-    return numbers["XLA_FFI_API_MAJOR"], numbers["XLA_FFI_API_MINOR"]
+    try:
+        for line in header.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "#define" and parts[1].startswith("XLA_FFI_API_M"):
+                numbers[parts[1]] = int(parts[2])
+        version = numbers["XLA_FFI_API_MAJOR"], numbers["XLA_FFI_API_MINOR"]
+    except (OSError, KeyError, ValueError):
+        return None
+    # Minor versions only add fields at the ends of structures (c_api.h); checked: 0.3.
+    return version if version[0] == _FFI_MAJOR else None
 
 
 def _ffi_target(geometry: _Geometry, kernel: str) -> str:
     """The registered custom call target running ``kernel`` of ``geometry``."""
     key = (geometry.name, kernel)
-    if key not in _handlers:
-        major, minor = _ffi_api_version()
-        size = math.prod(geometry.output_shape(kernel))
-
-        def handle(frame_pointer):
-            frame = frame_pointer.contents
-            if frame.extension_start and frame.extension_start.contents.type == (
-                _METADATA_EXTENSION
-            ):  # XLA asks which FFI version the handler speaks
-                extension = ctypes.cast(frame.extension_start,
-                                        ctypes.POINTER(_MetadataExtension)).contents  # fmt: skip
-                metadata = extension.metadata.contents
-                metadata.api_version.major_version = major
-                metadata.api_version.minor_version = minor
-                metadata.traits = 0
-                return None
-            if frame.stage != _EXECUTE:
-                return None
-            out = frame.rets.items[0].contents.data
-            try:
-                a, b = (frame.args.items[i].contents.data for i in range(2))
-                geometry.run(kernel, a, b, out)
-            except Exception:  # noqa: BLE001 - nothing may escape into XLA; poison the result
-                logging.getLogger(__name__).exception("oneDNN %s failed", kernel)
-                array = ctypes.cast(out, ctypes.POINTER(ctypes.c_float * size)).contents
-                np.frombuffer(array, np.float32).fill(np.nan)
-            return None
-
-        callback = _HANDLER(handle)
-        # Named after the geometry, so that an executable from JAX's persistent compilation
-        # cache finds the same kernel under the same name in another process.
-        name = f"jax_spectral_onednn_{kernel}_{geometry.name}"
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(callback), platform="cpu")
-        _handlers[key] = (name, callback)  # keeps the callback alive
+    with _registration:  # two threads lowering the same new geometry register it once
+        if key not in _handlers:
+            _register(geometry, kernel, key)
     return _handlers[key][0]
+
+
+def _register(geometry: _Geometry, kernel: str, key: tuple[str, str]) -> None:
+    """Register the custom call target running ``kernel`` of ``geometry``."""
+    major, minor = _ffi_api_version()
+    size = math.prod(geometry.output_shape(kernel))
+
+    def handle(frame_pointer):
+        frame = frame_pointer.contents
+        if frame.extension_start and frame.extension_start.contents.type == (
+            _METADATA_EXTENSION
+        ):  # XLA asks which FFI version the handler speaks
+            extension = ctypes.cast(frame.extension_start,
+                                    ctypes.POINTER(_MetadataExtension)).contents  # fmt: skip
+            metadata = extension.metadata.contents
+            metadata.api_version.major_version = major
+            metadata.api_version.minor_version = minor
+            metadata.traits = 0
+            return None
+        if frame.stage != _EXECUTE:
+            return None
+        out = frame.rets.items[0].contents.data
+        with _Activity.lock:
+            _Activity.in_flight += 1
+        try:
+            a, b = (frame.args.items[i].contents.data for i in range(2))
+            geometry.run(kernel, a, b, out)
+        except BaseException as error:  # nothing may escape into XLA: poison the result
+            array = ctypes.cast(out, ctypes.POINTER(ctypes.c_float * size)).contents
+            np.frombuffer(array, np.float32).fill(np.nan)
+            if isinstance(error, KeyboardInterrupt):  # ctypes would swallow a Ctrl-C here
+                _thread.interrupt_main()
+            else:
+                logging.getLogger(__name__).exception("oneDNN %s failed", kernel)
+        finally:
+            with _Activity.lock:
+                _Activity.in_flight -= 1
+                _Activity.last = time.monotonic()
+        return None
+
+    callback = _HANDLER(handle)
+    # Named after the geometry, so that an executable from JAX's persistent compilation
+    # cache finds the same kernel under the same name in another process.
+    name = f"jax_spectral_onednn_{kernel}_{geometry.name}"
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(callback), platform="cpu")
+    _handlers[key] = (name, callback)  # keeps the callback alive
 
 
 # -- primitives ---------------------------------------------------------------------------
@@ -470,7 +535,14 @@ kernel_grad_p = jex_core.Primitive("onednn_conv_kernel_grad")
 def conv(x, w, strides, padding, dilation):
     """``x`` ``(N, *spatial, C)`` convolved with ``w`` ``(*window, C, O)`` by oneDNN;
     ``padding`` is explicit ``(low, high)`` per spatial dimension, ``dilation`` the
-    kernel's. Check :func:`supports` first."""
+    kernel's. Raises ``ValueError`` where :func:`supports` is false."""
+    dtype = jnp.result_type(x, w)
+    if x.dtype != w.dtype or not supports(x.shape, w.shape, strides, padding, dilation, dtype):
+        raise ValueError(
+            f"oneDNN cannot run this convolution: x {x.dtype}{list(x.shape)}, w "
+            f"{w.dtype}{list(w.shape)}, strides {strides}, padding {padding}, dilation "
+            f"{dilation} (see onednn.supports; oneDNN available: {available()})."
+        )
     return conv_p.bind(x, w, **_params(x.shape, w.shape, strides, padding, dilation))
 
 
@@ -492,18 +564,30 @@ _KERNELS = {conv_p: "forward", input_grad_p: "input_grad", kernel_grad_p: "kerne
 
 def _abstract(primitive):
     def abstract_eval(a, b, **params):
-        shape = {
-            conv_p: _y_shape(**params), input_grad_p: params["x_shape"],
-            kernel_grad_p: params["w_shape"],
-        }[primitive]  # fmt: skip
-        return jax.core.ShapedArray(shape, jnp.float32)
+        y_shape = _y_shape(**params)
+        expected = {  # the operands' shapes, then the result's
+            conv_p: (params["x_shape"], params["w_shape"], y_shape),
+            input_grad_p: (y_shape, params["w_shape"], params["x_shape"]),
+            kernel_grad_p: (params["x_shape"], y_shape, params["w_shape"]),
+        }[primitive]
+        if (a.shape, b.shape) != expected[:2] or {a.dtype, b.dtype} != {jnp.dtype(jnp.float32)}:
+            raise TypeError(
+                f"{primitive.name} takes float32 operands of shapes {expected[:2]}, got "
+                f"{a.dtype}{list(a.shape)} and {b.dtype}{list(b.shape)}."
+            )
+        return jax.core.ShapedArray(expected[2], jnp.float32)
 
     return abstract_eval
 
 
+@functools.lru_cache(maxsize=256)
+def _eager_call(primitive, params: tuple) -> Callable:
+    return jax.jit(functools.partial(primitive.bind, **dict(params)))
+
+
 def _eager(primitive):
-    def impl(a, b, **params):
-        return jax.jit(functools.partial(primitive.bind, **params))(a, b)
+    def impl(a, b, **params):  # outside jit: one compiled call per geometry, reused
+        return _eager_call(primitive, tuple(sorted(params.items())))(a, b)
 
     return impl
 
@@ -524,10 +608,6 @@ for _primitive in _KERNELS:
 
 
 # Transposes: conv(x, w) = y; input_grad(dy, w) = x-shaped; kernel_grad(x, dy) = w-shaped.
-def _shape(a):
-    return a.aval.shape if ad.is_undefined_primal(a) else a.shape
-
-
 ad.defbilinear(
     conv_p,
     lambda ct, x, w, **p: input_grad_p.bind(ct, w, **p),

@@ -140,6 +140,40 @@ def test_supports_refuses_what_it_cannot_run():
     assert not onednn.supports(*four_d, jnp.float32)
 
 
+def test_conv_refuses_what_it_cannot_run():
+    x, w = _random((2, 6, 6, 3), 0), _random((3, 3, 3, 2), 1)
+    geometry = ((1, 1), ((0, 0), (0, 0)), (1, 1))
+    with pytest.raises(ValueError, match="cannot run this convolution"):
+        onednn.conv(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), *geometry)
+    with pytest.raises(ValueError, match="cannot run this convolution"):
+        onednn.conv(x, w.astype(jnp.bfloat16), *geometry)
+    with pytest.raises(ValueError, match="cannot run this convolution"):
+        onednn.conv(x, _random((3, 3, 4, 2), 1), *geometry)  # channels disagree
+    params = onednn._params(x.shape, w.shape, *geometry)
+    with pytest.raises(TypeError, match="float32 operands"):  # the primitive checks too
+        jax.eval_shape(lambda x, w: onednn.conv_p.bind(x, w, **params), x, w[:2])
+
+
+def test_exit_waits_for_work_still_queued():
+    # Results dropped before they are computed, then an error: the interpreter exits while
+    # XLA still has oneDNN calls to run, whose handlers need Python.
+    script = textwrap.dedent(
+        """
+        import jax, jax.numpy as jnp
+        from jax_spectral import onednn
+        x, w = jnp.ones((64, 18, 18, 16)), jnp.ones((3, 3, 16, 16))
+        f = jax.jit(lambda x, w: onednn.conv(x, w, (1, 1), ((0, 0), (0, 0)), (1, 1)).sum())
+        for _ in range(30):
+            f(x, w)
+        raise SystemExit("stopped with work in flight")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "stopped with work in flight" in done.stderr
+
+
 def test_a_failing_kernel_gives_nan_and_a_log_record(monkeypatch, caplog):
     def broken(self, name, a, b, out):
         raise RuntimeError("simulated failure")

@@ -98,6 +98,14 @@ def test_max_pool_equals_reduce_window_and_sends_the_derivative_to_one_element()
     tied = jnp.zeros((1, 2, 2, 1))  # a window of equal values: the first gets it all
     g = jax.grad(lambda x: jnp.sum(reshape_max_pool(x, (1, 2, 2, 1))))(tied)
     assert float(g[0, 0, 0, 0]) == 1.0 and int(jnp.sum(g != 0)) == 1
+    with_nan = x.at[0, 1, 1, 0].set(jnp.nan)  # a NaN anywhere in a window is its maximum
+    pooled = reshape_max_pool(with_nan, (1, 2, 3, 1))
+    assert bool(jnp.isnan(pooled[0, 0, 0, 0])) and not bool(jnp.isnan(expected[0, 0, 0, 0]))
+    assert jnp.array_equal(jnp.isnan(pooled), jnp.isnan(nn.max_pool(with_nan, (2, 3), (2, 3))))
+    big = lambda x: nn.max_pool(x, (4, 5), (4, 5))  # noqa: E731  (20 elements: XLA's)
+    assert "reduce_window_max" in _primitives(cpu_friendly(big), x)
+    assert "reduce_window_max" not in _primitives(cpu_friendly(lambda x: nn.max_pool(
+        x, (4, 4), (4, 4))), x)  # fmt: skip
 
 
 def test_what_is_not_rewritten_stays_and_still_agrees():
