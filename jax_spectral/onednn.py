@@ -627,7 +627,7 @@ ad.defbilinear(
 
 # Batching: fold a mapped image-like operand into the images when the other is unmapped,
 # else loop over the mapped axis.
-_FOLDABLE = {conv_p: 0, input_grad_p: 0}  # which operand carries the images
+_FOLDABLE = frozenset({conv_p, input_grad_p})  # their first operand carries the images
 
 
 def _batcher(primitive):
