@@ -13,7 +13,15 @@ Two kinds of data are accepted:
   ``__iter__`` starts a new pass. A one-shot iterator (a generator, ``iter(list)``) is
   rejected: its second pass would be empty.
 
-The number of samples in a batch is the length of the leading axis of its first leaf.
+A list whose batches are all in-memory arrays of one structure, with equal batches and at
+most a smaller last one, is read once and becomes in-memory data (:func:`stack_batches`):
+the equal batches stacked for ``lax.scan``, the last one as the remainder. Each batch keeps
+its own samples, so a loss that uses batch statistics sees the same batches.
+
+Array-likes that are not NumPy or JAX arrays (a ``tf.Tensor``, a CPU ``torch.Tensor``,
+anything with ``__array__``) are converted with ``numpy.asarray``, once per batch and pass.
+The number of samples in a batch is the length of the leading axis of its array leaves,
+which must agree.
 """
 
 from __future__ import annotations
@@ -22,11 +30,25 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
 
-__all__ = ["BatchStream", "SplitArrays", "batch_size_of", "is_array_data", "split_arrays"]
+__all__ = [
+    "BatchStream",
+    "HostOnlyError",
+    "SplitArrays",
+    "as_host_arrays",
+    "batch_size_of",
+    "is_array_data",
+    "split_arrays",
+    "stack_batches",
+]
+
+
+class HostOnlyError(ValueError):
+    """Raised when an operator that reads its batches from the host is traced."""
 
 
 def _is_array(x: Any) -> bool:
@@ -51,18 +73,92 @@ def is_array_data(data: Any) -> bool:
     return False
 
 
+def as_host_arrays(batch: PyTree) -> PyTree:
+    """``batch`` with every array-like leaf that is not a NumPy or JAX array (a
+    ``tf.Tensor``, a CPU ``torch.Tensor``, anything with ``__array__``) converted by
+    ``numpy.asarray``; other leaves (Python numbers, strings) are kept as they are."""
+
+    def convert(x):
+        if isinstance(x, (np.ndarray, jax.Array)) or not hasattr(x, "__array__"):
+            return x
+        try:
+            return np.asarray(x)
+        except Exception as err:
+            raise TypeError(
+                f"a batch leaf of type {type(x).__module__}.{type(x).__name__} could not be "
+                f"converted to a NumPy array ({type(err).__name__}: {err}); pass NumPy or JAX "
+                "arrays, or tensors that numpy.asarray accepts (on the CPU, without gradients)."
+            ) from None
+
+    return jax.tree_util.tree_map(convert, batch)
+
+
 def batch_size_of(batch: PyTree) -> int:
-    """Number of samples in ``batch``: the leading dimension of its first leaf."""
-    leaves = jax.tree_util.tree_leaves(batch)
+    """Number of samples in ``batch``: the shared leading dimension of its array leaves.
+
+    Leaves without a leading axis (Python numbers, 0-d arrays) do not count; array leaves
+    whose leading dimensions differ are refused, since the batch's weight in an exact mean
+    would be ambiguous.
+    """
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
     if not leaves:
         raise ValueError(f"a batch must contain at least one array, got {type(batch).__name__}.")
-    shape = np.shape(leaves[0])
-    if len(shape) == 0:
+    sizes = {jax.tree_util.keystr(p): np.shape(x)[0] for p, x in leaves if np.ndim(x) >= 1}
+    if not sizes:
         raise ValueError(
-            "the first leaf of a batch is a scalar; batches need a leading sample axis "
-            "(shape (batch, ...))."
+            "no leaf of the batch has a leading sample axis (all are scalars); batches need "
+            "arrays of shape (batch, ...)."
         )
-    return int(shape[0])
+    if len(set(sizes.values())) != 1:
+        shown = ", ".join(f"{path or 'batch'}: {n}" for path, n in sizes.items())
+        raise ValueError(
+            "the arrays of a batch must share their leading (sample) dimension, got "
+            f"{shown}. Check that inputs and labels were cut into the same batches."
+        )
+    return int(next(iter(sizes.values())))
+
+
+def stack_batches(batches: Any) -> SplitArrays | None:
+    """A list of in-memory batches as stacked equal batches plus a smaller last one.
+
+    Returns ``None`` when ``batches`` is not such a list (not a list, a batch that is not a
+    pytree of arrays, batches of different structures, trailing shapes or dtypes, or sizes
+    other than equal batches followed by at most one smaller batch): those are read as a
+    stream. Raises ``ValueError`` for a list holding an iterator (a generator inside the
+    list) or a batch whose arrays disagree on the number of samples.
+    """
+    if not isinstance(batches, list) or not batches:
+        return None
+    for i, batch in enumerate(batches):
+        if isinstance(batch, Iterator):
+            raise ValueError(
+                f"item {i} of the data list is a one-shot iterator ({type(batch).__name__}); "
+                "a list holds batches (arrays, or tuples/dicts of arrays). Pass a callable "
+                "that returns a fresh iterator of batches instead of a list of them."
+            )
+    if not all(is_array_data(b) for b in batches):
+        return None
+    batches = [as_host_arrays(b) for b in batches]
+    sizes = [batch_size_of(b) for b in batches]
+    treedef = jax.tree_util.tree_structure(batches[0])
+    first = [(np.shape(x)[1:], np.result_type(x)) for x in jax.tree_util.tree_leaves(batches[0])]
+    for b in batches[1:]:
+        if jax.tree_util.tree_structure(b) != treedef:
+            return None
+        if [(np.shape(x)[1:], np.result_type(x)) for x in jax.tree_util.tree_leaves(b)] != first:
+            return None
+    size = sizes[0]
+    if min(sizes) == 0 or any(n != size for n in sizes[:-1]) or sizes[-1] > size:
+        return None
+    full = batches if sizes[-1] == size else batches[:-1]
+
+    def stack(*leaves):
+        on_device = any(isinstance(x, jax.Array) for x in leaves)
+        return (jnp.stack if on_device else np.stack)(leaves)
+
+    stacked = jax.tree_util.tree_map(stack, *full) if full else None
+    remainder = batches[-1] if sizes[-1] < size else None
+    return SplitArrays(stacked, remainder, int(sum(sizes)), int(size))
 
 
 class SplitArrays(NamedTuple):
@@ -149,7 +245,7 @@ class BatchStream:
             )
 
     def __iter__(self) -> Iterator[PyTree]:
-        return iter(self._new_pass())
+        return map(as_host_arrays, self._new_pass())
 
     def first(self) -> PyTree:
         """The first batch of a new pass; raises ``ValueError`` if the data is empty."""

@@ -53,7 +53,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from .data import BatchStream, batch_size_of, is_array_data, split_arrays
+from .data import (
+    BatchStream,
+    HostOnlyError,
+    batch_size_of,
+    is_array_data,
+    split_arrays,
+    stack_batches,
+)
 from .hvp import check_params, check_scalar_loss, loss_and_hvp
 from .rewrite import convolutions, cpu_friendly
 
@@ -304,7 +311,7 @@ class HessianOperator:
 
     def _stream_matvec(self, tangent: PyTree, many: bool = False) -> jax.Array:
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tangent)):
-            raise ValueError(
+            raise HostOnlyError(
                 "this operator reads its batches from the host and cannot be traced (jit, "
                 "vmap, lax.scan would compile the whole dataset into the program); call "
                 "matvec outside transformations, or use in-memory arrays with batch_size."
@@ -445,7 +452,11 @@ def hessian_operator(
         In-memory arrays (an array, or a tuple/dict of arrays sharing a leading sample
         axis), cut into batches of ``batch_size`` (all samples in one batch if ``None``);
         or a re-iterable of batches: a list of batches such as ``[(x, y), ...]``, a
-        callable returning a fresh iterator on each call, or a ``tf.data.Dataset``.
+        callable returning a fresh iterator on each call, or a ``tf.data.Dataset``. A list
+        of in-memory batches of one structure, equal in size but for a smaller last one, is
+        stacked once and runs like in-memory arrays (each batch kept whole); other lists and
+        re-iterables are read from the host on every pass. ``tf.Tensor`` and other
+        array-like leaves are converted with ``numpy.asarray``.
     reduce:
         ``"mean"``: the exact mean over samples, each batch weighted by its sample count;
         ``"sum"``: the sum of the per-batch Hessians.
@@ -523,10 +534,18 @@ def hessian_operator(
     params = jax.tree_util.tree_map(jnp.asarray, params)
     layout = _layout(params)
 
-    if mesh is not None and not is_array_data(data):
-        raise ValueError("mesh= applies to in-memory arrays; streams are read on one host.")
+    if isinstance(data, list) and batch_size is not None:
+        raise ValueError(
+            "batch_size applies to in-memory arrays only; a list of batches already defines "
+            "its batches."
+        )
     if is_array_data(data):
         split = split_arrays(data, batch_size)
+    else:  # a list of equal in-memory batches (and a smaller last one) scans like arrays
+        split = stack_batches(data)
+    if mesh is not None and split is None:
+        raise ValueError("mesh= applies to in-memory arrays; streams are read on one host.")
+    if split is not None:
         stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
         remainder = jax.tree_util.tree_map(jnp.asarray, split.remainder)
         if mesh is not None:
@@ -552,11 +571,14 @@ def hessian_operator(
         )
     if loop == "scan":
         raise ValueError(
-            "loop='scan' needs in-memory arrays; a re-iterable of batches is read from the "
+            "loop='scan' needs in-memory arrays, or a list of equal in-memory batches (and "
+            "at most a smaller last one); other re-iterables of batches are read from the "
             "host (loop='host' or 'auto')."
         )
     stream = BatchStream(data)
-    check_scalar_loss(loss, params, stream.first())
+    first = stream.first()
+    batch_size_of(first)  # a clear error now for arrays that disagree on the sample count
+    check_scalar_loss(loss, params, first)
     return HessianOperator(
         params, None, None, loss, reduce, "host", None, None, stream, layout, rewrite
     )

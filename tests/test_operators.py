@@ -166,7 +166,9 @@ def test_exhausted_second_pass_raises_instead_of_returning_zeros():
 
 
 def test_stream_operator_refuses_to_be_traced():
-    op = hessian_operator(lambda p, b: jnp.sum((b[0] @ p) ** 2), jnp.ones(2), [(np.ones((3, 2)),)])
+    op = hessian_operator(
+        lambda p, b: jnp.sum((b[0] @ p) ** 2), jnp.ones(2), lambda: iter([(np.ones((3, 2)),)])
+    )
     with pytest.raises(ValueError, match="cannot be traced"):
         jax.jit(lambda o, v: o.matvec(v))(op, jnp.ones(2))
 
@@ -205,7 +207,7 @@ def test_batch_size_and_scan_need_arrays():
     with pytest.raises(ValueError, match="batch_size applies to in-memory arrays only"):
         hessian_operator(loss, params, [(np.ones((3, 2)),)], batch_size=2)
     with pytest.raises(ValueError, match="loop='scan' needs in-memory arrays"):
-        hessian_operator(loss, params, [(np.ones((3, 2)),)], loop="scan")
+        hessian_operator(loss, params, lambda: iter([(np.ones((3, 2)),)]), loop="scan")
 
 
 def test_bad_batch_size_and_ragged_arrays():
@@ -248,3 +250,111 @@ def test_nan_from_the_log_of_zero_is_caught_even_when_the_hvp_is_finite():
 
     op = hessian_operator(loss, {"w": jnp.ones(2)}, (np.ones((3, 2)),))
     assert np.all(np.isnan(op.matvec(jnp.ones(2))))
+
+
+class _ArrayLike:
+    """A foreign tensor type (as a tf.Tensor or a CPU torch.Tensor is to JAX): shape,
+    dtype and __array__, nothing else. Counts its conversions."""
+
+    conversions = 0
+
+    def __init__(self, array):
+        self._array = np.asarray(array)
+        self.shape, self.dtype = self._array.shape, self._array.dtype
+
+    def __array__(self, dtype=None, copy=None):
+        type(self).conversions += 1
+        return self._array if dtype is None else self._array.astype(dtype)
+
+
+def test_a_list_of_in_memory_batches_is_stacked_and_scanned(problem):
+    """Ten batches of 10 and one of 3: stacked once, scanned like arrays with batch_size,
+    the last batch the exact remainder."""
+    params, arrays, batches, dense, v = problem
+    op = hessian_operator(mlp_loss, params, batches)
+    assert op.traceable and op.stream is None
+    assert (op.num_samples, op.batch_size) == (N, BATCH)
+    assert jax.tree_util.tree_leaves(op.stacked)[0].shape[:2] == (N // BATCH, BATCH)
+    np.testing.assert_allclose(
+        jax.jit(op.matvec)(v), dense["mean"] @ v, rtol=1e-10, atol=1e-12
+    )  # traceable: the whole pass runs inside jit
+    op_sum = hessian_operator(mlp_loss, params, batches[:4], reduce="sum")
+    assert op_sum.remainder is None  # four equal batches, no remainder
+    flat, unravel = ravel_pytree(params)
+    want = sum(jax.hessian(lambda f, b=b: mlp_loss(unravel(f), b))(flat) for b in batches[:4])
+    np.testing.assert_allclose(op_sum.matvec(v), want @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_stacked_lists_keep_each_batch_whole(x64):
+    """A loss using batch statistics: stacking must not mix samples across batches."""
+
+    def loss(w, batch):
+        (x,) = batch
+        z = x @ w
+        return jnp.mean((z - jnp.mean(z)) ** 4)
+
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((6, 3)),) for _ in range(4)] + [(rng.standard_normal((2, 3)),)]
+    w = jnp.asarray(rng.standard_normal(3))
+    stacked = hessian_operator(loss, w, batches)
+    streamed = hessian_operator(loss, w, lambda: iter(batches))
+    assert stacked.traceable and not streamed.traceable
+    want = sum(len(b[0]) / 26 * jax.hessian(loss)(w, b) for b in batches)
+    for op in (stacked, streamed):
+        np.testing.assert_allclose(op.matvec(jnp.ones(3)), want @ np.ones(3), rtol=1e-10)
+
+
+def test_lists_that_cannot_be_stacked_are_streamed_correctly(problem):
+    params, arrays, batches, dense, v = problem
+    x, y = arrays
+    uneven = [(x[:10], y[:10]), (x[10:13], y[10:13]), (x[13:], y[13:])]  # 10, 3, 90
+    op = hessian_operator(mlp_loss, params, uneven)
+    assert not op.traceable
+    np.testing.assert_allclose(op.matvec(v), dense["mean"] @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_array_like_batches_are_converted_once_per_pass(problem):
+    params, arrays, batches, dense, v = problem
+    foreign = [tuple(_ArrayLike(a) for a in b) for b in batches]
+    _ArrayLike.conversions = 0
+    listed = hessian_operator(mlp_loss, params, foreign)  # stacked at construction
+    after_construction = _ArrayLike.conversions
+    assert after_construction > 0 and listed.traceable
+    np.testing.assert_allclose(listed.matvec(v), dense["mean"] @ v, rtol=1e-10, atol=1e-12)
+    assert _ArrayLike.conversions == after_construction  # never again
+
+    streamed = hessian_operator(mlp_loss, params, lambda: iter(foreign))
+    _ArrayLike.conversions = 0
+    vs = jnp.stack([v, 2 * v, 3 * v, 4 * v, 5 * v])  # two chunks of tangents, one pass
+    got = streamed.matmat(vs)
+    assert _ArrayLike.conversions == 2 * len(foreign)  # each leaf of each batch, once
+    np.testing.assert_allclose(got, vs @ dense["mean"], rtol=1e-10, atol=1e-12)
+
+
+def test_integer_inputs_give_the_float_result(x64):
+    def loss(w, batch):
+        x, y = batch
+        return jnp.mean((x @ w - y) ** 2)
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (20, 3)).astype(np.int32)
+    y = rng.standard_normal(20)
+    w = jnp.zeros(3)
+    want = 2 * x.T.astype(np.float64) @ x / 20
+    as_ints = hessian_operator(loss, w, [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])])
+    np.testing.assert_allclose(as_ints.matvec(jnp.ones(3)), want @ np.ones(3), rtol=1e-12)
+
+
+def test_bad_lists_and_batches_are_named():
+    def loss(w, batch):
+        return jnp.sum((batch[0] @ w) ** 2)
+
+    x = np.ones((4, 2), np.float32)
+    with pytest.raises(ValueError, match="item 1 of the data list is a one-shot iterator"):
+        hessian_operator(loss, jnp.ones(2), [(x, x[:, 0]), iter([(x, x[:, 0])])])
+    with pytest.raises(ValueError, match=r"share their leading \(sample\) dimension.*4.*3"):
+        hessian_operator(loss, jnp.ones(2), [(x, x[:3, 0])])
+    with pytest.raises(ValueError, match=r"share their leading \(sample\) dimension"):
+        hessian_operator(loss, jnp.ones(2), lambda: iter([(x, x[:3, 0])]))
+    with pytest.raises(ValueError, match="batch_size applies to in-memory arrays only"):
+        hessian_operator(loss, jnp.ones(2), [(x,)], batch_size=2)
