@@ -32,6 +32,7 @@ class CostEstimate(NamedTuple):
     basis_bytes_per_device: int  # the largest share of one device
     devices: int  # devices the basis is spread over
     free_bytes: int | None  # memory free on one device (None when unknown)
+    dtype: str = "float32"  # the recurrence's dtype, which sets the basis's bytes per entry
 
     @property
     def fits(self) -> bool:
@@ -41,7 +42,8 @@ class CostEstimate(NamedTuple):
         free = "unknown" if self.free_bytes is None else _size(self.free_bytes)
         return (
             f"{self.passes} passes over the data, {self.hvps} Hessian-vector products, "
-            f"Lanczos bases {_size(self.basis_bytes)} ({_size(self.basis_bytes_per_device)} "
+            f"Lanczos bases {_size(self.basis_bytes)} in {self.dtype} "
+            f"({_size(self.basis_bytes_per_device)} "
             f"on each of {self.devices} device(s); free: {free})"
         )
 
@@ -77,6 +79,7 @@ def estimate(
     order: int,
     num_probes: int = 1,
     dtype: Any = None,
+    recurrence_dtype: Any = None,
     basis_sharding: jax.sharding.Sharding | None = None,
     on_host: bool = False,
 ) -> CostEstimate:
@@ -84,15 +87,19 @@ def estimate(
 
     ``operator`` is an operator (``dim`` and ``dtype`` from it) or the dimension as an int
     (then give ``dtype``; default float32). The recurrence's dtype is the operator's
-    promoted to at least float32, as in :func:`jax_spectral.lanczos`. ``on_host``: the
-    bases live in host memory (``slq(basis_memory="host")``), so the free memory is the
-    host's.
+    promoted to at least float32, as in :func:`jax_spectral.lanczos`, unless
+    ``recurrence_dtype`` says otherwise: ``"float64"`` for a float64 recurrence on float32
+    products doubles the basis. ``on_host``: the bases live in host memory
+    (``slq(basis_memory="host")``), so the free memory is the host's.
     """
     if isinstance(operator, (int, np.integer)):
         dim, base = int(operator), dtype or jnp.float32
     else:
         dim, base = int(operator.dim), dtype or operator.dtype
-    itemsize = np.dtype(jnp.promote_types(base, jnp.float32)).itemsize
+    recurrence = np.dtype(jnp.promote_types(base, jnp.float32))
+    if recurrence_dtype is not None:
+        recurrence = np.dtype(recurrence_dtype)
+    itemsize = recurrence.itemsize
     total = int(num_probes) * int(order) * dim * itemsize
     devices = 1
     if basis_sharding is not None:
@@ -105,6 +112,7 @@ def estimate(
         passes=int(order), hvps=int(order) * int(num_probes), basis_bytes=total,
         basis_bytes_per_device=per_device, devices=devices,
         free_bytes=free_device_bytes(jax.devices("cpu")[0] if on_host else None),
+        dtype=recurrence.name,
     )  # fmt: skip
 
 

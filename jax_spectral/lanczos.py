@@ -36,6 +36,7 @@ scaling, so large entries do not overflow. The reorthogonalisation products use
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -178,23 +179,55 @@ def _is_operator(obj: Any) -> bool:
     return hasattr(obj, "matvec") and hasattr(obj, "dim") and hasattr(obj, "dtype")
 
 
-def _flat_matvec(fn: Callable | None, operand: Any, template: PyTree | None) -> Callable:
+def _flat_matvec(
+    fn: Callable | None, operand: Any, template: PyTree | None, products: tuple | None = None
+) -> Callable:
     """The flat ``(dim,) -> (dim,)`` product.
 
     ``fn`` is a user function (a static part of the compiled program); ``operand`` is a
     pytree that carries its arrays as arguments: an operator, or a ``jax.tree_util.Partial``.
+    ``products``: ``(dtype, x64_off)`` when the recurrence is wider than the products (see
+    :func:`_mixed_precision`).
     """
     if _is_operator(operand):
-        return operand.matvec
-    base = fn if operand is None else operand
-    if template is None:
-        return base
-    flat, unravel = ravel_pytree(template)
+        matvec = operand.matvec
+    else:
+        base = fn if operand is None else operand
+        if template is None:
+            matvec = base
+        else:
+            flat, unravel = ravel_pytree(template)
 
-    def matvec(x):
-        return ravel_pytree(base(unravel(x.astype(flat.dtype))))[0]
+            def matvec(x):
+                return ravel_pytree(base(unravel(x.astype(flat.dtype))))[0]
 
-    return matvec
+    return matvec if products is None else _mixed_precision(matvec, *products)
+
+
+def _mixed_precision(matvec: Callable, dtype: Any, x64_off: bool) -> Callable:
+    """``matvec`` on vectors of a wider recurrence: each vector is cast to the products'
+    ``dtype`` and the product back to the recurrence's. ``x64_off``: the program enabled
+    64-bit types only for the recurrence, so the product is traced (and run) with them off,
+    exactly as it would be without the wider recurrence."""
+
+    def product(v):
+        wide = v.dtype
+        with jax.enable_x64(False) if x64_off else contextlib.nullcontext():
+            w = matvec(v.astype(dtype))
+        return jnp.asarray(w).astype(wide)
+
+    return product
+
+
+def _traces(matvec: Callable, dim: int, dtype: Any) -> bool:
+    """Whether ``matvec`` can be traced on a ``(dim,)`` vector (abstractly, nothing runs on
+    a device). A function that reads data on the host, converts its argument to NumPy or
+    branches on its values cannot, and is driven from the host loop instead."""
+    try:
+        jax.eval_shape(matvec, jax.ShapeDtypeStruct((dim,), dtype))
+    except Exception:  # any failure: the host loop calls it eagerly and reports real errors
+        return False
+    return True
 
 
 def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter,
@@ -220,15 +253,23 @@ def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter,
 
 @functools.partial(
     jax.jit,
-    static_argnames=("fn", "order", "reorthogonalize", "tol", "report", "basis_sharding"),
+    static_argnames=(
+        "fn",
+        "order",
+        "reorthogonalize",
+        "tol",
+        "report",
+        "basis_sharding",
+        "products",
+    ),
 )
 def _scan_lanczos(fn, operand, template, v0, reporter, *, order, reorthogonalize, tol, report,
-                  basis_sharding=None):  # fmt: skip
+                  basis_sharding=None, products=None):  # fmt: skip
     state = init_state(v0, order)
     if basis_sharding is not None:
         state = _constrain(state, basis_sharding)
     state = _scan_steps(
-        _flat_matvec(fn, operand, template), state, jnp.arange(order),
+        _flat_matvec(fn, operand, template, products), state, jnp.arange(order),
         reorthogonalize=reorthogonalize, tol=tol, report=report, reporter=reporter,
         basis_sharding=basis_sharding,
     )  # fmt: skip
@@ -247,14 +288,14 @@ def _constrain(state, basis_sharding):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("fn", "length", "reorthogonalize", "tol", "report"),
+    static_argnames=("fn", "length", "reorthogonalize", "tol", "report", "products"),
     donate_argnames=("state",),
 )
 def _scan_segment(fn, operand, template, state, start, reporter, *, length, reorthogonalize,
-                  tol, report):  # fmt: skip
+                  tol, report, products=None):  # fmt: skip
     """Steps ``start .. start + length - 1`` of the scanned recurrence (for checkpoints)."""
     return _scan_steps(
-        _flat_matvec(fn, operand, template), state, start + jnp.arange(length),
+        _flat_matvec(fn, operand, template, products), state, start + jnp.arange(length),
         reorthogonalize=reorthogonalize, tol=tol, report=report, reporter=reporter,
     )  # fmt: skip
 
@@ -339,6 +380,7 @@ def lanczos(
     checkpoint_every: int = 10,
     resume: bool = False,
     basis_sharding: jax.sharding.Sharding | None = None,
+    recurrence_dtype: Any = None,
 ) -> LanczosResult:
     """Run ``order`` steps of Lanczos on a symmetric operator.
 
@@ -352,7 +394,9 @@ def lanczos(
         a static part of the compiled program: arrays it closes over are compiled in as
         constants, and a new function object compiles anew. Pass the operator itself, or
         wrap the function as ``jax.tree_util.Partial(f, *arrays)`` so that its arrays are
-        arguments.
+        arguments. A plain function that cannot be traced (one that reads its data on the
+        host, as the original package's ``get_hvp_fn`` products do) is detected by tracing
+        it once abstractly and is driven from the host loop.
     key:
         PRNG key for the start vector (standard normal, normalised). May be ``None`` when
         ``v0`` is given.
@@ -372,10 +416,11 @@ def lanczos(
         per shape; works under ``jit`` and ``vmap`` over keys). ``"host"``: a Python loop
         calling the same jitted step function, for operators that cannot be traced
         (streamed data) or run slowly inside a compiled loop. ``None`` picks ``"host"`` for
-        an operator with ``traceable == False`` and ``"scan"`` otherwise.
+        an operator with ``traceable == False`` or a plain function that cannot be
+        traced, and ``"scan"`` otherwise.
     breakdown_tol:
         Breakdown when ``beta_i <= breakdown_tol * max_j |A v_j|``; default ``50 * eps`` of
-        the recurrence's dtype.
+        the products' dtype (the accuracy of ``A v``, whatever the recurrence's dtype).
     progress:
         ``True`` shows a progress bar (steps, time per step, ETA; the host loop also shows
         the latest ``alpha`` and ``beta``) on stderr; a callable is called as
@@ -396,6 +441,18 @@ def lanczos(
         ``NamedSharding(mesh, PartitionSpec(None, "data"))`` to split its columns, so that
         each device holds ``order * dim / n`` entries; the reorthogonalisation products
         then run sharded with a reduction across devices.
+    recurrence_dtype:
+        The dtype of the recurrence (alphas, betas, basis, reorthogonalisation). Default:
+        the operator's dtype promoted to at least float32, which is also the products'
+        dtype. ``"float64"`` (or ``jnp.float64``) on a float32 operator runs the
+        recurrence in float64 on float32 products, as the original package's TensorFlow
+        code did: each vector is rounded to float32 for the product and the product
+        widened again. Without ``jax_enable_x64`` it is enabled for the recurrence only
+        (the products are traced and run with it off, so the model computes exactly as
+        it would otherwise), and ``tridiag``, ``basis`` and ``residual_norm`` come back as
+        NumPy float64 arrays (JAX would truncate float64 arrays outside x64). The basis
+        takes twice the memory (see :func:`jax_spectral.estimate`). Not under the caller's
+        ``jit``/``vmap`` unless x64 is on.
 
     Returns
     -------
@@ -472,13 +529,16 @@ def lanczos(
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
         raise ValueError(f"dim must be a positive int, got {dim!r}.")
     dim = int(dim)
-    dtype = jnp.promote_types(dtype, jnp.float32)  # the recurrence runs in >= float32
+    dtype = jnp.promote_types(dtype, jnp.float32)  # the products' dtype, at least float32
+    wide = _recurrence_dtype(recurrence_dtype, dtype)
+    x64_off = wide == np.float64 and not jax.config.jax_enable_x64
+    products = None if wide == dtype else (np.dtype(dtype), x64_off)
 
     if v0 is None:
         if key is None:
             raise ValueError("lanczos needs a PRNG key for its start vector, or an explicit v0.")
         v0 = jax.random.normal(key, (dim,), dtype)
-    v0 = jnp.asarray(v0, dtype)
+    v0 = jnp.asarray(v0, dtype)  # widened for the recurrence below: the same start vector
     if v0.shape != (dim,):
         raise ValueError(f"the start vector has shape {v0.shape}, expected ({dim},).")
     if not _is_tracer(v0):
@@ -486,11 +546,13 @@ def lanczos(
         if not (np.isfinite(norm) and norm > 0):
             raise ValueError(f"the start vector must be finite and non-zero; its norm is {norm}.")
 
+    if loop not in (None, "scan", "host"):
+        raise ValueError(f"loop must be 'scan', 'host' or None, got {loop!r}.")
     traceable = getattr(operand, "traceable", True)
+    if fn is not None and loop is None:
+        traceable = _traces(_flat_matvec(fn, None, template), dim, dtype)
     if loop is None:
         loop = "scan" if traceable else "host"
-    if loop not in ("scan", "host"):
-        raise ValueError(f"loop must be 'scan', 'host' or None, got {loop!r}.")
     if loop == "scan" and not traceable:
         raise ValueError(
             "this operator reads its data from the host and cannot run inside lax.scan; "
@@ -505,14 +567,21 @@ def lanczos(
         progress = False  # under the caller's jit/vmap: nothing to report to yet
         if loop == "host" or checkpoint is not None:
             raise ValueError(
-                "host-driven or checkpointed Lanczos cannot run under jit or vmap; use a "
-                "traceable operator with loop='scan', or call lanczos outside the "
+                "host-driven or checkpointed Lanczos cannot run under jit or vmap"
+                + (" (this matvec cannot be traced: it reads data on the host)" if not
+                   traceable else "")
+                + "; use a traceable operator with loop='scan', or call lanczos outside the "
                 "transformation."
+            )  # fmt: skip
+        if x64_off:
+            raise ValueError(
+                "a float64 recurrence under jit or vmap needs jax_enable_x64 for the whole "
+                "program; call lanczos outside the transformation instead."
             )
     if not traced:  # refuse a basis that cannot fit before allocating it
         from .costs import check_fits, estimate
 
-        check_fits(estimate(dim, order=order, dtype=dtype, basis_sharding=basis_sharding))
+        check_fits(estimate(dim, order=order, dtype=wide, basis_sharding=basis_sharding))
     if basis_sharding is not None:
         if loop == "host" or checkpoint is not None:
             raise ValueError("basis_sharding= applies to the scanned loop without checkpoints.")
@@ -524,17 +593,19 @@ def lanczos(
 
         checkpointer = Checkpointer(
             checkpoint,
-            settings={"kind": "lanczos", "order": order, "dim": dim, "dtype": str(dtype),
+            settings={"kind": "lanczos", "order": order, "dim": dim, "dtype": str(wide),
                       "reorthogonalize": reorthogonalize, "tol": tol, "loop": loop},
             identity={"operator and data": fingerprint(operand if operand is not None else fn),
                       "start vector": fingerprint(v0)},
             rows_axis=0,
         )  # fmt: skip
 
-    with Progress(progress, order, "lanczos") as bar:
+    wide_types = jax.enable_x64(True) if x64_off else contextlib.nullcontext()
+    with Progress(progress, order, "lanczos") as bar, wide_types:
+        v0 = v0.astype(wide)
         if checkpoint is not None:
             if loop == "host":
-                flat = _flat_matvec(fn, operand, template)
+                flat = _flat_matvec(fn, operand, template, products)
 
                 def advance(state, start, stop):
                     return _host_steps(flat, state, start, stop, reorthogonalize=reorthogonalize,
@@ -545,7 +616,7 @@ def lanczos(
                     return _scan_segment(
                         fn, operand, template, state, jnp.int32(start), jnp.int32(bar.id),
                         length=stop - start, reorthogonalize=reorthogonalize, tol=tol,
-                        report=bar.enabled,
+                        report=bar.enabled, products=products,
                     )  # fmt: skip
 
             state = run_checkpointed(
@@ -555,7 +626,7 @@ def lanczos(
             result = _pack_jit(state)
         elif loop == "host":
             state = _host_steps(
-                _flat_matvec(fn, operand, template), _init_jit(v0, order), 0, order,
+                _flat_matvec(fn, operand, template, products), _init_jit(v0, order), 0, order,
                 reorthogonalize=reorthogonalize, tol=tol, bar=bar,
             )  # fmt: skip
             result = _pack_jit(state)
@@ -563,12 +634,14 @@ def lanczos(
             result = _scan_lanczos(
                 fn, operand, template, v0, jnp.int32(bar.id), order=order,
                 reorthogonalize=reorthogonalize, tol=tol, report=bar.enabled,
-                basis_sharding=basis_sharding,
+                basis_sharding=basis_sharding, products=products,
             )  # fmt: skip
             if bar.enabled:
                 jax.block_until_ready(result)
                 jax.effects_barrier()
                 bar.update_to(order)
+        if x64_off:  # float64 JAX arrays would be truncated outside x64: hand out NumPy
+            result = LanczosResult(*(np.asarray(field) for field in result))
     if not _is_tracer(result.nonfinite_step) and int(result.nonfinite_step) >= 0:
         step = int(result.nonfinite_step)
         err = FloatingPointError(
@@ -585,6 +658,23 @@ def lanczos(
 _OPERATOR_METHODS = ("matvec", "__call__", "matvec_tree")
 
 
+def _recurrence_dtype(requested: Any, products: Any) -> np.dtype:
+    """The recurrence's dtype: ``products`` (the products' dtype) unless a wider one is
+    requested (float32 or float64)."""
+    if requested is None:
+        return np.dtype(products)
+    try:
+        wide = np.dtype(requested)
+    except TypeError:
+        raise TypeError(f"recurrence_dtype must be a dtype, got {requested!r}.") from None
+    if wide not in (np.float32, np.float64) or wide.itemsize < np.dtype(products).itemsize:
+        raise ValueError(
+            f"recurrence_dtype must be float32 or float64 and at least as wide as the "
+            f"products ({np.dtype(products).name}), got {wide.name}."
+        )
+    return wide
+
+
 def _is_array_vector(x: Any) -> bool:
     return isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 1
 
@@ -595,9 +685,10 @@ def ritz(
     """Ritz values and vectors from a Lanczos result.
 
     The ``k = num_steps`` eigenvalues of ``T[:k, :k]`` (ascending, float64, computed on
-    the host) and the Ritz vectors ``S^T V[:k]``: a ``(k, dim)`` array, or with ``like``
-    (a params template) or ``unravel`` a params-shaped pytree whose leaves have a leading
-    axis of length ``k``.
+    the host) and the Ritz vectors ``S^T V[:k]``: a ``(k, dim)`` array (NumPy when the
+    result's basis is, after a float64 recurrence without x64), or with ``like`` (a params
+    template) or ``unravel`` a params-shaped pytree whose leaves have a leading axis of
+    length ``k``.
     """
     k = int(result.num_steps)
     tridiag = np.asarray(result.tridiag, np.float64)[:k, :k]
@@ -605,10 +696,15 @@ def ritz(
         raise ValueError("the tridiagonal contains NaN or Inf; the Lanczos run failed.")
     values, vectors = np.linalg.eigh(tridiag)
     basis = result.basis[:k]
-    ritz_vectors = jnp.dot(jnp.asarray(vectors.T, basis.dtype), basis, precision=_HIGHEST)
+    if isinstance(basis, np.ndarray):  # a float64 recurrence without x64: stay in NumPy
+        ritz_vectors = vectors.T @ basis
+    else:
+        ritz_vectors = jnp.dot(jnp.asarray(vectors.T, basis.dtype), basis, precision=_HIGHEST)
     if like is not None:
         unravel = ravel_pytree(like)[1]
     if unravel is not None:
+        if isinstance(ritz_vectors, np.ndarray):  # params are float32 without x64
+            ritz_vectors = jnp.asarray(ritz_vectors, np.float32)
         ritz_vectors = jax.vmap(unravel)(ritz_vectors)
     return values, ritz_vectors
 

@@ -27,6 +27,21 @@ def test_estimate_matches_the_bases_that_runs_allocate():
     half = estimate(op.dim, order=12, dtype=jnp.bfloat16)  # the recurrence runs in float32
     assert half.basis_bytes == 12 * op.dim * 4
     assert "12 passes over the data, 48 Hessian-vector products" in str(many)
+    assert "in float32" in str(many)
+    wide = estimate(op, order=12, recurrence_dtype="float64")  # float32 products
+    assert wide.basis_bytes == 2 * one.basis_bytes and wide.dtype == "float64"
+    assert "in float64" in str(wide)
+    run = lanczos(op, jax.random.key(0), 12, recurrence_dtype="float64")
+    assert wide.basis_bytes == run.basis.nbytes
+
+
+def test_a_float64_basis_that_cannot_fit_is_refused(monkeypatch):
+    op = _operator()
+    need = estimate(op, order=20).basis_bytes  # float32
+    monkeypatch.setattr(estimate_module, "free_device_bytes", lambda device=None: int(1.5 * need))
+    lanczos(op, jax.random.key(0), 20)  # fits in float32
+    with pytest.raises(MemoryError, match="the Lanczos basis needs"):
+        lanczos(op, jax.random.key(0), 20, recurrence_dtype="float64")
 
 
 def test_a_basis_that_cannot_fit_is_refused_before_any_product(monkeypatch):

@@ -174,7 +174,9 @@ def test_compiles_once_per_shape_and_vmaps_over_keys():
 
     keys = jax.random.split(jax.random.key(1), 3)
     single = [lanczos(matvec, k, 10, dim=30) for k in keys]
-    assert len(traces) == 1
+    # One abstract trace (can the function be traced? eval_shape caches it) and one for
+    # the compiled program; the other keys reuse both.
+    assert len(traces) == 2
     batched = jax.vmap(lambda k: lanczos(matvec, k, 10, dim=30))(keys)
     assert batched.tridiag.shape == (3, 10, 10) and batched.basis.shape == (3, 10, 30)
     for i, res in enumerate(single):
@@ -391,7 +393,9 @@ def test_missing_dim_and_key():
 
 
 def test_host_only_operator_refuses_scan_and_tracing():
-    op = hessian_operator(lambda p, b: jnp.sum((b[0] @ p) ** 2), jnp.ones(2), [(np.ones((3, 2)),)])
+    op = hessian_operator(
+        lambda p, b: jnp.sum((b[0] @ p) ** 2), jnp.ones(2), lambda: iter([(np.ones((3, 2)),)])
+    )
     assert not op.traceable
     with pytest.raises(ValueError, match="cannot run inside lax.scan"):
         lanczos(op, jax.random.key(0), 2, loop="scan")
@@ -424,3 +428,97 @@ def test_non_finite_product_under_vmap_is_reported_not_hidden():
     res = jax.vmap(lambda k: lanczos(matvec, k, 3, dim=4))(jax.random.split(jax.random.key(0), 2))
     assert np.all(np.asarray(res.nonfinite_step) == 0)
     assert np.all(np.isnan(np.asarray(res.tridiag)))
+
+
+def test_float64_recurrence_on_float32_products_without_x64():
+    """The original TF2 test: diag(1, 2, 3) at order 3 gives V T V^T to 1e-7. The float64
+    recurrence does (float32 rounding of the vectors for the products is the only error);
+    x64 stays off for the rest of the program and the results are NumPy float64."""
+    assert not jax.config.jax_enable_x64
+    q = jnp.diag(jnp.array([1.0, 2.0, 3.0]))
+    for loop in ("scan", "host"):
+        res = lanczos(lambda v: q @ v, jax.random.key(0), 3, dim=3, loop=loop,
+                      recurrence_dtype="float64")  # fmt: skip
+        assert isinstance(res.tridiag, np.ndarray) and res.tridiag.dtype == np.float64
+        assert isinstance(res.basis, np.ndarray) and res.basis.dtype == np.float64
+        v, t = res.basis.T, res.tridiag
+        np.testing.assert_allclose(v @ t @ v.T, np.diag([1.0, 2.0, 3.0]), atol=1e-7, rtol=0)
+        np.testing.assert_allclose(v.T @ v, np.eye(3), atol=1e-14)
+    assert not jax.config.jax_enable_x64 and jnp.zeros(()).dtype == np.float32
+    values, vectors = ritz(res)  # NumPy in, NumPy out: no truncation to float32
+    assert vectors.dtype == np.float64
+    np.testing.assert_allclose(values, [1.0, 2.0, 3.0], rtol=1e-7)
+
+
+def test_float64_recurrence_products_run_as_without_it():
+    """The products see float32 vectors and are traced with x64 off, so a loss that makes
+    default-dtype arrays computes in float32 exactly as it would otherwise."""
+    seen = []
+
+    def matvec(v):
+        seen.append((v.dtype, jnp.zeros(()).dtype))
+        return jnp.arange(1.0, 5.0) * v
+
+    for loop in ("scan", "host"):
+        seen.clear()
+        res = lanczos(matvec, jax.random.key(0), 4, dim=4, loop=loop, recurrence_dtype=jnp.float64)
+        assert seen and set(seen) == {(np.dtype(np.float32), np.dtype(np.float32))}
+        np.testing.assert_allclose(np.linalg.eigvalsh(res.tridiag), [1, 2, 3, 4], rtol=1e-6)
+
+
+def test_float64_recurrence_equals_the_same_run_with_x64_on():
+    data = classification_data(jax.random.key(1), 50, 4, 3)
+    op = hessian_operator(mlp_loss, init_mlp(jax.random.key(0), [4, 6, 3]), data, batch_size=16)
+    local = lanczos(op, jax.random.key(2), 20, recurrence_dtype="float64")
+    with jax.enable_x64(True):
+        everywhere = lanczos(op, jax.random.key(2), 20, recurrence_dtype="float64")
+        assert everywhere.tridiag.dtype == jnp.float64
+        np.testing.assert_allclose(local.tridiag, np.asarray(everywhere.tridiag), rtol=1e-12,
+                                   atol=1e-14)  # fmt: skip
+        np.testing.assert_allclose(local.basis, np.asarray(everywhere.basis), atol=1e-12)
+    default = lanczos(op, jax.random.key(2), 20)  # the same start vector, float32
+    assert default.tridiag.dtype == np.float32
+    np.testing.assert_allclose(local.tridiag, default.tridiag, rtol=1e-3, atol=1e-5)
+
+
+def test_float64_recurrence_keeps_the_digits_basis_orthonormal(digits_dense):
+    """Order 90 on the digits MLP: the float32 recurrence (reorthogonalised twice) keeps
+    |V V^T - I| near float32 rounding; the float64 one near float64 rounding. Ritz values
+    are limited by the float32 products either way."""
+    loss, params, (x, y), dense = digits_dense
+    op = hessian_operator(loss, params, (x, y), batch_size=512)
+    want = np.linalg.eigvalsh(dense)[-5:]
+    for dtype, bound in (("float32", 5e-6), ("float64", 1e-13)):
+        res = lanczos(op, jax.random.key(1), 90, recurrence_dtype=dtype)
+        basis = np.asarray(res.basis, np.float64)
+        assert np.abs(basis @ basis.T - np.eye(90)).max() < bound, dtype
+        top = np.linalg.eigvalsh(np.asarray(res.tridiag, np.float64))[-5:]
+        np.testing.assert_allclose(top, want, rtol=1e-5, err_msg=dtype)
+
+
+def test_float64_recurrence_checkpoints_and_resumes(tmp_path):
+    product = jax.tree_util.Partial(jnp.matmul, jnp.diag(jnp.linspace(1.0, 2.0, 30)))
+
+    def run(**kwargs):
+        return lanczos(product, jax.random.key(0), 12, dim=30, **kwargs)
+
+    plain = run(recurrence_dtype="float64")
+    saved = run(recurrence_dtype="float64", checkpoint=tmp_path / "c", checkpoint_every=5)
+    again = run(recurrence_dtype="float64", checkpoint=tmp_path / "c", resume=True)
+    for res in (saved, again):
+        assert res.tridiag.dtype == np.float64
+        np.testing.assert_array_equal(res.tridiag, plain.tridiag)
+    with pytest.raises(ValueError, match="different settings"):
+        run(checkpoint=tmp_path / "c", resume=True)  # a float32 recurrence
+
+
+def test_bad_recurrence_dtype():
+    f = lambda v: v  # noqa: E731
+    with pytest.raises(ValueError, match="float32 or float64"):
+        lanczos(f, jax.random.key(0), 2, dim=3, recurrence_dtype="float16")
+    with pytest.raises(TypeError, match="recurrence_dtype must be a dtype"):
+        lanczos(f, jax.random.key(0), 2, dim=3, recurrence_dtype="double-ish")
+    with pytest.raises(ValueError, match="needs jax_enable_x64"):
+        jax.jit(lambda k: lanczos(f, k, 2, dim=3, recurrence_dtype="float64").tridiag)(
+            jax.random.key(0)
+        )
