@@ -123,13 +123,21 @@ def hvp(loss: Loss, params: PyTree, batch: Any, v: PyTree) -> PyTree:
     return loss_and_hvp(loss, params, batch, v)[1]
 
 
-def full_hessian(loss: Loss, params: PyTree, batch: Any) -> jax.Array:
+_NO_BATCH = object()
+
+
+def full_hessian(loss: Loss, params: PyTree, batch: Any = _NO_BATCH) -> jax.Array:
     """Dense ``(P, P)`` Hessian of ``loss(params, batch)`` in ``ravel_pytree`` order.
+
+    Without ``batch``, ``loss`` is a function of the parameters alone, ``loss(params)``,
+    as in the original package's ``full_hessian(loss, params)``.
 
     Memory and time grow as ``P**2``: meant for small models, tests and examples.
     Entry ``[i, j]`` is the second derivative with respect to the ``i``-th and ``j``-th
     entries of ``jax.flatten_util.ravel_pytree(params)[0]``.
     """
+    if batch is _NO_BATCH:
+        return full_hessian(lambda p, _: loss(p), params, None)
     check_params(params)
     check_scalar_loss(loss, params, batch)
     flat, unravel = ravel_pytree(params)
