@@ -6,12 +6,23 @@ Requires Keras 3 with ``KERAS_BACKEND=jax`` set before Keras is imported
 
     from keras_bridge import lanczos_algorithm
     V, T = lanczos_algorithm.approximate_hessian(model, loss_fn, dataset, order)
+
+``lanczos_algorithm.lanczos_algorithm`` and ``matrix_vector_product.model_hessian_vector_product``
+keep the original package's other TF2 entry points.
 """
 
 from . import lanczos_algorithm as lanczos_algorithm
+from . import matrix_vector_product as matrix_vector_product
 from .closure import pure_loss as pure_loss
 from .closure import trainable_values as trainable_values
 from .convert import to_flax as to_flax
 from .lanczos_algorithm import approximate_hessian as approximate_hessian
 
-__all__ = ["approximate_hessian", "lanczos_algorithm", "pure_loss", "to_flax", "trainable_values"]
+__all__ = [
+    "approximate_hessian",
+    "lanczos_algorithm",
+    "matrix_vector_product",
+    "pure_loss",
+    "to_flax",
+    "trainable_values",
+]

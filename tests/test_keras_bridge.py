@@ -13,34 +13,92 @@ tf = pytest.importorskip("tensorflow")
 from keras_bridge import (  # noqa: E402
     approximate_hessian,
     lanczos_algorithm,
+    matrix_vector_product,
     pure_loss,
     trainable_values,
 )
 
 
-def test_original_linear_notebook_example(capsys):
-    """As in the original notebook, apart from the import: V T V^T equals 2 X^T X."""
-    rng = np.random.default_rng(0)
-    X = rng.standard_normal((50, 16)).astype(np.float32)
-    y = rng.standard_normal((50, 1)).astype(np.float32)
-    model = tf.keras.Sequential([tf.keras.layers.Dense(1, use_bias=False)])
-    model.build((None, 16))
+def test_original_notebook_first_example_verbatim(capsys):
+    """The original Keras notebook's first example as written (tf.Tensor data, a loss that
+    closes over the global model, tf.keras's mse, [(X, y)]): V T V^T equals 2 X^T X."""
+    num_samples = 50
+    num_features = 16
+    X = tf.random.normal([num_samples, num_features])
+    y = tf.random.normal([num_samples])
+    linear_model = tf.keras.Sequential(
+        [tf.keras.Input(shape=[num_features]), tf.keras.layers.Dense(1, use_bias=False)]
+    )
 
     def loss_fn(model, inputs):
         x, y = inputs
-        preds = model(x, training=False)
+        preds = linear_model(x)
         return tf.keras.losses.mse(y, preds)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        V, T = lanczos_algorithm.approximate_hessian(model, loss_fn, [(X, y)], order=16)
+        V, T = lanczos_algorithm.approximate_hessian(
+            linear_model, loss_fn, [(X, y)], order=num_features
+        )
     summed = [w for w in caught if "differentiated as its sum" in str(w.message)]
     assert len(summed) == 1  # warned once, although the closure ran for every step
     assert V.shape == (16, 16) and T.shape == (16, 16) and V.dtype == np.float64
     progress = capsys.readouterr().err
     assert "lanczos" in progress and "16/16" in progress
-    want = 2 * X.astype(np.float64).T @ X
-    np.testing.assert_allclose(V @ T @ V.T, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    H = tf.matmul(V, tf.matmul(T, V, transpose_b=True))  # the notebook's next cell
+    x64 = np.asarray(X, np.float64)
+    want = 2 * x64.T @ x64
+    np.testing.assert_allclose(np.asarray(H), want, rtol=0, atol=1e-6 * np.abs(want).max())
+    # The same tensors from any re-iterable, and as integer inputs of the same values.
+    V2, T2 = approximate_hessian(linear_model, loss_fn, lambda: iter([(X, y)]), 16, progress=False)
+    np.testing.assert_allclose(V2 @ T2 @ V2.T, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    Xi = tf.constant(np.random.default_rng(0).integers(-3, 4, (50, 16)), tf.int32)
+    V3, T3 = approximate_hessian(linear_model, loss_fn, [(Xi, y)], 16, progress=False)
+    want = 2 * np.asarray(Xi, np.float64).T @ np.asarray(Xi, np.float64)
+    np.testing.assert_allclose(V3 @ T3 @ V3.T, want, rtol=0, atol=1e-6 * np.abs(want).max())
+
+
+def test_tf2_lanczos_algorithm_recovers_a_matrix_from_its_products():
+    """The original tf2 test: a TensorFlow product of diag(1, 2, 3), order 3, to 1e-7."""
+    Q = tf.linalg.diag([1.0, 2.0, 3.0])
+
+    def Qv(v):
+        return tf.matmul(Q, v)
+
+    V, T = lanczos_algorithm.lanczos_algorithm(Qv, 3, 3, progress=False)
+    Q_lanczos = tf.matmul(tf.matmul(V, T), V, transpose_b=True)
+    np.testing.assert_allclose(np.asarray(Q_lanczos), np.diag([1.0, 2.0, 3.0]), atol=1e-7, rtol=0)
+    with pytest.warns(RuntimeWarning, match="broke down after 3 of 5 steps"):
+        V, T = lanczos_algorithm.lanczos_algorithm(Qv, 3, 5, random_seed=4, progress=False)
+    assert V.shape == (3, 5) and np.all(T[3:] == 0)
+    with pytest.raises(ValueError, match="mvp_fn returned 2 entries"):
+        lanczos_algorithm.lanczos_algorithm(lambda v: v[:2], 3, 2, progress=False)
+
+
+@pytest.mark.parametrize("reduce_op", ["MEAN", "SUM"])
+def test_model_hessian_vector_product_matches_tensorflow_tapes(reduce_op):
+    model = _small_classifier()
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((13, 3)).astype(np.float32)
+    Y = rng.integers(0, 3, 13).astype(np.int32)
+    batches = [(X[i : i + 5], Y[i : i + 5]) for i in range(0, 13, 5)]  # last batch of 3
+
+    def loss_fn(model, inputs):
+        x, y = inputs
+        logits = model(x, training=False)
+        losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+        return keras.ops.mean(losses)
+
+    dataset = tf.data.Dataset.from_tensor_slices((X, Y)).batch(5)
+    v = tf.random.uniform((31, 1), minval=-1, maxval=1, seed=2)
+    got = matrix_vector_product.model_hessian_vector_product(
+        loss_fn, model, dataset, v, reduce_op=reduce_op
+    )
+    want = _tf_dataset_hessian(model.get_weights(), batches, reduce_op) @ np.asarray(v)
+    assert got.shape == (31, 1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(ValueError, match=r"v must have shape \(31, 1\)"):
+        matrix_vector_product.model_hessian_vector_product(loss_fn, model, dataset, np.ones(5))
 
 
 def _small_classifier(features=3, hidden=4, classes=3):
