@@ -19,9 +19,13 @@ on CPU through the CPU rewrite of ``jax_spectral.rewrite``), one HVP pass throug
 lax.scan over batches; ``host``: a Python loop over a jitted per-batch step) and with the
 default that
 ``loop="auto"`` picks, a Lanczos run of ``m`` steps on the default operator, and the
-ratios HVP/gradient and Lanczos / (m x HVP pass). Because one CNN pass varies by a few per
-cent from call to call, Lanczos is also compared with m HVP passes run back to back
-(normalised power iteration), the two alternated over several rounds. Times are medians
+ratios HVP/gradient and Lanczos / (m x HVP pass). For the MLP, the same ratio for a list
+of in-memory batches ``[(x, y), ...]`` (stacked and scanned) and for the same batches
+streamed from a callable (host loop); for both models, Lanczos with a float64 recurrence
+on float32 products against the float32 recurrence, with the basis sizes. Because one CNN
+pass varies by a few per cent from call to call, Lanczos is also compared with m HVP
+passes run back to back (normalised power iteration), the two alternated over several
+rounds. Times are medians
 after a compile-and-warm-up call.
 """
 
@@ -40,7 +44,7 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-from jax_spectral import datasets, hessian_operator, lanczos
+from jax_spectral import datasets, estimate, hessian_operator, lanczos
 from jax_spectral.data import split_arrays
 
 
@@ -181,6 +185,49 @@ def bench(name, loss, params, data, batch_size, order, repeats, rounds, skip_sca
     print(f"(medians: single passes of {repeats} repeats; Lanczos and passes in a row of {rounds})")
 
 
+def bench_list(loss, params, data, batch_size, order, repeats, rounds):
+    """A list of in-memory batches (stacked and scanned) against the same batches streamed
+    from a callable (host loop): Lanczos / (m x HVP pass) for each."""
+    x, y = data
+    batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    print(f"\n## list of {len(batches)} in-memory batches of {batch_size} (last "
+          f"{len(batches[-1][0])}), m = {order}")  # fmt: skip
+    print(f"{'data':<28}{'loop':>6}{'HVP pass':>12}{'Lanczos':>12}{'Lanczos/(m x pass)':>20}")
+    for label, source in (
+        ("list [(x, y), ...]", batches),
+        ("callable (stream)", lambda: iter(batches)),
+    ):
+        op = hessian_operator(loss, params, source)
+        v = jax.random.normal(jax.random.key(0), (op.dim,), op.dtype)
+        hvp_time = _time(lambda op=op, v=v: op.matvec(v), repeats)
+        keys = iter(jax.random.split(jax.random.key(1), 2 * rounds))
+        lanczos_time = statistics.median(
+            _time(lambda op=op, keys=keys: lanczos(op, next(keys), order).tridiag, 1)
+            for _ in range(rounds)
+        )
+        ratio = lanczos_time / (order * hvp_time)
+        print(f"{label:<28}{op.loop:>6}{hvp_time:>12.5f}{lanczos_time:>12.4f}{ratio:>20.3f}")
+
+
+def bench_recurrence(loss, params, data, batch_size, order, rounds):
+    """Lanczos with a float64 recurrence on float32 products against the float32 one."""
+    op = hessian_operator(loss, params, data, batch_size=batch_size)
+    times = {}
+    for dtype in ("float32", "float64"):
+        keys = iter(jax.random.split(jax.random.key(2), 2 * rounds))
+
+        def run(dtype=dtype, keys=keys):
+            return lanczos(op, next(keys), order, recurrence_dtype=dtype).tridiag
+
+        times[dtype] = statistics.median(_time(run, 1) for _ in range(rounds))
+    print(f"\n## recurrence dtype, m = {order}, loop={op.loop}")
+    print(f"{'recurrence':<14}{'Lanczos s':>12}{'basis':>14}")
+    for dtype, seconds in times.items():
+        basis = estimate(op, order=order, recurrence_dtype=dtype)
+        print(f"{dtype:<14}{seconds:>12.4f}{basis.basis_bytes / 2**20:>11.1f} MiB")
+    print(f"{'float64 / float32':<14}{times['float64'] / times['float32']:>12.3f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["mlp", "cnn", "both"], default="both")
@@ -199,11 +246,14 @@ def main():
         loss, params, data = digits_problem()
         bench("digits MLP, 1,797 samples, batch 512", loss, params, data, 512, 80,
               args.repeats, rounds=5, skip_scan=False)  # fmt: skip
+        bench_list(loss, params, data, 256, 80, args.repeats, rounds=5)
+        bench_recurrence(loss, params, data, 512, 80, rounds=5)
     if args.model in ("cnn", "both"):
         loss, params, data = cifar_problem()
         bench("CIFAR CNN, 256 images, batch 128", loss, params, data, 128, 20,
               max(1, args.repeats // 2), rounds=args.rounds,
               skip_scan=args.skip_scan_cnn)  # fmt: skip
+        bench_recurrence(loss, params, data, 128, 20, rounds=args.rounds)
 
 
 if __name__ == "__main__":
