@@ -134,6 +134,11 @@ def check_fits(cost: CostEstimate, *, num_probes: int = 1, on_host: bool = False
     if num_probes > 1 and cost.basis_bytes_per_device / num_probes <= budget:
         fit = max(1, int(budget // (cost.basis_bytes_per_device / num_probes)))
         options.append(f"run at most {fit} probes at a time (several slq calls)")
+    if cost.dtype == "float64" and cost.basis_bytes_per_device / 2 <= budget:
+        options.append(
+            "run the recurrence in float32 on float32 products (recurrence_dtype='float32', "
+            "half the basis)"
+        )
     steps = int(budget // (cost.basis_bytes_per_device / cost.passes))
     if steps >= 1:
         options.append(f"use order <= {steps}")

@@ -20,8 +20,8 @@ its own samples, so a loss that uses batch statistics sees the same batches.
 
 Array-likes that are not NumPy or JAX arrays (a ``tf.Tensor``, a CPU ``torch.Tensor``,
 anything with ``__array__``) are converted with ``numpy.asarray``, once per batch and pass.
-The number of samples in a batch is the length of the leading axis of its array leaves,
-which must agree.
+The number of samples in a batch is the length of the leading axis of its first leaf that
+has one.
 """
 
 from __future__ import annotations
@@ -94,38 +94,38 @@ def as_host_arrays(batch: PyTree) -> PyTree:
 
 
 def batch_size_of(batch: PyTree) -> int:
-    """Number of samples in ``batch``: the shared leading dimension of its array leaves.
-
-    Leaves without a leading axis (Python numbers, 0-d arrays) do not count; array leaves
-    whose leading dimensions differ are refused, since the batch's weight in an exact mean
-    would be ambiguous.
-    """
-    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    """Number of samples in ``batch``: the leading dimension of its first leaf that has
+    one (leaves without an axis, such as a per-batch scalar or key, are skipped)."""
+    leaves = jax.tree_util.tree_leaves(batch)
     if not leaves:
         raise ValueError(f"a batch must contain at least one array, got {type(batch).__name__}.")
-    sizes = {jax.tree_util.keystr(p): np.shape(x)[0] for p, x in leaves if np.ndim(x) >= 1}
-    if not sizes:
-        raise ValueError(
-            "no leaf of the batch has a leading sample axis (all are scalars); batches need "
-            "arrays of shape (batch, ...)."
-        )
-    if len(set(sizes.values())) != 1:
-        shown = ", ".join(f"{path or 'batch'}: {n}" for path, n in sizes.items())
-        raise ValueError(
-            "the arrays of a batch must share their leading (sample) dimension, got "
-            f"{shown}. Check that inputs and labels were cut into the same batches."
-        )
-    return int(next(iter(sizes.values())))
+    for leaf in leaves:
+        if np.ndim(leaf) >= 1:
+            return int(np.shape(leaf)[0])
+    raise ValueError(
+        "no leaf of the batch has a leading sample axis (all are scalars); batches need "
+        "arrays of shape (batch, ...)."
+    )
+
+
+_STACK_SHARE = 0.25  # of the device's free memory: larger lists stay streams
+
+
+def _signature(batch: PyTree) -> list:
+    return [
+        (np.shape(x), str(getattr(x, "dtype", type(x)))) for x in jax.tree_util.tree_leaves(batch)
+    ]
 
 
 def stack_batches(batches: Any) -> SplitArrays | None:
     """A list of in-memory batches as stacked equal batches plus a smaller last one.
 
-    Returns ``None`` when ``batches`` is not such a list (not a list, a batch that is not a
-    pytree of arrays, batches of different structures, trailing shapes or dtypes, or sizes
-    other than equal batches followed by at most one smaller batch): those are read as a
-    stream. Raises ``ValueError`` for a list holding an iterator (a generator inside the
-    list) or a batch whose arrays disagree on the number of samples.
+    The equal batches must have leaves of identical shapes and dtypes (they are stacked);
+    the last, smaller one is kept whole as the remainder. Returns ``None`` for anything
+    else, which is then read as a stream: not a list, a batch that is not a pytree of
+    arrays, batches of different structures, shapes or dtypes, other sizes, or a list whose
+    stacked copy would take more than a quarter of the default device's free memory.
+    Raises ``ValueError`` for a list holding an iterator (a generator inside the list).
     """
     if not isinstance(batches, list) or not batches:
         return None
@@ -138,26 +138,31 @@ def stack_batches(batches: Any) -> SplitArrays | None:
             )
     if not all(is_array_data(b) for b in batches):
         return None
-    batches = [as_host_arrays(b) for b in batches]
-    sizes = [batch_size_of(b) for b in batches]
     treedef = jax.tree_util.tree_structure(batches[0])
-    first = [(np.shape(x)[1:], np.result_type(x)) for x in jax.tree_util.tree_leaves(batches[0])]
-    for b in batches[1:]:
-        if jax.tree_util.tree_structure(b) != treedef:
-            return None
-        if [(np.shape(x)[1:], np.result_type(x)) for x in jax.tree_util.tree_leaves(b)] != first:
-            return None
+    if any(jax.tree_util.tree_structure(b) != treedef for b in batches[1:]):
+        return None
+    sizes = [batch_size_of(b) for b in batches]
     size = sizes[0]
     if min(sizes) == 0 or any(n != size for n in sizes[:-1]) or sizes[-1] > size:
         return None
     full = batches if sizes[-1] == size else batches[:-1]
+    if any(_signature(b) != _signature(full[0]) for b in full[1:]):
+        return None
+    nbytes = sum(int(np.prod(np.shape(x))) * getattr(getattr(x, "dtype", None), "itemsize", 8)
+                 for x in jax.tree_util.tree_leaves(batches))  # fmt: skip
+    from .costs import free_device_bytes
+
+    free = free_device_bytes()
+    if free is not None and nbytes > _STACK_SHARE * free:
+        return None
+    full = [as_host_arrays(b) for b in full]
 
     def stack(*leaves):
         on_device = any(isinstance(x, jax.Array) for x in leaves)
         return (jnp.stack if on_device else np.stack)(leaves)
 
-    stacked = jax.tree_util.tree_map(stack, *full) if full else None
-    remainder = batches[-1] if sizes[-1] < size else None
+    stacked = jax.tree_util.tree_map(stack, *full)
+    remainder = as_host_arrays(batches[-1]) if sizes[-1] < size else None
     return SplitArrays(stacked, remainder, int(sum(sizes)), int(size))
 
 

@@ -219,15 +219,22 @@ def _mixed_precision(matvec: Callable, dtype: Any, x64_off: bool) -> Callable:
     return product
 
 
-def _traces(matvec: Callable, dim: int, dtype: Any) -> bool:
-    """Whether ``matvec`` can be traced on a ``(dim,)`` vector (abstractly, nothing runs on
-    a device). A function that reads data on the host, converts its argument to NumPy or
-    branches on its values cannot, and is driven from the host loop instead."""
+def _trace_error(fn: Callable, template: PyTree | None, dim: int, dtype: Any) -> Exception | None:
+    """Why ``fn`` cannot be traced on its vectors (``None`` if it can), found abstractly
+    with ``jax.eval_shape`` (nothing runs on a device; JAX caches it per function). A
+    function that reads data on the host, converts its argument to NumPy or branches on its
+    values cannot be traced, and is driven from the host loop instead."""
+    if template is None:
+        vector = jax.ShapeDtypeStruct((dim,), dtype)
+    else:
+        vector = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), template
+        )
     try:
-        jax.eval_shape(matvec, jax.ShapeDtypeStruct((dim,), dtype))
-    except Exception:  # any failure: the host loop calls it eagerly and reports real errors
-        return False
-    return True
+        jax.eval_shape(fn, vector)
+    except Exception as err:  # any failure: the host loop calls it eagerly, real errors show
+        return err
+    return None
 
 
 def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter,
@@ -529,7 +536,8 @@ def lanczos(
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
         raise ValueError(f"dim must be a positive int, got {dim!r}.")
     dim = int(dim)
-    dtype = jnp.promote_types(dtype, jnp.float32)  # the products' dtype, at least float32
+    # The products' dtype, at least float32 (float64 only under x64, as JAX would compute).
+    dtype = jnp.promote_types(jax.dtypes.canonicalize_dtype(dtype), jnp.float32)
     wide = _recurrence_dtype(recurrence_dtype, dtype)
     x64_off = wide == np.float64 and not jax.config.jax_enable_x64
     products = None if wide == dtype else (np.dtype(dtype), x64_off)
@@ -549,8 +557,10 @@ def lanczos(
     if loop not in (None, "scan", "host"):
         raise ValueError(f"loop must be 'scan', 'host' or None, got {loop!r}.")
     traceable = getattr(operand, "traceable", True)
+    untraceable = None
     if fn is not None and loop is None:
-        traceable = _traces(_flat_matvec(fn, None, template), dim, dtype)
+        untraceable = _trace_error(fn, template, dim, dtype)
+        traceable = untraceable is None
     if loop is None:
         loop = "scan" if traceable else "host"
     if loop == "scan" and not traceable:
@@ -565,14 +575,19 @@ def lanczos(
     )
     if traced:
         progress = False  # under the caller's jit/vmap: nothing to report to yet
+        if untraceable is not None:
+            raise ValueError(
+                "lanczos is being traced (jit or vmap) but its matvec cannot be traced, so it "
+                "could only run from a host loop (a function that reads data on the host "
+                "must be called outside jit); tracing it failed with "
+                f"{type(untraceable).__name__}: {_first_line(untraceable)}"
+            ) from untraceable
         if loop == "host" or checkpoint is not None:
             raise ValueError(
-                "host-driven or checkpointed Lanczos cannot run under jit or vmap"
-                + (" (this matvec cannot be traced: it reads data on the host)" if not
-                   traceable else "")
-                + "; use a traceable operator with loop='scan', or call lanczos outside the "
+                "host-driven or checkpointed Lanczos cannot run under jit or vmap; use a "
+                "traceable operator with loop='scan', or call lanczos outside the "
                 "transformation."
-            )  # fmt: skip
+            )
         if x64_off:
             raise ValueError(
                 "a float64 recurrence under jit or vmap needs jax_enable_x64 for the whole "
@@ -600,6 +615,8 @@ def lanczos(
             rows_axis=0,
         )  # fmt: skip
 
+    if x64_off:  # arrays of the operand made now, not as float64 inside the x64 context
+        operand, template = jax.tree_util.tree_map(jnp.asarray, (operand, template))
     wide_types = jax.enable_x64(True) if x64_off else contextlib.nullcontext()
     with Progress(progress, order, "lanczos") as bar, wide_types:
         v0 = v0.astype(wide)
@@ -656,6 +673,11 @@ def lanczos(
 
 
 _OPERATOR_METHODS = ("matvec", "__call__", "matvec_tree")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def _recurrence_dtype(requested: Any, products: Any) -> np.dtype:

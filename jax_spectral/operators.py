@@ -383,8 +383,9 @@ def _shard_data(mesh, axis, params, stacked, remainder, batch_size):
     devices = mesh.shape[axis]
     if stacked is not None and batch_size % devices:
         raise ValueError(
-            f"batch_size {batch_size} is not a multiple of the {devices} devices on mesh "
-            f"axis {axis!r}; each device takes an equal part of every batch."
+            f"the batch size {batch_size} (batch_size, or the size of a list's batches) is "
+            f"not a multiple of the {devices} devices on mesh axis {axis!r}; each device "
+            "takes an equal part of every batch."
         )
     replicated = NamedSharding(mesh, P())
     params = jax.device_put(params, replicated)
@@ -544,7 +545,11 @@ def hessian_operator(
     else:  # a list of equal in-memory batches (and a smaller last one) scans like arrays
         split = stack_batches(data)
     if mesh is not None and split is None:
-        raise ValueError("mesh= applies to in-memory arrays; streams are read on one host.")
+        raise ValueError(
+            "mesh= applies to in-memory data: arrays with batch_size, or a list of batches "
+            "of one structure, equal in size but for a smaller last one, that fits in "
+            "memory; other lists and streams are read on one host."
+        )
     if split is not None:
         stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
         remainder = jax.tree_util.tree_map(jnp.asarray, split.remainder)
@@ -577,7 +582,7 @@ def hessian_operator(
         )
     stream = BatchStream(data)
     first = stream.first()
-    batch_size_of(first)  # a clear error now for arrays that disagree on the sample count
+    batch_size_of(first)  # a clear error now for a batch without a sample axis
     check_scalar_loss(loss, params, first)
     return HessianOperator(
         params, None, None, loss, reduce, "host", None, None, stream, layout, rewrite

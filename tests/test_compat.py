@@ -94,10 +94,30 @@ def test_lanczos_alg_on_a_closure_over_streamed_data_runs_in_the_host_loop(strea
 def test_a_host_only_closure_under_jit_is_refused_clearly(streamed):
     params, batches, _, _ = streamed
     hvp_fn, _, n = hessian_computation.get_hvp_fn(mlp_loss, params, batches)
-    with pytest.raises(ValueError, match="cannot be traced: it reads data on the host"):
+    with pytest.raises(ValueError, match="matvec cannot be traced.*HostOnlyError"):
         jax.jit(lambda k: lanczos_lib.lanczos_alg(lambda v: hvp_fn(params, v), n, 4, k)[0])(
             jax.random.key(0)
         )
+
+
+def test_a_bug_in_a_matvec_under_jit_is_reported_as_itself():
+    b = jnp.ones((6, 5))
+    with pytest.raises(ValueError, match="tracing it failed with TypeError: dot_general"):
+        jax.jit(lambda k: lanczos(lambda v: b @ v, k, 3, dim=6).tridiag)(jax.random.key(0))
+
+
+def test_the_traceability_probe_runs_once_per_function():
+    traces = []
+
+    def matvec(tree):
+        traces.append(1)
+        return {"w": 2.0 * tree["w"]}
+
+    like = {"w": jnp.ones(5)}
+    lanczos(matvec, jax.random.key(0), 3, like=like)
+    first = len(traces)  # the probe and the compiled program
+    lanczos(matvec, jax.random.key(1), 3, like=like)
+    assert first == 2 and len(traces) == first
 
 
 def test_a_numpy_matvec_runs_in_the_host_loop():

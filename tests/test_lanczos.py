@@ -465,6 +465,18 @@ def test_float64_recurrence_products_run_as_without_it():
         assert seen and set(seen) == {(np.dtype(np.float32), np.dtype(np.float32))}
         np.testing.assert_allclose(np.linalg.eigvalsh(res.tridiag), [1, 2, 3, 4], rtol=1e-6)
 
+    def scaled(m, v):  # NumPy float64 arrays in a Partial: float32 arrays, as in any JAX call
+        seen.append((m.dtype, v.dtype))
+        return m @ v
+
+    seen.clear()
+    lanczos(jax.tree_util.Partial(scaled, np.diag(np.arange(1.0, 5.0))), jax.random.key(0), 4,
+            dim=4, recurrence_dtype="float64")  # fmt: skip
+    assert set(seen) == {(np.dtype(np.float32), np.dtype(np.float32))}
+    # Without recurrence_dtype nothing is float64, even for a float64 NumPy start vector.
+    res = lanczos(matvec, None, 4, v0=np.arange(1.0, 5.0))
+    assert res.tridiag.dtype == np.float32 and isinstance(res.tridiag, jax.Array)
+
 
 def test_float64_recurrence_equals_the_same_run_with_x64_on():
     data = classification_data(jax.random.key(1), 50, 4, 3)

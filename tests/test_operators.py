@@ -347,14 +347,48 @@ def test_integer_inputs_give_the_float_result(x64):
 
 def test_bad_lists_and_batches_are_named():
     def loss(w, batch):
-        return jnp.sum((batch[0] @ w) ** 2)
+        x, y = batch
+        return jnp.mean((x @ w - y) ** 2)
 
     x = np.ones((4, 2), np.float32)
     with pytest.raises(ValueError, match="item 1 of the data list is a one-shot iterator"):
         hessian_operator(loss, jnp.ones(2), [(x, x[:, 0]), iter([(x, x[:, 0])])])
-    with pytest.raises(ValueError, match=r"share their leading \(sample\) dimension.*4.*3"):
-        hessian_operator(loss, jnp.ones(2), [(x, x[:3, 0])])
-    with pytest.raises(ValueError, match=r"share their leading \(sample\) dimension"):
-        hessian_operator(loss, jnp.ones(2), lambda: iter([(x, x[:3, 0])]))
+    # Inputs and labels cut into batches of different sizes: the loss cannot be evaluated.
+    for data in ([(x, x[:3, 0])], lambda: iter([(x, x[:3, 0])])):
+        with pytest.raises((ValueError, TypeError), match="(?i)incompatible shapes"):
+            hessian_operator(loss, jnp.ones(2), data)
     with pytest.raises(ValueError, match="batch_size applies to in-memory arrays only"):
-        hessian_operator(loss, jnp.ones(2), [(x,)], batch_size=2)
+        hessian_operator(loss, jnp.ones(2), [(x, x[:, 0])], batch_size=2)
+    with pytest.raises(ValueError, match="no leaf of the batch has a leading sample axis"):
+        hessian_operator(loss, jnp.ones(2), lambda: iter([(np.float32(1.0), np.float32(2.0))]))
+
+
+def test_per_batch_leaves_that_are_not_samples_are_kept(x64):
+    """Keys, class weights: leaves without the sample axis ride along with their batch;
+    the sample count comes from the first leaf that has an axis."""
+
+    def loss(w, batch):
+        x, y, class_weight, key = batch
+        noise = 0.0 * jax.random.normal(key, ())  # a per-batch key, as for dropout
+        return jnp.mean(class_weight[y] * (x @ w) ** 2) + noise
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((10, 3))
+    y = rng.integers(0, 2, 10)
+    weights = np.array([1.0, 3.0])
+    cuts = [(0, 4), (4, 8), (8, 10)]
+    batches = [(x[a:b], y[a:b], weights, jax.random.key(i)) for i, (a, b) in enumerate(cuts)]
+    op = hessian_operator(loss, jnp.zeros(3), batches)
+    assert op.traceable and op.num_samples == 10
+    want = sum((b - a) / 10 * 2 * (x[a:b].T * weights[y[a:b]]) @ x[a:b] / (b - a) for a, b in cuts)
+    np.testing.assert_allclose(op.matvec(jnp.ones(3)), want @ np.ones(3), rtol=1e-12)
+
+
+def test_a_list_too_large_for_the_device_stays_a_stream(problem, monkeypatch):
+    import jax_spectral.costs as costs
+
+    params, arrays, batches, dense, v = problem
+    monkeypatch.setattr(costs, "free_device_bytes", lambda device=None: 1000)
+    op = hessian_operator(mlp_loss, params, batches)
+    assert not op.traceable and op.stream is not None
+    np.testing.assert_allclose(op.matvec(v), dense["mean"] @ v, rtol=1e-10, atol=1e-12)
