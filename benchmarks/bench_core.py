@@ -234,6 +234,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3, help="CNN Lanczos/passes rounds")
     parser.add_argument("--skip-scan-cnn", action="store_true", help="skip the slow CNN scan pass")
+    parser.add_argument(
+        "--only-new", action="store_true",
+        help="only the list-of-batches and recurrence-dtype sections",
+    )  # fmt: skip
     args = parser.parse_args()
 
     print("# jax-spectral core benchmark")
@@ -244,15 +248,17 @@ def main():
     )
     if args.model in ("mlp", "both"):
         loss, params, data = digits_problem()
-        bench("digits MLP, 1,797 samples, batch 512", loss, params, data, 512, 80,
-              args.repeats, rounds=5, skip_scan=False)  # fmt: skip
+        if not args.only_new:
+            bench("digits MLP, 1,797 samples, batch 512", loss, params, data, 512, 80,
+                  args.repeats, rounds=5, skip_scan=False)  # fmt: skip
         bench_list(loss, params, data, 256, 80, args.repeats, rounds=5)
         bench_recurrence(loss, params, data, 512, 80, rounds=5)
     if args.model in ("cnn", "both"):
         loss, params, data = cifar_problem()
-        bench("CIFAR CNN, 256 images, batch 128", loss, params, data, 128, 20,
-              max(1, args.repeats // 2), rounds=args.rounds,
-              skip_scan=args.skip_scan_cnn)  # fmt: skip
+        if not args.only_new:
+            bench("CIFAR CNN, 256 images, batch 128", loss, params, data, 128, 20,
+                  max(1, args.repeats // 2), rounds=args.rounds,
+                  skip_scan=args.skip_scan_cnn)  # fmt: skip
         bench_recurrence(loss, params, data, 128, 20, rounds=args.rounds)
 
 

@@ -161,3 +161,14 @@ def test_lanczos_alg_under_jit_and_density_on_a_traceable_product():
     step = grids[1] - grids[0]
     assert np.sum(density) * step == pytest.approx(1.0, rel=1e-6)
     assert np.sum(np.abs(density - true_density)) * step < 0.6
+
+
+def test_get_hvp_fn_reads_lists_and_arrays_on_the_host(streamed):
+    """As in the original, so that a closure over hvp_fn never compiles the data in."""
+    params, batches, (x, y), dense = streamed
+    v = np.ones(dense.shape[0])
+    for data in (list(batches()), (x, y)):
+        hvp_fn, _, _ = hessian_computation.get_hvp_fn(mlp_loss, params, data)
+        np.testing.assert_allclose(hvp_fn(params, v), dense @ v, rtol=1e-10, atol=1e-12)
+        with pytest.raises(ValueError, match="cannot be traced"):
+            jax.jit(lambda u, f=hvp_fn: f(params, u))(v)

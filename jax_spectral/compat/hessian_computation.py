@@ -4,12 +4,14 @@ two-argument ``full_hessian``, on :func:`jax_spectral.hessian_operator`."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from ..data import is_array_data
 from ..hvp import full_hessian as _full_hessian
 from ..hvp import hvp as hvp
 from ..operators import _layout, hessian_operator
@@ -38,15 +40,22 @@ def get_hvp_fn(
     Hessians by the number of batches, which differs when the last batch is smaller.
     ``unravel`` maps a flat vector to a params-shaped pytree.
 
-    ``hvp_fn`` reads its batches on the host when they are streamed, so it cannot be
-    traced; :func:`jax_spectral.lanczos` and ``lanczos_alg`` detect that and drive it from
-    a Python loop (``lanczos_alg(lambda v: hvp_fn(params, v), num_params, order, key)``
-    works as it did in the original).
+    ``hvp_fn`` reads its batches on the host, as the original did (a list, or arrays given
+    as one batch, are read the same way), so it cannot be traced;
+    :func:`jax_spectral.lanczos` and ``lanczos_alg`` detect that and drive it from a Python
+    loop (``lanczos_alg(lambda v: hvp_fn(params, v), num_params, order, key)`` works as it
+    did in the original). A closure over in-memory data would otherwise be compiled with
+    the data as constants. For speed, pass ``hessian_operator(loss, params, data)`` itself
+    to :func:`jax_spectral.lanczos`, which scans in-memory batches in one compiled loop.
 
     Raises ``ValueError`` when ``batches`` yields nothing, or hands out one iterator that
     a second pass would find exhausted (a generator object rather than a generator
     function).
     """
+    if isinstance(batches, list):
+        batches = functools.partial(iter, batches)
+    elif is_array_data(batches):
+        batches = functools.partial(iter, [batches])
     operator = hessian_operator(loss, params, batches)
     layout = operator.layout
 
