@@ -231,7 +231,7 @@ def test_host_loop_and_stream_with_the_rewrite(backend):
     v = np.random.default_rng(3).standard_normal(stock.dim).astype(np.float32)
     expected = stock.matvec(v)
     for op in (hessian_operator(loss, params, data, batch_size=4, rewrite=backend, loop="host"),
-               hessian_operator(loss, params, batches, rewrite=backend)):  # fmt: skip
+               hessian_operator(loss, params, lambda: iter(batches), rewrite=backend)):  # fmt: skip
         assert op.loop == "host" and op.rewrite == backend
         _close(op.matvec(v), expected)
 
