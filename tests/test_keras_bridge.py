@@ -50,10 +50,13 @@ def test_original_notebook_first_example_verbatim(capsys):
     want = 2 * x64.T @ x64
     np.testing.assert_allclose(np.asarray(H), want, rtol=0, atol=1e-6 * np.abs(want).max())
     # The same tensors from any re-iterable, and as integer inputs of the same values.
-    V2, T2 = approximate_hessian(linear_model, loss_fn, lambda: iter([(X, y)]), 16, progress=False)
+    with pytest.warns(UserWarning, match="differentiated as its sum"):
+        V2, T2 = approximate_hessian(linear_model, loss_fn, lambda: iter([(X, y)]), 16,
+                                     progress=False)  # fmt: skip
     np.testing.assert_allclose(V2 @ T2 @ V2.T, want, rtol=0, atol=1e-6 * np.abs(want).max())
     Xi = tf.constant(np.random.default_rng(0).integers(-3, 4, (50, 16)), tf.int32)
-    V3, T3 = approximate_hessian(linear_model, loss_fn, [(Xi, y)], 16, progress=False)
+    with pytest.warns(UserWarning, match="differentiated as its sum"):
+        V3, T3 = approximate_hessian(linear_model, loss_fn, [(Xi, y)], 16, progress=False)
     want = 2 * np.asarray(Xi, np.float64).T @ np.asarray(Xi, np.float64)
     np.testing.assert_allclose(V3 @ T3 @ V3.T, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
