@@ -90,8 +90,11 @@ def _layout(params: PyTree) -> tuple[Any, tuple]:
 
 def _accumulate(loss, params, batch, v, acc, loss_sum, weight):
     value, hv = loss_and_hvp(loss, params, batch, v)
-    acc = jax.tree_util.tree_map(lambda a, h: a + weight.astype(h.dtype) * h, acc, hv)
-    return acc, loss_sum + value
+    # The sums are kept in at least float32 (``acc``'s dtype): a bf16 sum over many batches
+    # loses the small terms (10% of |Hv| over 1,024 batches).
+    acc = jax.tree_util.tree_map(lambda a, h: a + weight.astype(a.dtype) * h.astype(a.dtype),
+                                 acc, hv)  # fmt: skip
+    return acc, loss_sum + value.astype(loss_sum.dtype)
 
 
 def _accumulate_some(loss, params, batch, v, acc, loss_sum, weight, many):
@@ -132,13 +135,14 @@ def _visit(step, tangent, acc, loss_sum, weight, many):
     return new_acc, new_sum
 
 
-def _finish(acc: PyTree, loss_sum: jax.Array, scale, many: bool = False) -> jax.Array:
+def _finish(acc: PyTree, loss_sum: jax.Array, scale, dtype, many: bool = False) -> jax.Array:
+    """The flat sum, scaled, checked for non-finite values and rounded once to ``dtype``."""
     if many:
         flat = jnp.concatenate([jax.vmap(lambda a: ravel_pytree(a)[0])(c) for c in acc]) * scale
     else:
         flat = ravel_pytree(acc)[0] * scale
     ok = jnp.isfinite(loss_sum) & jnp.all(jnp.isfinite(flat), axis=-1, keepdims=many)
-    return jnp.where(ok, flat, jnp.nan)
+    return jnp.where(ok, flat, jnp.nan).astype(dtype)
 
 
 @functools.partial(
@@ -271,12 +275,19 @@ class HessianOperator:
         rest = self.num_samples % self.batch_size
         return self.batch_size / self.num_samples, rest / self.num_samples
 
+    @property
+    def _sum_dtype(self) -> np.dtype:
+        """The dtype of the sums over batches: the parameters' promoted to float32."""
+        return np.dtype(jnp.promote_types(self.dtype, jnp.float32))
+
     def _zeros(self, tangent: PyTree) -> tuple[PyTree, jax.Array]:
-        acc = jax.tree_util.tree_map(jnp.zeros_like, tangent)  # also for a list of chunks
-        return acc, jnp.zeros((), self.dtype)
+        def zeros(t):  # also for a list of chunks
+            return jnp.zeros(jnp.shape(t), jnp.promote_types(t.dtype, jnp.float32))
+
+        return jax.tree_util.tree_map(zeros, tangent), jnp.zeros((), self._sum_dtype)
 
     def _scan_matvec(self, tangent: PyTree) -> jax.Array:
-        w_full, w_rest = (jnp.asarray(w, self.dtype) for w in self._weights())
+        w_full, w_rest = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
         if self.stacked is not None:
 
@@ -290,10 +301,10 @@ class HessianOperator:
             acc, loss_sum = _accumulate(
                 self.product_loss, self.params, self.remainder, tangent, acc, loss_sum, w_rest
             )
-        return _finish(acc, loss_sum, 1.0)
+        return _finish(acc, loss_sum, 1.0, self.dtype)
 
     def _host_matvec(self, tangent: PyTree, many: bool = False) -> jax.Array:
-        w_full, w_rest = (jnp.asarray(w, self.dtype) for w in self._weights())
+        w_full, w_rest = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
         if self.stacked is not None:
             num_full = jax.tree_util.tree_leaves(self.stacked)[0].shape[0]
@@ -307,7 +318,7 @@ class HessianOperator:
                 functools.partial(_batch_step, self.product_loss, self.params, self.remainder),
                 tangent, acc, loss_sum, w_rest, many,
             )  # fmt: skip
-        return _finish(acc, loss_sum, 1.0, many)
+        return _finish(acc, loss_sum, 1.0, self.dtype, many)
 
     def _stream_matvec(self, tangent: PyTree, many: bool = False) -> jax.Array:
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tangent)):
@@ -320,7 +331,7 @@ class HessianOperator:
         count = 0
         for batch in self.stream:
             n = batch_size_of(batch)
-            weight = jnp.asarray(n if self.reduce == "mean" else 1, self.dtype)
+            weight = jnp.asarray(n if self.reduce == "mean" else 1, self._sum_dtype)
             acc, loss_sum = _visit(
                 functools.partial(_batch_step, self.product_loss, self.params, batch),
                 tangent, acc, loss_sum, weight, many,
@@ -342,7 +353,7 @@ class HessianOperator:
             )
         self.stream.num_samples = count
         scale = 1.0 / count if self.reduce == "mean" else 1.0
-        return _finish(acc, loss_sum, jnp.asarray(scale, self.dtype), many)
+        return _finish(acc, loss_sum, jnp.asarray(scale, self._sum_dtype), self.dtype, many)
 
 
 @jax.jit
