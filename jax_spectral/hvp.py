@@ -17,12 +17,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 PyTree = Any
 Loss = Callable[[PyTree, Any], jax.Array]
 
-__all__ = ["check_params", "full_hessian", "hvp", "loss_and_hvp"]
+__all__ = ["check_like", "check_params", "full_hessian", "hvp", "loss_and_hvp"]
 
 
 def check_params(params: PyTree) -> None:
@@ -57,13 +58,27 @@ def check_scalar_loss(loss: Loss, params: PyTree, batch: Any) -> None:
         )
 
 
-def _check_tangent(params: PyTree, v: PyTree) -> None:
-    p_def = jax.tree_util.tree_structure(params)
-    v_def = jax.tree_util.tree_structure(v)
-    if p_def != v_def:
+def check_like(template: PyTree, tree: PyTree, what: str = "v") -> None:
+    """Raise ``ValueError`` unless ``tree`` has the pytree structure and leaf shapes of
+    ``template`` (dtypes may differ). Flattening a tree of another structure with the same
+    total size would silently misalign its entries."""
+    t_def, v_def = jax.tree_util.tree_structure(template), jax.tree_util.tree_structure(tree)
+    if t_def != v_def:
         raise ValueError(
-            f"v must have the same pytree structure as params; got params {p_def} and v {v_def}."
+            f"{what} must have the same pytree structure as params; got params {t_def} and "
+            f"{what} {v_def}."
         )
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(template),
+                            jax.tree_util.tree_leaves(tree), strict=True):  # fmt: skip
+        if np.shape(a) != np.shape(b):
+            raise ValueError(
+                f"{what}{jax.tree_util.keystr(path)} has shape {np.shape(b)}, but the params "
+                f"leaf has shape {np.shape(a)}."
+            )
+
+
+def _check_tangent(params: PyTree, v: PyTree) -> None:
+    check_like(params, v)
 
 
 def _grad_value(loss: Loss, batch: Any) -> Callable[[PyTree], tuple[jax.Array, PyTree]]:

@@ -523,6 +523,9 @@ def lanczos(
             flat_like = ravel_pytree(like)[0]
             dim, dtype = flat_like.shape[0], flat_like.dtype
             if v0 is not None:
+                from .hvp import check_like
+
+                check_like(like, v0, "v0")
                 v0 = ravel_pytree(v0)[0]
         else:
             if v0 is not None:

@@ -61,7 +61,7 @@ from .data import (
     split_arrays,
     stack_batches,
 )
-from .hvp import check_params, check_scalar_loss, loss_and_hvp
+from .hvp import check_like, check_params, check_scalar_loss, loss_and_hvp
 from .rewrite import convolutions, cpu_friendly
 
 PyTree = Any
@@ -196,7 +196,13 @@ class HessianOperator:
         return _unraveler(*self.layout)
 
     def ravel(self, tree: PyTree) -> jax.Array:
-        """Map a params-shaped pytree to a flat ``(dim,)`` vector (``ravel_pytree`` order)."""
+        """Map a params-shaped pytree to a flat ``(dim,)`` vector (``ravel_pytree`` order);
+        ``ValueError`` for a pytree of another structure or other leaf shapes."""
+        treedef, avals = self.layout
+        template = jax.tree_util.tree_unflatten(
+            treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals]
+        )
+        check_like(template, tree, "the pytree")
         return ravel_pytree(tree)[0].astype(self.dtype)
 
     @property

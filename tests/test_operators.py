@@ -413,3 +413,28 @@ def test_bf16_sums_over_many_batches_keep_float32_accuracy(source):
     x64 = np.asarray(x, np.float64)
     want = 2 * x64.T @ x64 / 4096 @ np.ones(8)
     assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
+
+
+def test_pytrees_of_another_structure_are_refused(problem):
+    """Same total size, other structure: flattening would misalign the entries."""
+    params, arrays, batches, dense, v = problem
+    op = hessian_operator(mlp_loss, params, arrays, batch_size=BATCH)
+    tree = op.unravel(v)
+    swapped = {"layer0": tree["layer1"], "layer1": tree["layer0"]}  # other shapes, same size
+    assert jax.tree_util.tree_structure(swapped) == jax.tree_util.tree_structure(tree)
+    with pytest.raises(ValueError, match=r"\['layer0'\]\['b'\] has shape \(3,\)"):
+        op.matvec_tree(swapped)
+    flat_leaves = [jnp.ravel(x) for x in jax.tree_util.tree_leaves(tree)]
+    for bad in (flat_leaves, {"w": v}):
+        with pytest.raises(ValueError, match="same pytree structure as params"):
+            op.matvec_tree(bad)
+        with pytest.raises(ValueError, match="same pytree structure as params"):
+            op.ravel(bad)
+        with pytest.raises(ValueError, match="same pytree structure as params"):
+            lanczos(op, None, 3, v0=bad)
+        with pytest.raises(ValueError, match="same pytree structure as params"):
+            lanczos(op.matvec_tree, None, 3, v0=bad)
+    np.testing.assert_allclose(op.matvec_tree(tree)["layer1"]["b"],
+                               op.unravel(op.matvec(v))["layer1"]["b"])  # fmt: skip
+    with pytest.raises(ValueError, match="same pytree structure as params"):
+        lanczos(lambda t: t, None, 3, like=params, v0={"w": v})
