@@ -52,7 +52,7 @@ from .progress import Progress, ProgressArg, scan_tick
 
 PyTree = Any
 
-__all__ = ["LanczosResult", "lanczos", "lanczos_alg", "lanczos_step", "ritz"]
+__all__ = ["LanczosResult", "lanczos", "lanczos_alg", "lanczos_step", "ritz", "warn_if_zero"]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -662,6 +662,8 @@ def lanczos(
                 bar.update_to(order)
         if x64_off:  # float64 JAX arrays would be truncated outside x64: hand out NumPy
             result = LanczosResult(*(np.asarray(field) for field in result))
+    if not _is_tracer(result.num_steps):
+        warn_if_zero(result)
     if not _is_tracer(result.nonfinite_step) and int(result.nonfinite_step) >= 0:
         step = int(result.nonfinite_step)
         err = FloatingPointError(
@@ -676,6 +678,25 @@ def lanczos(
 
 
 _OPERATOR_METHODS = ("matvec", "__call__", "matvec_tree")
+
+
+def warn_if_zero(result: LanczosResult) -> None:
+    """Warn when every product was exactly zero (every run, for a batch of runs): the
+    recurrence stopped at its first step with a zero tridiagonal, so the spectrum is one
+    node at zero, whatever the operator's true scale was."""
+    steps = np.asarray(result.num_steps)
+    tridiag = np.asarray(result.tridiag)
+    first = tridiag.reshape((-1,) + tridiag.shape[-2:])[:, 0, 0]
+    residual = np.asarray(result.residual_norm)
+    if np.all(steps == 1) and np.all(first == 0) and np.all(residual == 0):
+        warnings.warn(
+            "every matrix-vector product was exactly zero, so the spectrum is a single node "
+            "at 0. If the operator is not zero, its entries underflowed (a loss scaled by a "
+            "tiny factor, or float16/bfloat16 arithmetic): rescale the loss, or use float32 "
+            "or float64 parameters.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _first_line(err: BaseException) -> str:

@@ -42,6 +42,7 @@ from .lanczos import (
     lanczos_step,
     pack_result,
     run_checkpointed,
+    warn_if_zero,
 )
 from .progress import Progress, ProgressArg, scan_tick
 
@@ -221,6 +222,7 @@ def slq(
             jax.block_until_ready(result)
             jax.effects_barrier()
             bar.update_to(order)
+    warn_if_zero(result)
     bad = np.asarray(result.nonfinite_step)
     if np.any(bad >= 0):
         step = int(bad[bad >= 0].min())

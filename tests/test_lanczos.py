@@ -1,3 +1,5 @@
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,9 +146,27 @@ def test_breakdown_when_order_exceeds_dim_float32():
 
 
 def test_zero_operator_breaks_down_at_the_first_step():
-    res = lanczos(lambda v: 0 * v, jax.random.key(0), 4, dim=6)
+    with pytest.warns(RuntimeWarning, match="every matrix-vector product was exactly zero"):
+        res = lanczos(lambda v: 0 * v, jax.random.key(0), 4, dim=6)
     assert int(res.num_steps) == 1
     assert np.all(np.asarray(res.tridiag) == 0)
+
+
+def test_an_underflowing_loss_is_not_a_silent_zero_spectrum():
+    """A float32 loss scaled by 1e-38: every HVP underflows to exactly zero."""
+    from jax_spectral import slq
+
+    params = init_mlp(jax.random.key(0), [4, 6, 3])
+    data = classification_data(jax.random.key(1), 40, 4, 3)
+    op = hessian_operator(lambda p, b: 1e-38 * mlp_loss(p, b), params, data, batch_size=16)
+    assert np.all(np.asarray(op.matvec(jnp.ones(op.dim))) == 0)
+    with pytest.warns(RuntimeWarning, match="underflowed"):
+        lanczos(op, jax.random.key(2), 10)
+    with pytest.warns(RuntimeWarning, match="underflowed"):
+        slq(op, jax.random.key(2), num_probes=2, order=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a normal loss: no warning
+        lanczos(hessian_operator(mlp_loss, params, data, batch_size=16), jax.random.key(2), 10)
 
 
 def test_scan_and_host_loops_agree():
