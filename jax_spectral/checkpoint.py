@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -57,15 +58,31 @@ def _describe_function(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '')}.{name}:{body}"
 
 
+def _describe_loss(operator: Any, digest) -> None:
+    """The loss as a computation: its jaxpr on the first batch (so closures, captured
+    constants and ``functools.partial`` arguments count, and a renamed but equal function
+    does not), with the values of the arrays it captures."""
+    from .operators import first_batch
+
+    if operator.stream is not None:
+        batch = operator.stream.first()
+    else:
+        batch = first_batch(operator.stacked, operator.remainder)
+    closed = jax.make_jaxpr(operator.loss)(operator.params, batch)
+    digest.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr)).encode())
+    for const in closed.consts:
+        _hash_update(digest, const)
+
+
 def fingerprint(operator: Any) -> str:
     """A SHA-256 over what determines the operator's products: for a Hessian operator its
-    loss function (name and bytecode), settings (with its CPU rewrite when that changes
-    the products: a CNN's, not an MLP's), parameters and in-memory batches (for a stream:
-    its first batch and sample count); for a ``Partial``, its function and arrays; for a
-    plain function, its name and bytecode only (arrays it closes over are not seen)."""
+    loss (as a jaxpr with its captured constants), settings (with its CPU rewrite when that
+    changes the products: a CNN's, not an MLP's), parameters and in-memory batches (for a
+    stream: its first batch and sample count); for a ``Partial``, its function and arrays;
+    for a plain function, its name and bytecode only (arrays it closes over are not seen)."""
     digest = hashlib.sha256()
     if hasattr(operator, "stream") and hasattr(operator, "loss"):
-        digest.update(_describe_function(operator.loss).encode())
+        _describe_loss(operator, digest)
         settings = [operator.reduce, operator.batch_size, operator.num_samples]
         if _rewritten_products(operator):  # the products differ from the stock ones
             settings.append(("rewrite", operator.rewrite))

@@ -116,3 +116,35 @@ def test_bad_checkpoint_settings(tmp_path):
         lanczos(problem("host"), jax.random.key(2), 4, basis_sharding=sharding)
     one = lanczos(op, jax.random.key(2), 6, basis_sharding=sharding)  # one device: no-op
     np.testing.assert_array_equal(one.tridiag, lanczos(op, jax.random.key(2), 6).tridiag)
+
+
+def test_a_different_loss_is_refused_even_when_its_code_is_the_same(tmp_path):
+    """Closures, captured arrays and partial arguments change the products: a loss scaled
+    by 100 resumed the old run's spectrum before. An equal loss under another name resumes."""
+    import functools
+
+    import jax.numpy as jnp
+
+    x, y = classification_data(jax.random.key(1), 45, 6, 4)
+    op = problem("scan")
+
+    def scaled(params, batch, factor):
+        return factor * mlp_loss(params, batch)
+
+    def make(loss):
+        return hessian_operator(loss, op.params, (x, y), batch_size=10, loop="scan")
+
+    folder = tmp_path / "ckpt"
+    lanczos(make(functools.partial(scaled, factor=1.0)), jax.random.key(2), ORDER,
+            checkpoint=folder)  # fmt: skip
+    factor = jnp.asarray(100.0)
+    for other in (functools.partial(scaled, factor=100.0),
+                  lambda p, b: factor * mlp_loss(p, b)):  # fmt: skip
+        with pytest.raises(ValueError, match="operator and data"):
+            lanczos(make(other), jax.random.key(2), ORDER, checkpoint=folder, resume=True)
+
+    def renamed(params, batch):
+        return 1.0 * mlp_loss(params, batch)
+
+    resumed = lanczos(make(renamed), jax.random.key(2), ORDER, checkpoint=folder, resume=True)
+    assert int(resumed.num_steps) == ORDER
