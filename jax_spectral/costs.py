@@ -66,11 +66,24 @@ def free_device_bytes(device: Any = None) -> int | None:
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     if device.platform == "cpu":
-        try:
-            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-            return None
+        return _available_host_bytes()
     return None
+
+
+def _available_host_bytes() -> int | None:
+    """Memory the OS can hand out without swapping: ``MemAvailable`` (free memory plus
+    reclaimable caches), not ``MemFree``, which leaves out the page cache."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:  # not Linux: free pages only
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return None
 
 
 def estimate(
@@ -92,6 +105,9 @@ def estimate(
     products doubles the basis. ``on_host``: the bases live in host memory
     (``slq(basis_memory="host")``), so the free memory is the host's.
     """
+    for name, value in (("order", order), ("num_probes", num_probes)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
     if isinstance(operator, (int, np.integer)):
         dim, base = int(operator), dtype or jnp.float32
     else:

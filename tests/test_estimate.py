@@ -61,3 +61,17 @@ def test_a_basis_that_cannot_fit_is_refused_before_any_product(monkeypatch):
     assert calls == [] and "usable" in str(info.value)
     fits = estimate(op, order=20)  # one probe fits in a third of the five-probe bases
     assert fits.fits and np.isclose(fits.basis_bytes * 5, need)
+
+
+def test_free_host_memory_is_what_the_os_calls_available_and_bad_counts_are_refused():
+    with open("/proc/meminfo") as meminfo:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+    got = estimate_module.free_device_bytes(jax.devices("cpu")[0])
+    # MemAvailable moves a little between the two reads; MemFree leaves out the page cache.
+    assert abs(got - fields["MemAvailable"]) < 0.05 * fields["MemAvailable"]
+    op = _operator()
+    for bad in (-5, 0, 2.5, True):
+        with pytest.raises(ValueError, match="order must be a positive int"):
+            estimate(op, order=bad)
+    with pytest.raises(ValueError, match="num_probes must be a positive int"):
+        estimate(op, order=3, num_probes=0)
