@@ -43,6 +43,9 @@ _FORMAT = 1
 
 
 def _hash_update(digest, value: Any) -> None:
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        digest.update(str(value.dtype).encode())
+        value = jax.random.key_data(value)
     if isinstance(value, (np.ndarray, jax.Array)) or np.isscalar(value):
         array = np.asarray(value)
         digest.update(f"{array.dtype}{array.shape}".encode())
@@ -72,6 +75,25 @@ def _describe_loss(operator: Any, digest) -> None:
     digest.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr)).encode())
     for const in closed.consts:
         _hash_update(digest, const)
+    for value in _literals(closed.jaxpr):  # printed as [...] when JAX inlines array constants
+        _hash_update(digest, value)
+
+
+def _literals(jaxpr) -> Any:
+    """The values of the literal operands of ``jaxpr`` and of the jaxprs nested in it.
+    (Derivative rules and callbacks are Python functions in the equations' parameters:
+    their names count, values they capture do not.)"""
+    from jax.extend.core import Literal
+
+    for eqn in jaxpr.eqns:
+        for var in eqn.invars:
+            if isinstance(var, Literal):
+                yield np.asarray(var.val)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _literals(inner)
 
 
 def fingerprint(operator: Any) -> str:

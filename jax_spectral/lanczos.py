@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -522,7 +523,7 @@ def lanczos(
             template = like
             flat_like = ravel_pytree(like)[0]
             dim, dtype = flat_like.shape[0], flat_like.dtype
-            if v0 is not None:
+            if v0 is not None and not _is_array_vector(v0):
                 from .hvp import check_like
 
                 check_like(like, v0, "v0")
@@ -690,13 +691,24 @@ def warn_if_zero(result: LanczosResult) -> None:
     residual = np.asarray(result.residual_norm)
     if np.all(steps == 1) and np.all(first == 0) and np.all(residual == 0):
         warnings.warn(
-            "every matrix-vector product was exactly zero, so the spectrum is a single node "
-            "at 0. If the operator is not zero, its entries underflowed (a loss scaled by a "
-            "tiny factor, or float16/bfloat16 arithmetic): rescale the loss, or use float32 "
-            "or float64 parameters.",
+            "every matrix-vector product was exactly zero, so the spectrum seen from the start "
+            "vector(s) is a single node at 0. Either the start vector lies in the operator's "
+            "null space, or the operator is zero: if it should not be, its entries "
+            "underflowed (a loss scaled by a tiny factor, or float16/bfloat16 arithmetic); "
+            "rescale the loss, or use float32 or float64 parameters.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=_caller_level(),
         )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that attributes a warning to the first frame outside this
+    package (the user's call of lanczos, slq or eigenpairs)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _first_line(err: BaseException) -> str:

@@ -141,8 +141,9 @@ def _finish(acc: PyTree, loss_sum: jax.Array, scale, dtype, many: bool = False) 
         flat = jnp.concatenate([jax.vmap(lambda a: ravel_pytree(a)[0])(c) for c in acc]) * scale
     else:
         flat = ravel_pytree(acc)[0] * scale
+    flat = flat.astype(dtype)  # checked after rounding: a float16 product may overflow here
     ok = jnp.isfinite(loss_sum) & jnp.all(jnp.isfinite(flat), axis=-1, keepdims=many)
-    return jnp.where(ok, flat, jnp.nan).astype(dtype)
+    return jnp.where(ok, flat, jnp.nan)
 
 
 @functools.partial(

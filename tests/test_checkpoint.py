@@ -148,3 +148,19 @@ def test_a_different_loss_is_refused_even_when_its_code_is_the_same(tmp_path):
 
     resumed = lanczos(make(renamed), jax.random.key(2), ORDER, checkpoint=folder, resume=True)
     assert int(resumed.num_steps) == ORDER
+
+
+def test_a_loss_capturing_a_typed_key_checkpoints_and_resumes(tmp_path):
+    import jax.numpy as jnp
+
+    x, y = classification_data(jax.random.key(1), 45, 6, 4)
+    op = problem("scan")
+    key = jax.random.key(5)
+
+    def noisy(params, batch):  # a fixed key captured by the loss, e.g. for a dropout mask
+        return mlp_loss(params, batch) + 0.0 * jnp.sum(jax.random.normal(key, (2,)))
+
+    made = hessian_operator(noisy, op.params, (x, y), batch_size=10, loop="scan")
+    first = lanczos(made, jax.random.key(2), ORDER, checkpoint=tmp_path / "c")
+    again = lanczos(made, jax.random.key(2), ORDER, checkpoint=tmp_path / "c", resume=True)
+    np.testing.assert_array_equal(np.asarray(first.tridiag), np.asarray(again.tridiag))

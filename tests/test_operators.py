@@ -438,3 +438,14 @@ def test_pytrees_of_another_structure_are_refused(problem):
                                op.unravel(op.matvec(v))["layer1"]["b"])  # fmt: skip
     with pytest.raises(ValueError, match="same pytree structure as params"):
         lanczos(lambda t: t, None, 3, like=params, v0={"w": v})
+    assert int(lanczos(lambda t: t, None, 1, like=params, v0=v).num_steps) == 1  # flat v0
+
+
+def test_a_float16_sum_that_overflows_is_nan_not_inf():
+    def loss(w, batch):
+        return 1e3 * jnp.sum((batch[0] @ w) ** 2)
+
+    x = np.full((1024, 4), 2.0, np.float16)
+    op = hessian_operator(loss, jnp.zeros(4, jnp.float16), (x,), batch_size=1, reduce="sum")
+    got = np.asarray(op.matvec(jnp.ones(4, jnp.float16)))
+    assert got.dtype == np.float16 and np.all(np.isnan(got))
