@@ -21,16 +21,13 @@ import platform
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_core import digits_problem
 
-from jax_spectral import datasets, hessian_operator, lanczos
+from jax_spectral import hessian_operator, lanczos
 
 
 def digits_dense():
-    x, y = datasets.load_digits()
-    model = datasets.mlp()
-    loss = datasets.cross_entropy_loss(model.apply)
-    params = model.init(jax.random.key(0), x[:1])["params"]
-    params = datasets.train_classifier(loss, params, (x, y), steps=200)
+    loss, params, (x, y) = digits_problem(train_steps=200)
     with jax.enable_x64(True):
         p64 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
         op64 = hessian_operator(loss, p64, (x.astype(np.float64), y), batch_size=512)

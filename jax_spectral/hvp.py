@@ -77,10 +77,6 @@ def check_like(template: PyTree, tree: PyTree, what: str = "v") -> None:
             )
 
 
-def _check_tangent(params: PyTree, v: PyTree) -> None:
-    check_like(params, v)
-
-
 def _grad_value(loss: Loss, batch: Any) -> Callable[[PyTree], tuple[jax.Array, PyTree]]:
     def value_and_grad(p):
         return jax.value_and_grad(loss)(p, batch)
@@ -133,7 +129,7 @@ def hvp(loss: Loss, params: PyTree, batch: Any, v: PyTree) -> PyTree:
     Array([2., 6.], dtype=float32)
     """
     check_params(params)
-    _check_tangent(params, v)
+    check_like(params, v)
     check_scalar_loss(loss, params, batch)
     return loss_and_hvp(loss, params, batch, v)[1]
 

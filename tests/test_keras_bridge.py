@@ -86,22 +86,26 @@ def test_model_hessian_vector_product_matches_tensorflow_tapes(reduce_op):
     Y = rng.integers(0, 3, 13).astype(np.int32)
     batches = [(X[i : i + 5], Y[i : i + 5]) for i in range(0, 13, 5)]  # last batch of 3
 
-    def loss_fn(model, inputs):
-        x, y = inputs
-        logits = model(x, training=False)
-        losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        return keras.ops.mean(losses)
-
     dataset = tf.data.Dataset.from_tensor_slices((X, Y)).batch(5)
     v = tf.random.uniform((31, 1), minval=-1, maxval=1, seed=2)
     got = matrix_vector_product.model_hessian_vector_product(
-        loss_fn, model, dataset, v, reduce_op=reduce_op
+        _mean_cross_entropy, model, dataset, v, reduce_op=reduce_op
     )
     want = _tf_dataset_hessian(model.get_weights(), batches, reduce_op) @ np.asarray(v)
     assert got.shape == (31, 1)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
     with pytest.raises(ValueError, match=r"v must have shape \(31, 1\)"):
-        matrix_vector_product.model_hessian_vector_product(loss_fn, model, dataset, np.ones(5))
+        matrix_vector_product.model_hessian_vector_product(
+            _mean_cross_entropy, model, dataset, np.ones(5)
+        )
+
+
+def _mean_cross_entropy(model, inputs):
+    """The mean sparse cross-entropy of the model's logits (inference mode)."""
+    x, y = inputs
+    logits = model(x, training=False)
+    losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    return keras.ops.mean(losses)
 
 
 def _small_classifier(features=3, hidden=4, classes=3):
@@ -154,18 +158,14 @@ def test_full_order_matches_tensorflow_tapes_on_ragged_batches(reduce_op):
     Y = rng.integers(0, 7, 23).astype(np.int32)
     batches = [(X[i : i + 5], Y[i : i + 5]) for i in range(0, 23, 5)]  # last batch of 3
 
-    def loss_fn(model, inputs):
-        x, y = inputs
-        logits = model(x, training=False)
-        losses = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-        return keras.ops.mean(losses)
-
     dim = sum(int(np.prod(w.shape)) for w in model.get_weights())
     assert dim == 189
     # Softmax is invariant to shifting all logits: the last layer (14 x 7 kernel, 7 biases)
     # gives 14 + 1 exact zero eigenvalues, one node for Lanczos: 189 - 15 + 1 = 175 steps.
     with pytest.warns(RuntimeWarning, match="broke down after 175 of 189 steps"):
-        V, T = approximate_hessian(model, loss_fn, batches, order=dim, reduce_op=reduce_op)
+        V, T = approximate_hessian(
+            model, _mean_cross_entropy, batches, order=dim, reduce_op=reduce_op
+        )
     want = _tf_dataset_hessian(model.get_weights(), batches, reduce_op)
     got = V @ T @ V.T
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
