@@ -100,7 +100,7 @@ def fingerprint(operator: Any) -> str:
     """A SHA-256 over what determines the operator's products: for a Hessian operator its
     loss (as a jaxpr with its captured constants), settings (with its CPU rewrite when that
     changes the products: a CNN's, not an MLP's), parameters and in-memory batches (for a
-    stream: its first batch and sample count); for a ``Partial``, its function and arrays;
+    stream: the content of a whole pass, see :class:`jax_spectral.data.StreamContent`); for a ``Partial``, its function and arrays;
     for a plain function, its name and bytecode only (arrays it closes over are not seen)."""
     digest = hashlib.sha256()
     if hasattr(operator, "stream") and hasattr(operator, "loss"):
@@ -110,9 +110,13 @@ def fingerprint(operator: Any) -> str:
             settings.append(("rewrite", operator.rewrite))
         for setting in settings:
             _hash_update(digest, setting)
-        leaves = [operator.params, operator.stacked, operator.remainder]
         if operator.stream is not None:
-            leaves.append(operator.stream.first())
+            # The whole pass's content (read once now if no pass has run): the samples as a
+            # multiset when reshuffling them cannot change the matrix, else the batches.
+            content = operator.stream.read()
+            per_sample = operator.loss_form() == operator.reduce
+            _hash_update(digest, (content.num_samples, content.samples if per_sample else content.batches))
+        leaves = [operator.params, operator.stacked, operator.remainder]
         for leaf in jax.tree_util.tree_leaves(leaves):
             _hash_update(digest, leaf)
     elif isinstance(operator, jax.tree_util.Partial):

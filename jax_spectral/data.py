@@ -22,12 +22,19 @@ Array-likes that are not NumPy or JAX arrays (a ``tf.Tensor``, a CPU ``torch.Ten
 anything with ``__array__``) are converted with ``numpy.asarray``, once per batch and pass.
 The number of samples in a batch is the length of the leading axis of its first leaf that
 has one.
+
+Every pass over a stream is fingerprinted as it is read (:class:`StreamContent`): a 64-bit
+hash per sample, from which follow the multiset of batches and the multiset of samples.
+The operator compares each pass with the first, so a stream that hands out other data on a
+later pass (a random subset, ``shuffle().take(n)``) is refused instead of mixing matrices.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
+
+import hashlib
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +46,7 @@ __all__ = [
     "BatchStream",
     "HostOnlyError",
     "SplitArrays",
+    "StreamContent",
     "as_host_arrays",
     "batch_size_of",
     "is_array_data",
@@ -209,15 +217,97 @@ def split_arrays(arrays: PyTree, batch_size: int | None) -> SplitArrays:
     return SplitArrays(stacked, remainder, n, batch_size)
 
 
+_KEYS = np.zeros(0, np.uint64)
+
+
+def _keys(width: int) -> np.ndarray:
+    """Fixed pseudo-random odd 64-bit weights, one per 8-byte word of a sample."""
+    global _KEYS
+    if _KEYS.size < width:
+        rng = np.random.default_rng(0x5EC7)
+        size = max(width, 2 * _KEYS.size, 64)
+        _KEYS = rng.integers(0, 2**64, size=size, dtype=np.uint64, endpoint=False) | np.uint64(1)
+    return _KEYS[:width]
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, elementwise (wrapping uint64 arithmetic)."""
+    z = z ^ (z >> np.uint64(30))
+    z = z * np.uint64(0xBF58476D1CE4E5B9)
+    z = z ^ (z >> np.uint64(27))
+    z = z * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def sample_hashes(batch: PyTree) -> np.ndarray:
+    """A 64-bit hash of each sample of a host batch, shape ``(n,)``: the bytes, dtype and
+    shape of its slice of every leaf (leaves without the sample axis count for every
+    sample). Not cryptographic; it tells accidentally different data apart."""
+    n = batch_size_of(batch)
+    hashes = np.zeros(n, np.uint64)
+    with np.errstate(over="ignore"):
+        for index, leaf in enumerate(jax.tree_util.tree_leaves(batch)):
+            a = np.ascontiguousarray(np.asarray(leaf))
+            per_sample = a.ndim > 0 and a.shape[0] == n
+            rows = a.reshape((n, -1) if per_sample else (1, -1)).view(np.uint8)
+            pad = -rows.shape[1] % 8
+            if pad:
+                rows = np.pad(rows, ((0, 0), (0, pad)))
+            words = rows.view(np.uint64)
+            leaf_hash = (words * _keys(words.shape[1])).sum(axis=1, dtype=np.uint64)
+            tag = f"{index}:{a.dtype.str}:{a.shape[1:] if per_sample else a.shape}"
+            tag = np.uint64(int.from_bytes(hashlib.sha256(tag.encode()).digest()[:8], "little"))
+            hashes = _mix(hashes * np.uint64(0x9E3779B97F4A7C15) + _mix(leaf_hash + tag))
+    return hashes
+
+
+class StreamContent:
+    """What one pass over a stream contained, built batch by batch with :meth:`add`.
+
+    ``batches``: a digest of the multiset of batches (each batch's samples in order), so
+    the same batches in another order compare equal. ``samples``: a digest of the multiset
+    of samples, equal after any reshuffle of the same samples. ``num_samples``: ``N``;
+    ``batch_sizes``: the set of batch sizes.
+    """
+
+    def __init__(self) -> None:
+        self._batch_digests: list[bytes] = []
+        self._sample_hashes: list[np.ndarray] = []
+        self.num_samples = 0
+        self.batch_sizes: set[int] = set()
+
+    def add(self, batch: PyTree) -> None:
+        hashes = sample_hashes(batch)
+        self._batch_digests.append(hashlib.sha256(hashes.tobytes()).digest())
+        self._sample_hashes.append(hashes)
+        self.num_samples += hashes.size
+        self.batch_sizes.add(hashes.size)
+
+    def finish(self) -> StreamContent:
+        batches = hashlib.sha256(b"".join(sorted(self._batch_digests)))
+        hashes = np.sort(np.concatenate(self._sample_hashes or [np.zeros(0, np.uint64)]))
+        self.batches = batches.hexdigest()
+        self.samples = hashlib.sha256(hashes.tobytes()).hexdigest()
+        self.num_batches = len(self._batch_digests)
+        del self._batch_digests, self._sample_hashes
+        return self
+
+
 class BatchStream:
     """A re-iterable source of batches, read from the host once per pass.
 
     Each call of ``iter(stream)`` starts a new pass over the data. Hashing and equality
-    are by identity, so a stream can sit in the static part of a pytree. ``num_samples``
-    is recorded by the first full pass of an operator, which checks later passes against it.
+    are by identity, so a stream can sit in the static part of a pytree. ``content``, the
+    :class:`StreamContent` of the first full pass an operator made (or of :meth:`read`),
+    is what later passes are checked against.
     """
 
-    num_samples: int | None = None
+    content: StreamContent | None = None
+    loss_form: str | None = None  # "mean", "sum" or "" (see HessianOperator.loss_form)
+
+    @property
+    def num_samples(self) -> int | None:
+        return None if self.content is None else self.content.num_samples
 
     def __init__(self, source: Any):
         if isinstance(source, BatchStream):
@@ -251,6 +341,15 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[PyTree]:
         return map(as_host_arrays, self._new_pass())
+
+    def read(self) -> StreamContent:
+        """The reference content: recorded by the first pass, or read now (data only)."""
+        if self.content is None:
+            content = StreamContent()
+            for batch in self:
+                content.add(batch)
+            self.content = content.finish()
+        return self.content
 
     def first(self) -> PyTree:
         """The first batch of a new pass; raises ``ValueError`` if the data is empty."""

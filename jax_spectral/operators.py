@@ -56,6 +56,7 @@ from jax.flatten_util import ravel_pytree
 from .data import (
     BatchStream,
     HostOnlyError,
+    StreamContent,
     batch_size_of,
     is_array_data,
     split_arrays,
@@ -335,7 +336,7 @@ class HessianOperator:
                 "matvec outside transformations, or use in-memory arrays with batch_size."
             )
         acc, loss_sum = self._zeros(tangent)
-        count = 0
+        content = StreamContent()
         for batch in self.stream:
             n = batch_size_of(batch)
             weight = jnp.asarray(n if self.reduce == "mean" else 1, self._sum_dtype)
@@ -343,24 +344,93 @@ class HessianOperator:
                 functools.partial(_batch_step, self.product_loss, self.params, batch),
                 tangent, acc, loss_sum, weight, many,
             )  # fmt: skip
-            count += n
-        expected = self.stream.num_samples
-        if count == 0:
+            content.add(batch)
+        self._check_pass(content.finish())
+        scale = 1.0 / content.num_samples if self.reduce == "mean" else 1.0
+        return _finish(acc, loss_sum, jnp.asarray(scale, self._sum_dtype), self.dtype, many)
+
+    def _check_pass(self, content: StreamContent) -> None:
+        """Refuse a pass that applied another matrix than the first pass did."""
+        reference = self.stream.content
+        if content.num_samples == 0:
             raise ValueError(
                 "the data yielded no batches on this pass"
-                + (" although an earlier pass had data" if expected else "")
+                + (" although an earlier pass had data" if reference else "")
                 + ". Lanczos needs one full pass per step: pass a re-iterable (a list of "
                 "batches, a callable returning a fresh iterator, or a tf.data.Dataset), "
                 "not a one-shot iterator or generator."
             )
-        if expected is not None and count != expected:
+        if reference is None:
+            self.stream.content = content
+            return
+        if content.batches == reference.batches:
+            return  # the same batches, perhaps in another order: the same sum
+        fix = (
+            " Lanczos needs the same matrix on every pass: fix the order (drop shuffle, or "
+            "give it a fixed seed and reshuffle_each_iteration=False), take the subset once "
+            "before the pass loop, or pass in-memory arrays with batch_size."
+        )
+        if content.samples != reference.samples:
             raise ValueError(
-                f"the data yielded {count} samples on this pass but {expected} on the first; "
-                "every pass must see the same dataset (turn off shuffling or fix its seed)."
+                f"the data changed between passes: this pass read {content.num_samples} "
+                f"samples in {content.num_batches} batches, not the same samples as the first "
+                f"pass ({reference.num_samples} in {reference.num_batches}); a random subset "
+                "per pass, or shuffle() before take(), does this." + fix
             )
-        self.stream.num_samples = count
-        scale = 1.0 / count if self.reduce == "mean" else 1.0
-        return _finish(acc, loss_sum, jnp.asarray(scale, self._sum_dtype), self.dtype, many)
+        form = self.loss_form()
+        equal = content.batch_sizes == reference.batch_sizes and len(content.batch_sizes) == 1
+        if form is None or (form != self.reduce and not equal):
+            raise ValueError(
+                "the data was reshuffled between passes (the same samples, grouped into "
+                "other batches), and the loss is not a per-sample sum or mean: it depends on "
+                "which samples share a batch (batch statistics, as batch normalisation in "
+                "training mode computes), so each pass applied another matrix." + fix
+                if form is None
+                else f"the data was reshuffled between passes, the batches differ in size and "
+                f"the loss of a batch is the {form} of its samples' losses, so reduce="
+                f"{self.reduce!r} weighs a sample by the size of the batch it fell in; "
+                f"each pass applied another matrix. Use reduce={form!r}, or:" + fix
+            )
+
+    def loss_form(self) -> str | None:
+        """``"mean"`` or ``"sum"`` when the loss of a batch is the mean or the sum of its
+        samples' losses, ``None`` when it depends on which samples share a batch; tested
+        on a batch of the stream split in two (loss and gradient against the halves').
+        Cached on the stream."""
+        if self.stream.loss_form is None:
+            self.stream.loss_form = _loss_form(self.loss, self.params, self.stream)
+        return self.stream.loss_form or None
+
+def _loss_form(loss: Callable, params: PyTree, stream: BatchStream) -> str:
+    """See :meth:`HessianOperator.loss_form`; ``""`` for neither form."""
+    batch = next((b for b in stream if batch_size_of(b) > 1), None)
+    if batch is None:
+        return "mean"  # single-sample batches: any regrouping gives the same batches
+    n = batch_size_of(batch)
+    m = n // 2
+
+    def part(lo, hi):
+        return jax.tree_util.tree_map(
+            lambda a: a[lo:hi] if np.ndim(a) and np.shape(a)[0] == n else a, batch
+        )
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    whole, first, second = (value_and_grad(params, b) for b in (batch, part(0, m), part(m, n)))
+    flat = [
+        np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(r)])
+        for r in (whole, first, second)
+    ]
+    eps = max(float(jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(params))).eps), 1e-16)
+    tol = min(1000 * eps, 0.05)
+    scale = sum(np.abs(f) for f in flat)  # per entry: loss, then the gradient
+    scale = np.concatenate([[scale[0]], np.full(scale.size - 1, np.linalg.norm(scale[1:]))])
+    for form, combined in (
+        ("mean", (m * flat[1] + (n - m) * flat[2]) / n),
+        ("sum", flat[1] + flat[2]),
+    ):
+        if np.all(np.abs(flat[0] - combined) <= tol * scale):
+            return form
+    return ""
 
 
 @jax.jit

@@ -164,3 +164,27 @@ def test_a_loss_capturing_a_typed_key_checkpoints_and_resumes(tmp_path):
     first = lanczos(made, jax.random.key(2), ORDER, checkpoint=tmp_path / "c")
     again = lanczos(made, jax.random.key(2), ORDER, checkpoint=tmp_path / "c", resume=True)
     np.testing.assert_array_equal(np.asarray(first.tridiag), np.asarray(again.tridiag))
+
+
+def test_a_stream_checkpoint_covers_every_batch(tmp_path):
+    """The fingerprint of a stream covered its first batch and sample count only: a stream
+    whose later batches had changed resumed the old run's spectrum."""
+    x, y = (np.asarray(a) for a in classification_data(jax.random.key(1), 60, 6, 4))
+    op = problem("host")
+
+    def stream(x, y, order=None):
+        batches = [(x[i : i + 15], y[i : i + 15]) for i in range(0, 60, 15)]
+        if order is not None:
+            batches = [batches[i] for i in order]
+        return hessian_operator(mlp_loss, op.params, lambda: iter(batches))
+
+    folder = tmp_path / "ckpt"
+    lanczos(stream(x, y), jax.random.key(2), ORDER, checkpoint=folder)
+    later = x.copy()
+    later[30:] *= 10.0  # the first batch and the count are unchanged
+    with pytest.raises(ValueError, match="operator and data"):
+        lanczos(stream(later, y), jax.random.key(2), ORDER, checkpoint=folder, resume=True)
+    # The same batches in another order are the same operator, and resume.
+    resumed = lanczos(stream(x, y, [3, 1, 0, 2]), jax.random.key(2), ORDER,
+                      checkpoint=folder, resume=True)  # fmt: skip
+    assert int(resumed.num_steps) == ORDER

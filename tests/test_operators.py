@@ -197,8 +197,97 @@ def test_changing_dataset_between_passes_raises():
     sizes = iter([3, 3, 3, 3, 5])  # three calls at construction, then one per pass
     op = hessian_operator(loss, params, lambda: iter([(np.ones((next(sizes), 2)),)]))
     op.matvec(jnp.ones(2))
-    with pytest.raises(ValueError, match="5 samples on this pass but 3 on the first"):
+    with pytest.raises(ValueError, match=r"read 5 samples in 1 batches, not the same samples "
+                       r"as the first pass \(3 in 1\)"):  # fmt: skip
         op.matvec(jnp.ones(2))
+
+
+def _passes(x, y, order, batch_size):
+    """A stream whose k-th complete pass reads the samples ``order(k)`` in batches of
+    ``batch_size``."""
+    completed = [0]
+
+    def new_pass():
+        index = order(completed[0])
+        for i in range(0, len(index), batch_size):
+            yield x[index[i : i + batch_size]], y[index[i : i + batch_size]]
+        completed[0] += 1
+
+    return new_pass
+
+
+def _stream_problem():
+    params = init_mlp(jax.random.key(0), [4, 6, 3])
+    x, y = classification_data(jax.random.key(1), 90, 4, 3)
+    return params, np.asarray(x), np.asarray(y)
+
+
+def test_a_stream_that_reads_other_samples_on_a_later_pass_is_refused():
+    """A random subset per pass (as shuffle().take(n) gives) has the same sample count on
+    every pass; it was accepted, mixing matrices (Ritz values outside the true range)."""
+    params, x, y = _stream_problem()
+    subsets = _passes(x, y, lambda k: np.random.default_rng(k).permutation(90)[:60], 20)
+    op = hessian_operator(mlp_loss, params, subsets)
+    with pytest.raises(ValueError, match="the data changed between passes"):
+        lanczos(op, jax.random.key(2), 8)
+    # Later batches changed, first batch and count kept: refused too.
+    changed = _passes(x, y, lambda k: np.arange(90) if k < 1 else np.arange(90) % 60, 30)
+    op = hessian_operator(mlp_loss, params, changed)
+    with pytest.raises(ValueError, match="the data changed between passes"):
+        lanczos(op, jax.random.key(2), 8)
+
+
+def test_a_tf_data_stream_shuffled_before_take_is_refused():
+    tf = pytest.importorskip("tensorflow")
+    params, x, y = _stream_problem()
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(90, seed=1).take(60).batch(20)
+    op = hessian_operator(mlp_loss, params, data)
+    with pytest.raises(ValueError, match="shuffle\\(\\) before take\\(\\)"):
+        lanczos(op, jax.random.key(2), 8)
+    fixed = tf.data.Dataset.from_tensor_slices((x, y)).take(60).shuffle(60, seed=1).batch(20)
+    expected = hessian_operator(mlp_loss, params, (x[:60], y[:60]), batch_size=20)
+    got = lanczos(hessian_operator(mlp_loss, params, fixed), jax.random.key(2), 8).tridiag
+    want = lanczos(expected, jax.random.key(2), 8).tridiag
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-4, atol=2e-5)
+
+
+def test_a_reshuffled_stream_with_a_per_sample_loss_gives_the_dataset_hessian():
+    params, x, y = _stream_problem()
+    reshuffled = _passes(x, y, lambda k: np.random.default_rng(k).permutation(90), 16)
+    got = lanczos(hessian_operator(mlp_loss, params, reshuffled), jax.random.key(2), 10)
+    want = lanczos(hessian_operator(mlp_loss, params, (x, y)), jax.random.key(2), 10)
+    np.testing.assert_allclose(np.asarray(got.tridiag), np.asarray(want.tridiag),
+                               rtol=2e-4, atol=2e-5)  # fmt: skip
+    # The same batches in another order are the same sum, whatever the loss.
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 90, 16)]
+    order = iter(range(10**6))
+    rotated = lambda: iter(np.roll(np.arange(6), next(order)).tolist())  # noqa: E731
+    op = hessian_operator(_batch_norm_loss, params, lambda: (batches[i] for i in rotated()))
+    lanczos(op, jax.random.key(2), 6)
+
+
+def _batch_norm_loss(params, batch):
+    x, y = batch
+    x = (x - x.mean(0)) / (x.std(0) + 1e-3)  # batch statistics
+    return mlp_loss(params, (x, y))
+
+
+def test_a_reshuffled_stream_is_refused_when_the_loss_uses_batch_statistics():
+    params, x, y = _stream_problem()
+    reshuffled = _passes(x, y, lambda k: np.random.default_rng(k).permutation(90), 16)
+    op = hessian_operator(_batch_norm_loss, params, reshuffled)
+    with pytest.raises(ValueError, match="not a per-sample sum or mean"):
+        lanczos(op, jax.random.key(2), 8)
+    # A sum loss under reduce="mean" with a smaller last batch weighs samples by where they
+    # fell; with equal batches it does not.
+    total = lambda p, b: b[0].shape[0] * mlp_loss(p, b)  # noqa: E731
+    op = hessian_operator(total, params, reshuffled)
+    with pytest.raises(ValueError, match="batch is the sum of its samples' losses"):
+        lanczos(op, jax.random.key(2), 8)
+    equal = _passes(x, y, lambda k: np.random.default_rng(k).permutation(90), 15)
+    got = lanczos(hessian_operator(total, params, equal), jax.random.key(2), 6).tridiag
+    want = lanczos(hessian_operator(mlp_loss, params, (x, y)), jax.random.key(2), 6).tridiag
+    np.testing.assert_allclose(np.asarray(got) / 15, np.asarray(want), rtol=2e-4, atol=2e-5)
 
 
 def test_batch_size_and_scan_need_arrays():
