@@ -100,8 +100,9 @@ def fingerprint(operator: Any) -> str:
     """A SHA-256 over what determines the operator's products: for a Hessian operator its
     loss (as a jaxpr with its captured constants), settings (with its CPU rewrite when that
     changes the products: a CNN's, not an MLP's), parameters and in-memory batches (for a
-    stream: the content of a whole pass, see :class:`jax_spectral.data.StreamContent`); for a ``Partial``, its function and arrays;
-    for a plain function, its name and bytecode only (arrays it closes over are not seen)."""
+    stream: the content of a whole pass, see :class:`jax_spectral.data.StreamContent`); for
+    a ``Partial``, its function and arrays; for a plain function, its name and bytecode
+    only (arrays it closes over are not seen)."""
     digest = hashlib.sha256()
     if hasattr(operator, "stream") and hasattr(operator, "loss"):
         _describe_loss(operator, digest)
@@ -115,7 +116,8 @@ def fingerprint(operator: Any) -> str:
             # multiset when reshuffling them cannot change the matrix, else the batches.
             content = operator.stream.read()
             per_sample = operator.loss_form() == operator.reduce
-            _hash_update(digest, (content.num_samples, content.samples if per_sample else content.batches))
+            kept = content.samples if per_sample else content.batches
+            _hash_update(digest, (content.num_samples, kept))
         leaves = [operator.params, operator.stacked, operator.remainder]
         for leaf in jax.tree_util.tree_leaves(leaves):
             _hash_update(digest, leaf)

@@ -31,10 +31,9 @@ later pass (a random subset, ``shuffle().take(n)``) is refused instead of mixing
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
-
-import hashlib
 
 import jax
 import jax.numpy as jnp

@@ -401,6 +401,7 @@ class HessianOperator:
             self.stream.loss_form = _loss_form(self.loss, self.params, self.stream)
         return self.stream.loss_form or None
 
+
 def _loss_form(loss: Callable, params: PyTree, stream: BatchStream) -> str:
     """See :meth:`HessianOperator.loss_form`; ``""`` for neither form."""
     batch = next((b for b in stream if batch_size_of(b) > 1), None)
