@@ -21,6 +21,7 @@ from .eigen import Eigenpairs as Eigenpairs
 from .eigen import eigenpairs as eigenpairs
 from .hvp import full_hessian as full_hessian
 from .hvp import hvp as hvp
+from .interrupt import Interrupted as Interrupted
 from .lanczos import LanczosResult as LanczosResult
 from .lanczos import lanczos as lanczos
 from .lanczos import lanczos_alg as lanczos_alg
@@ -45,6 +46,7 @@ __all__ = [
     "CostEstimate",
     "Eigenpairs",
     "HessianOperator",
+    "Interrupted",
     "LanczosResult",
     "SLQResult",
     "SpectralDensity",

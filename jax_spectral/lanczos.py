@@ -27,6 +27,10 @@ Non-finite products: a NaN or Inf from ``matvec`` at step ``i`` stops the recurr
 called outside ``jit``/``vmap``, :func:`lanczos` raises ``FloatingPointError`` naming the
 step.
 
+Called eagerly, the recurrence runs under one driver (:func:`run_steps`, shared with SLQ):
+compiled segments of timed length or a host loop, with checkpoints, progress and Ctrl-C
+(:class:`jax_spectral.Interrupted`, carrying the finished steps) between segments.
+
 The recurrence runs in the dtype of the operator promoted to at least float32 (float32 for
 a float32, bfloat16 or float16 model; float64 for a float64 one under x64): half-precision
 norms and tolerances would overflow or stop the recurrence at once. Norms are computed with
@@ -40,6 +44,7 @@ import contextlib
 import functools
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -49,7 +54,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from .progress import Progress, ProgressArg, scan_tick
+from . import interrupt
+from .interrupt import Interrupted
+from .progress import Progress, ProgressArg
 
 PyTree = Any
 
@@ -238,13 +245,13 @@ def _trace_error(fn: Callable, template: PyTree | None, dim: int, dtype: Any) ->
     return None
 
 
-def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter,
-                basis_sharding=None):  # fmt: skip
-    """``lax.scan`` of :func:`lanczos_step` over ``steps``; after a stop the product is
-    skipped with ``lax.cond``."""
+def _steps(matvec, state, start, stop, *, reorthogonalize, tol, basis_sharding=None):
+    """Steps ``start .. stop - 1`` of :func:`lanczos_step` as one compiled loop (a
+    ``lax.scan`` for Python-int bounds, a while loop for traced ones, so that one program
+    serves segments of any length); after a stop the product is skipped with ``lax.cond``."""
     step_fn = functools.partial(lanczos_step, reorthogonalize=reorthogonalize, tol=tol)
 
-    def body(state, step):
+    def body(step, state):
         v = state.basis[step]
         w = jax.lax.cond(
             state.stopped, lambda: jnp.zeros_like(v), lambda: matvec(v).astype(v.dtype)
@@ -252,34 +259,24 @@ def _scan_steps(matvec, state, steps, *, reorthogonalize, tol, report, reporter,
         state = step_fn(state, step, w)
         if basis_sharding is not None:
             state = _constrain(state, basis_sharding)
-        if report:
-            scan_tick(reporter, step + 1)
-        return state, None
+        return state
 
-    return jax.lax.scan(body, state, steps)[0]
+    return jax.lax.fori_loop(start, stop, body, state)
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=(
-        "fn",
-        "order",
-        "reorthogonalize",
-        "tol",
-        "report",
-        "basis_sharding",
-        "products",
-    ),
+    static_argnames=("fn", "order", "reorthogonalize", "tol", "basis_sharding", "products"),
 )
-def _scan_lanczos(fn, operand, template, v0, reporter, *, order, reorthogonalize, tol, report,
+def _scan_lanczos(fn, operand, template, v0, *, order, reorthogonalize, tol,
                   basis_sharding=None, products=None):  # fmt: skip
+    """The whole recurrence as one program: for ``lanczos`` under the caller's ``jit``."""
     state = init_state(v0, order)
     if basis_sharding is not None:
         state = _constrain(state, basis_sharding)
-    state = _scan_steps(
-        _flat_matvec(fn, operand, template, products), state, jnp.arange(order),
-        reorthogonalize=reorthogonalize, tol=tol, report=report, reporter=reporter,
-        basis_sharding=basis_sharding,
+    state = _steps(
+        _flat_matvec(fn, operand, template, products), state, 0, order,
+        reorthogonalize=reorthogonalize, tol=tol, basis_sharding=basis_sharding,
     )  # fmt: skip
     result = pack_result(state)
     if basis_sharding is not None:
@@ -296,15 +293,15 @@ def _constrain(state, basis_sharding):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("fn", "length", "reorthogonalize", "tol", "report", "products"),
+    static_argnames=("fn", "reorthogonalize", "tol", "products", "basis_sharding"),
     donate_argnames=("state",),
 )
-def _scan_segment(fn, operand, template, state, start, reporter, *, length, reorthogonalize,
-                  tol, report, products=None):  # fmt: skip
-    """Steps ``start .. start + length - 1`` of the scanned recurrence (for checkpoints)."""
-    return _scan_steps(
-        _flat_matvec(fn, operand, template, products), state, start + jnp.arange(length),
-        reorthogonalize=reorthogonalize, tol=tol, report=report, reporter=reporter,
+def _scan_segment(fn, operand, template, state, start, stop, *, reorthogonalize, tol,
+                  products=None, basis_sharding=None):  # fmt: skip
+    """Steps ``start .. stop - 1`` (traced bounds: one compilation for every segment)."""
+    return _steps(
+        _flat_matvec(fn, operand, template, products), state, start, stop,
+        reorthogonalize=reorthogonalize, tol=tol, basis_sharding=basis_sharding,
     )  # fmt: skip
 
 
@@ -313,33 +310,51 @@ _step_jit = jax.jit(lanczos_step, static_argnames=("reorthogonalize", "tol"), do
 _pack_jit = jax.jit(pack_result)
 
 
-def _host_steps(matvec, state, start, stop, *, reorthogonalize, tol, bar):
-    """Steps ``start .. stop - 1`` from the host, ending early at a breakdown."""
+def _host_steps(matvec, state, start, stop, *, reorthogonalize, tol, bar, watch):
+    """Steps ``start .. stop - 1`` from the host, ending early at a breakdown or after
+    Ctrl-C (between steps; a second Ctrl-C abandons the product in progress). Returns
+    ``(state, steps_reached)``."""
     order = state.alphas.shape[0]
     for step in range(start, stop):
-        w = jnp.asarray(matvec(state.basis[step]), state.basis.dtype)
+        if watch.requested:
+            return state, step
+        try:
+            w = jnp.asarray(matvec(state.basis[step]), state.basis.dtype)
+        except KeyboardInterrupt:  # the state is untouched: keep the finished steps
+            watch.requested = True
+            return state, step
         state = _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
         stopped = bool(state.stopped)
         if bar.enabled:
             alpha, beta = float(state.alphas[step]), float(state.betas[step])
             bar.update_to(order if stopped else step + 1, alpha=f"{alpha:.4g}", beta=f"{beta:.4g}")
         if stopped:
-            break
-    return state
+            return state, step + 1
+    return state, stop
 
 
-def run_checkpointed(checkpointer, state, order, every, advance, bar, resume, synced):
-    """Advance ``state`` ``every`` steps at a time with ``advance(state, start, stop)``,
-    saving after each segment; continue from the folder's checkpoint when ``resume``.
+# A scanned run is cut into segments of about this many seconds (measured as it runs): the
+# run then stops within about a segment, or one step when a step takes longer, after Ctrl-C.
+SEGMENT_SECONDS = 0.5
 
-    ``synced``: ``advance`` has already waited for its result (the host loop), so a
-    breakdown ends the run at no cost. A scanned run is not waited for between segments
-    (after a stop the remaining segments skip their products); the writer thread waits.
+
+def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10,
+              resume=False):  # fmt: skip
+    """Drive a recurrence to ``order`` steps: the one loop behind ``lanczos`` and ``slq``.
+
+    ``advance(state, start, stop, watch) -> (state, reached)`` runs steps ``start ..
+    stop - 1``: a compiled segment (``synced=False``), whose length the driver sets from
+    the measured time per step, or the host loop (``synced=True``), which checks
+    ``watch.requested`` between its steps. With a ``checkpointer`` the state is saved every
+    ``every`` steps, at the end and after Ctrl-C, and a saved run continues when ``resume``.
+    Returns ``(state, interrupted)``; after Ctrl-C the state holds the finished steps.
     """
-    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+    if checkpointer is not None and (
+        isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1
+    ):
         raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
     start, done = 0, False
-    if checkpointer.exists():
+    if checkpointer is not None and checkpointer.exists():
         if not resume:
             raise FileExistsError(
                 f"{checkpointer.folder} already holds a checkpoint; pass resume=True to "
@@ -347,21 +362,42 @@ def run_checkpointed(checkpointer, state, order, every, advance, bar, resume, sy
             )
         state, start, done = checkpointer.load(state)
         bar.update_to(order if done else start)
-    try:
-        while not done:
-            stop = min(start + every, order)
-            state = advance(state, start, stop)
-            done = stop == order or (synced and bool(np.all(np.asarray(state.stopped))))
-            reached = order if done else stop
-            # A host loop is busy in Python between its dispatches: a writer thread would
-            # compete with it for the interpreter (measured: twice the cost), so it writes
-            # in line; a scanned run waits on the device, and its writes overlap that.
-            checkpointer.save(state, stop, done, on_saved=lambda n=reached: bar.update_to(n),
-                              background=not synced)  # fmt: skip
-            start = stop
-    finally:
-        checkpointer.close()  # the last write completes (or raises) before returning
-    return state
+    length = 1
+    with interrupt.watch() as watch:
+        try:
+            while not done and not watch.requested:
+                stop = order if synced else min(start + length, order)
+                if checkpointer is not None:
+                    stop = min(stop, (start // every + 1) * every)
+                began = time.perf_counter()
+                state, reached = advance(state, start, stop, watch)
+                stopped = bool(np.all(np.asarray(state.stopped)))  # waits for the segment
+                if not synced:  # the next segment: at most twice as long, about SEGMENT_SECONDS
+                    per_step = (time.perf_counter() - began) / max(reached - start, 1)
+                    fits = int(SEGMENT_SECONDS / max(per_step, 1e-9))
+                    length = max(1, min(2 * length, fits))
+                done = reached == order or stopped
+                bar.update_to(order if done else reached)
+                if checkpointer is not None and (done or reached % every == 0 or watch.requested):
+                    # A host loop is busy in Python between its dispatches: a writer thread
+                    # would compete with it for the interpreter (measured: twice the cost),
+                    # so it writes in line; a scanned run's writes overlap its next segment.
+                    checkpointer.save(state, reached, done, background=not synced)
+                start = reached
+        finally:
+            if checkpointer is not None:
+                checkpointer.close()  # the last write completes (or raises) before returning
+    return state, watch.requested and not done
+
+
+def interrupted(what: str, steps: int, order: int, result: Any, checkpoint: Any) -> Interrupted:
+    """The exception for a run stopped by Ctrl-C after ``steps`` of ``order`` steps."""
+    where = f"; the checkpoint in {checkpoint} continues it (resume=True)" if checkpoint else ""
+    return Interrupted(
+        f"{what} stopped by Ctrl-C after {steps} of {order} steps{where}; the finished "
+        "steps are in this exception's 'result' attribute.",
+        result=result, steps=steps, total=order,
+    )  # fmt: skip
 
 
 def _is_tracer(x: Any) -> bool:
@@ -420,8 +456,11 @@ def lanczos(
     reorthogonalize:
         Full reorthogonalisation (two classical Gram-Schmidt passes per step).
     loop:
-        ``"scan"``: the whole recurrence is one ``lax.scan`` inside ``jit`` (compiles once
-        per shape; works under ``jit`` and ``vmap`` over keys). ``"host"``: a Python loop
+        ``"scan"``: the recurrence runs as compiled loops inside ``jit`` (compiles once per
+        shape; works under ``jit`` and ``vmap`` over keys, where it is one ``lax.scan``).
+        Called eagerly, it runs in segments of about half a second each (timed as it
+        runs: one step per segment when a step takes longer), so that Ctrl-C stops it
+        within a segment. ``"host"``: a Python loop
         calling the same jitted step function, for operators that cannot be traced
         (streamed data) or run slowly inside a compiled loop. ``None`` picks ``"host"`` for
         an operator with ``traceable == False`` or a plain function that cannot be
@@ -432,13 +471,13 @@ def lanczos(
     progress:
         ``True`` shows a progress bar (steps, time per step, ETA; the host loop also shows
         the latest ``alpha`` and ``beta``) on stderr; a callable is called as
-        ``progress(steps_done, order, elapsed_seconds)``; ``False`` is silent. In the scanned
-        loop the report comes from ``jax.debug.callback`` and is compiled in only when asked;
-        under the caller's own ``jit``/``vmap`` progress is off.
+        ``progress(steps_done, order, elapsed_seconds)``; ``False`` is silent. The host loop
+        reports every step, the scanned loop every segment (see below); under the caller's
+        own ``jit``/``vmap`` progress is off.
     checkpoint, checkpoint_every, resume:
         With ``checkpoint`` a folder, the state is saved there every ``checkpoint_every``
-        steps (see :mod:`jax_spectral.checkpoint`: atomic writes, only new basis rows each
-        time); the scanned loop then runs as segments of that many steps. ``resume=True``
+        steps, and after Ctrl-C (see :mod:`jax_spectral.checkpoint`: atomic writes, only new
+        basis rows each time). ``resume=True``
         continues the run saved there (or starts one if the folder has none) and gives the
         same tridiagonal, bit for bit, as an uninterrupted checkpointed run; a checkpoint
         of other settings, another operator, other data or another start vector is refused
@@ -483,6 +522,10 @@ def lanczos(
     FloatingPointError
         A product was NaN or Inf (outside ``jit``/``vmap``); the message names the step and
         the exception's ``result`` attribute holds the result up to that step.
+    jax_spectral.Interrupted
+        Ctrl-C (a ``KeyboardInterrupt``): the run stopped at the end of the step or
+        segment in progress (a second Ctrl-C abandons a host loop's product in progress);
+        ``result`` holds the finished steps, and a checkpoint folder has them saved.
 
     Examples
     --------
@@ -607,6 +650,7 @@ def lanczos(
         from .operators import check_auto_mesh
 
         check_auto_mesh(basis_sharding.mesh)
+    checkpointer = None
     if checkpoint is not None:
         from .checkpoint import Checkpointer, fingerprint
 
@@ -624,45 +668,45 @@ def lanczos(
     wide_types = jax.enable_x64(True) if x64_off else contextlib.nullcontext()
     with Progress(progress, order, "lanczos") as bar, wide_types:
         v0 = v0.astype(wide)
-        if checkpoint is not None:
+        if traced:
+            result = _scan_lanczos(
+                fn, operand, template, v0, order=order, reorthogonalize=reorthogonalize,
+                tol=tol, basis_sharding=basis_sharding, products=products,
+            )  # fmt: skip
+            stopped_early = False
+        else:
             if loop == "host":
                 flat = _flat_matvec(fn, operand, template, products)
 
-                def advance(state, start, stop):
+                def advance(state, start, stop, watch):
                     return _host_steps(flat, state, start, stop, reorthogonalize=reorthogonalize,
-                                       tol=tol, bar=bar)  # fmt: skip
+                                       tol=tol, bar=bar, watch=watch)  # fmt: skip
             else:
 
-                def advance(state, start, stop):
-                    return _scan_segment(
-                        fn, operand, template, state, jnp.int32(start), jnp.int32(bar.id),
-                        length=stop - start, reorthogonalize=reorthogonalize, tol=tol,
-                        report=bar.enabled, products=products,
+                def advance(state, start, stop, watch):
+                    state = _scan_segment(
+                        fn, operand, template, state, jnp.int32(start), jnp.int32(stop),
+                        reorthogonalize=reorthogonalize, tol=tol, products=products,
+                        basis_sharding=basis_sharding,
                     )  # fmt: skip
+                    return state, stop
 
-            state = run_checkpointed(
-                checkpointer, _init_jit(v0, order), order, checkpoint_every, advance,
-                bar, resume, synced=loop == "host",
+            state = _init_jit(v0, order)
+            if basis_sharding is not None:
+                state = state._replace(basis=jax.device_put(state.basis, basis_sharding))
+            state, stopped_early = run_steps(
+                advance, state, order, bar=bar, synced=loop == "host",
+                checkpointer=checkpointer,
+                every=checkpoint_every, resume=resume,
             )  # fmt: skip
             result = _pack_jit(state)
-        elif loop == "host":
-            state = _host_steps(
-                _flat_matvec(fn, operand, template, products), _init_jit(v0, order), 0, order,
-                reorthogonalize=reorthogonalize, tol=tol, bar=bar,
-            )  # fmt: skip
-            result = _pack_jit(state)
-        else:
-            result = _scan_lanczos(
-                fn, operand, template, v0, jnp.int32(bar.id), order=order,
-                reorthogonalize=reorthogonalize, tol=tol, report=bar.enabled,
-                basis_sharding=basis_sharding, products=products,
-            )  # fmt: skip
-            if bar.enabled:
-                jax.block_until_ready(result)
-                jax.effects_barrier()
-                bar.update_to(order)
+            if basis_sharding is not None:
+                result = result._replace(basis=jax.device_put(result.basis, basis_sharding))
         if x64_off:  # float64 JAX arrays would be truncated outside x64: hand out NumPy
             result = LanczosResult(*(np.asarray(field) for field in result))
+    if stopped_early:
+        steps = int(result.num_steps)
+        raise interrupted("lanczos", steps, order, result, checkpoint)
     if not _is_tracer(result.num_steps):
         warn_if_zero(result)
     if not _is_tracer(result.nonfinite_step) and int(result.nonfinite_step) >= 0:

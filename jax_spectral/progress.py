@@ -6,34 +6,24 @@ Every long-running function takes ``progress``:
 * ``True``: a tqdm bar on stderr with the step count, time per step and ETA;
 * a callable: called as ``progress(done, total, elapsed_seconds)`` after each step.
 
-Host-driven loops report after every step. Compiled ``lax.scan`` loops report through an
-ordered ``jax.debug.callback`` (:func:`scan_tick`): the callback is part of the compiled
-program only when progress was asked for, so a silent run compiles exactly as before. An
-exception raised by a user's callback inside a compiled loop reaches the caller as a JAX
-runtime error. Under the caller's own ``jit`` or ``vmap`` progress is off (there is nothing
-to report to while tracing).
+Host-driven loops report after every step; compiled loops, which run in segments of about
+half a second (see :func:`jax_spectral.lanczos.run_steps`), after every segment, from the
+host: nothing is compiled into the program, so progress works on meshes too. Under the
+caller's own ``jit`` or ``vmap`` progress is off (there is nothing to report to while
+tracing).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
-import numpy as np
-
 __all__ = ["Progress"]
 
 ProgressArg = bool | Callable[[int, int, float], None] | None
-
-_ACTIVE: dict[int, Progress] = {}  # reporters that compiled loops can reach by id
-_IDS = itertools.count(1)
-_LOCK = threading.Lock()
 
 
 class Progress:
@@ -56,11 +46,6 @@ class Progress:
                 total=self.total, desc=desc, unit=unit, file=sys.stderr,
                 dynamic_ncols=width != 0, ncols=100 if width == 0 else None,
             )  # fmt: skip
-        self.id = 0
-        if self.enabled:
-            with _LOCK:
-                self.id = next(_IDS)
-                _ACTIVE[self.id] = self
 
     @property
     def enabled(self) -> bool:
@@ -83,8 +68,6 @@ class Progress:
         self.update_to(self.done + n, **info)
 
     def close(self) -> None:
-        with _LOCK:
-            _ACTIVE.pop(self.id, None)
         if self._bar is not None:
             self._bar.close()
 
@@ -100,17 +83,3 @@ def _stderr_columns() -> int | None:
         return os.get_terminal_size(sys.stderr.fileno()).columns
     except (OSError, ValueError, AttributeError):  # not a terminal, or no file descriptor
         return None
-
-
-def _tick(reporter_id, done) -> None:
-    reporter = _ACTIVE.get(int(np.max(reporter_id)))
-    if reporter is not None:
-        reporter.update_to(int(np.max(done)))
-
-
-def scan_tick(reporter_id: jax.Array, done: jax.Array) -> None:
-    """Inside a compiled loop: tell reporter ``reporter_id`` that ``done`` steps finished.
-
-    Under ``vmap`` the callback sees the batched values; the largest is reported.
-    """
-    jax.debug.callback(_tick, reporter_id, done, ordered=True)

@@ -39,12 +39,13 @@ from .lanczos import (
     LanczosResult,
     _default_tol,
     init_state,
+    interrupted,
     lanczos_step,
     pack_result,
-    run_checkpointed,
+    run_steps,
     warn_if_zero,
 )
-from .progress import Progress, ProgressArg, scan_tick
+from .progress import Progress, ProgressArg
 
 __all__ = ["SLQResult", "SpectralDensity", "slq", "spectral_density"]
 
@@ -90,13 +91,10 @@ def _matmat(operator, vectors):
     return jax.vmap(operator.matvec)(vectors)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("length", "reorthogonalize", "tol", "report"),
-    donate_argnames=("state",),
-)
-def _scan_slq(operator, state, start, reporter, *, length, reorthogonalize, tol, report):
-    """Steps ``start .. start + length - 1`` for all probes, as one ``lax.scan``.
+@functools.partial(jax.jit, static_argnames=("reorthogonalize", "tol"), donate_argnames=("state",))
+def _scan_slq(operator, state, start, stop, *, reorthogonalize, tol):
+    """Steps ``start .. stop - 1`` for all probes, as one compiled loop (traced bounds:
+    one compilation for every segment).
 
     The operator is a pytree argument: its arrays are inputs, not compiled-in constants.
     """
@@ -105,34 +103,39 @@ def _scan_slq(operator, state, start, reporter, *, length, reorthogonalize, tol,
         in_axes=(0, None, 0),
     )
 
-    def body(state, step):
+    def body(step, state):
         products = _matmat(operator, state.basis[:, step]).astype(state.basis.dtype)
-        state = step_fn(state, step, products)
-        if report:
-            scan_tick(reporter, step + 1)
-        return state, None
+        return step_fn(state, step, products)
 
-    return jax.lax.scan(body, state, start + jnp.arange(length))[0]
+    return jax.lax.fori_loop(start, stop, body, state)
 
 
-def _host_slq(operator, state, start, stop, reorthogonalize, tol, bar, compute=None):
-    """Steps from the host. With ``compute`` (a device) the state stays where it is (host
-    memory) and only the probes' current vectors and products travel to and from it."""
+def _host_slq(operator, state, start, stop, reorthogonalize, tol, bar, watch, compute=None):
+    """Steps from the host, ending early when every probe has stopped or after Ctrl-C.
+    With ``compute`` (a device) the state stays where it is (host memory) and only the
+    probes' current vectors and products travel to and from it. Returns ``(state,
+    steps_reached)``."""
     step_fn = _many_step(reorthogonalize, tol)
     order = state.alphas.shape[1]
     for step in range(start, stop):
+        if watch.requested:
+            return state, step
         vectors = state.basis[:, step]
-        if compute is not None:
-            products = jax.device_put(_matmat(operator, jax.device_put(vectors, compute)),
-                                      vectors.sharding)  # fmt: skip
-        else:
-            products = _matmat(operator, vectors)
+        try:
+            if compute is not None:
+                products = jax.device_put(_matmat(operator, jax.device_put(vectors, compute)),
+                                          vectors.sharding)  # fmt: skip
+            else:
+                products = _matmat(operator, vectors)
+        except KeyboardInterrupt:  # the state is untouched: keep the finished steps
+            watch.requested = True
+            return state, step
         state = step_fn(state, step, products.astype(state.basis.dtype))
         stopped = bool(jnp.all(state.stopped))
         bar.update_to(order if stopped else step + 1)
         if stopped:
-            break
-    return state
+            return state, step + 1
+    return state, stop
 
 
 def slq(
@@ -158,7 +161,8 @@ def slq(
     ``MemoryError`` (saying what would fit) when the probes' bases cannot. ``progress`` is
     as for :func:`jax_spectral.lanczos` (one step serves every probe); so are
     ``checkpoint``, ``checkpoint_every`` and ``resume`` (the state of all probes is saved
-    together).
+    together), and so is Ctrl-C: :class:`jax_spectral.Interrupted` carries an
+    ``SLQResult`` of the finished steps (the nodes and weights of the shorter rules).
 
     ``basis_memory="host"`` keeps the probes' Lanczos bases (``num_probes * order * dim``
     entries) in host memory, on JAX's CPU device, where the recurrence runs; the
@@ -181,47 +185,48 @@ def slq(
     compute = jax.devices()[0] if on_host else None  # where products run; the state: CPU
     if on_host:
         starts = jax.device_put(starts, jax.devices("cpu")[0])
+    checkpointer = None
+    if checkpoint is not None:
+        from .checkpoint import Checkpointer, fingerprint
+
+        checkpointer = Checkpointer(
+            checkpoint,
+            settings={"kind": "slq", "order": order, "num_probes": num_probes,
+                      "dim": int(operator.dim), "dtype": str(dtype),
+                      "reorthogonalize": reorthogonalize, "tol": tol,
+                      "loop": "scan" if traceable else "host",
+                      "basis_memory": basis_memory},
+            identity={"operator and data": fingerprint(operator),
+                      "start vector": fingerprint(starts)},
+            rows_axis=1,
+        )  # fmt: skip
     with Progress(progress, order, f"SLQ ({num_probes} probes)") as bar:
         if traceable:
 
-            def advance(state, start, stop):
-                return _scan_slq(
-                    operator, state, jnp.int32(start), jnp.int32(bar.id), length=stop - start,
-                    reorthogonalize=reorthogonalize, tol=tol, report=bar.enabled,
+            def advance(state, start, stop, watch):
+                state = _scan_slq(
+                    operator, state, jnp.int32(start), jnp.int32(stop),
+                    reorthogonalize=reorthogonalize, tol=tol,
                 )  # fmt: skip
+                return state, stop
         else:
 
-            def advance(state, start, stop):
+            def advance(state, start, stop, watch):
                 return _host_slq(
-                    operator, state, start, stop, reorthogonalize, tol, bar, compute=compute
-                )
+                    operator, state, start, stop, reorthogonalize, tol, bar, watch,
+                    compute=compute,
+                )  # fmt: skip
 
         state = _init_many(starts, order)  # on the host's CPU device with basis_memory="host"
-        if checkpoint is None:
-            state = advance(state, 0, order)
-        else:
-            from .checkpoint import Checkpointer, fingerprint
-
-            checkpointer = Checkpointer(
-                checkpoint,
-                settings={"kind": "slq", "order": order, "num_probes": num_probes,
-                          "dim": int(operator.dim), "dtype": str(dtype),
-                          "reorthogonalize": reorthogonalize, "tol": tol,
-                          "loop": "scan" if traceable else "host",
-                          "basis_memory": basis_memory},
-                identity={"operator and data": fingerprint(operator),
-                          "start vector": fingerprint(starts)},
-                rows_axis=1,
-            )  # fmt: skip
-            state = run_checkpointed(
-                checkpointer, state, order, checkpoint_every, advance, bar, resume,
-                synced=not traceable,
-            )  # fmt: skip
+        state, stopped_early = run_steps(
+            advance, state, order, bar=bar, synced=not traceable, checkpointer=checkpointer,
+            every=checkpoint_every, resume=resume,
+        )  # fmt: skip
         result = _pack_many(state)
-        if bar.enabled and traceable:
-            jax.block_until_ready(result)
-            jax.effects_barrier()
-            bar.update_to(order)
+    if stopped_early:
+        partial = _quadrature(result, order) if int(np.max(result.num_steps)) > 0 else None
+        steps = int(np.max(result.num_steps))
+        raise interrupted(f"SLQ ({num_probes} probes)", steps, order, partial, checkpoint)
     warn_if_zero(result)
     bad = np.asarray(result.nonfinite_step)
     if np.any(bad >= 0):
@@ -229,10 +234,15 @@ def slq(
         raise FloatingPointError(
             f"SLQ step {step} (0-based): a matrix-vector product contained NaN or Inf."
         )
+    return _quadrature(result, order)
+
+
+def _quadrature(result: LanczosResult, order: int) -> SLQResult:
+    """Each probe's Gauss quadrature rule from its valid block."""
     nodes, weights = tridiag_to_eigv(np.asarray(result.tridiag, np.float64))
     steps = np.asarray(result.num_steps)
-    # Breakdown padding sits outside the valid block: its eigenvectors have no first
-    # component, so its weights are already zero; make that exact.
+    # Breakdown (or interrupt) padding sits outside the valid block: its eigenvectors have
+    # no first component, so its weights are already zero; make that exact.
     for i, k in enumerate(steps):
         if k < order:
             valid_nodes, valid_weights = tridiag_to_eigv(

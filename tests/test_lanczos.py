@@ -316,22 +316,27 @@ def test_partial_and_bound_methods_pass_arrays_as_arguments():
     params = init_mlp(jax.random.key(0), [50, 6, 3])
     batch = classification_data(jax.random.key(1), 2000, 50, 3)
     op = hessian_operator(mlp_loss, params, batch, batch_size=500)
-    from jax_spectral.lanczos import _scan_lanczos
+    from jax_spectral.lanczos import _init_jit, _scan_lanczos, _scan_segment
 
     key = jax.random.key(0)
     reference = lanczos(op, key, 5)
-    before = _scan_lanczos._cache_size()
+    before = _scan_segment._cache_size()
     tree = lanczos(op.matvec_tree, key, 5, like=params)  # recognised as the operator
-    assert _scan_lanczos._cache_size() == before
+    assert _scan_segment._cache_size() == before
     np.testing.assert_allclose(tree.tridiag, reference.tridiag, rtol=1e-6)
 
     def apply(operator, v):
         return operator.matvec(v)
 
     wrapped = jax.tree_util.Partial(apply, op)
-    hlo = _scan_lanczos.lower(None, wrapped, None, jnp.ones(op.dim), jnp.int32(0), order=5,
-                              reorthogonalize=True, tol=1e-5, report=False).as_text()  # fmt: skip
-    assert len(hlo) < 200_000  # the 100,000 data floats are arguments, not constants
+    state = _init_jit(jnp.ones(op.dim), 5)
+    for hlo in (
+        _scan_lanczos.lower(None, wrapped, None, jnp.ones(op.dim), order=5,
+                            reorthogonalize=True, tol=1e-5).as_text(),
+        _scan_segment.lower(None, wrapped, None, state, jnp.int32(0), jnp.int32(5),
+                            reorthogonalize=True, tol=1e-5).as_text(),
+    ):  # fmt: skip
+        assert len(hlo) < 200_000  # the 100,000 data floats are arguments, not constants
     np.testing.assert_allclose(lanczos(wrapped, key, 5, dim=op.dim).tridiag, reference.tridiag,
                                rtol=1e-6)  # fmt: skip
 
@@ -345,7 +350,11 @@ def test_progress_callback_bar_and_silence(loop, capsys):
     reported = lanczos(
         op, jax.random.key(0), 4, dim=8, loop=loop, progress=lambda *s: seen.append(s)
     )
-    assert [s[:2] for s in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    if loop == "host":  # every step; a scanned run reports after each (timed) segment
+        assert [s[:2] for s in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    else:
+        assert seen[-1][:2] == (4, 4)
+        assert all(a[0] < b[0] for a, b in zip(seen[:-1], seen[1:], strict=True))
     assert all(later[2] >= earlier[2] for earlier, later in zip(seen[:-1], seen[1:], strict=True))
     np.testing.assert_array_equal(reported.tridiag, silent.tridiag)
     assert capsys.readouterr().err == ""  # silent by default and with a callback

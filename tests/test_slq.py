@@ -133,7 +133,10 @@ def test_progress_reports_every_step_and_is_silent_by_default(loop, capsys):
     op = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop=loop)
     seen = []
     slq(op, jax.random.key(0), num_probes=3, order=5, progress=lambda *s: seen.append(s[:2]))
-    assert seen == [(i, 5) for i in range(1, 6)]
+    if loop == "host":  # every step; a scanned run reports after each (timed) segment
+        assert seen == [(i, 5) for i in range(1, 6)]
+    else:
+        assert seen[-1] == (5, 5) and all(a < b for a, b in zip(seen[:-1], seen[1:], strict=True))
     slq(op, jax.random.key(0), num_probes=3, order=5)
     assert capsys.readouterr().err == ""
     slq(op, jax.random.key(0), num_probes=3, order=5, progress=True)
