@@ -115,8 +115,13 @@ def fingerprint(operator: Any) -> str:
             # The whole pass's content (read once now if no pass has run): the samples as a
             # multiset when reshuffling them cannot change the matrix, else the batches.
             content = operator.stream.read()
-            per_sample = operator.loss_form() == operator.reduce
-            kept = content.samples if per_sample else content.batches
+            form = operator.loss_form()
+            if form == operator.reduce:  # any regrouping of the samples: the same matrix
+                kept = content.samples
+            elif form is not None and len(content.batch_sizes) == 1:  # equal batches
+                kept = (content.samples, tuple(content.batch_sizes))
+            else:
+                kept = content.batches
             _hash_update(digest, (content.num_samples, kept))
         leaves = [operator.params, operator.stacked, operator.remainder]
         for leaf in jax.tree_util.tree_leaves(leaves):

@@ -5,11 +5,17 @@ MODEL.keras --data ...`` does the same analysis for a saved Keras model. Both pr
 estimate first, show progress bars on long loops (``--quiet`` turns them off), and write
 three files into ``--out``: ``spectrum.npz`` (grid, density, its standard error,
 tridiagonals, nodes, weights, top eigenvalues), ``spectrum.json`` (eigenvalues, residuals,
-trace, settings, versions) and ``density.png`` (when matplotlib is installed). The density
-files are written as soon as SLQ finishes, so a failure later loses nothing computed.
+trace, settings, versions, which stages finished) and ``density.png`` (when matplotlib is
+installed). The density files are written as soon as SLQ finishes, so a failure later loses
+nothing computed; the folder is created only once the inputs are valid, and an earlier
+run's files in it are removed before the first new one is written.
+
+Ctrl-C stops the stage in progress within about a step: the finished work is written
+(an interrupted SLQ gives the density of the steps it finished, marked so in
+spectrum.json's ``status``), one line goes to stderr, and the exit code is 130.
 
 Exit codes: 0 done; 2 a bad argument or input file (one line on stderr); 1 a missing
-optional dependency.
+optional dependency; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -153,6 +159,33 @@ def _save_json(out: Path, summary: dict) -> None:
     os.replace(tmp, out / "spectrum.json")
 
 
+_OUTPUTS = ("spectrum.npz", "spectrum.json", "density.png")
+_STAGES = ("density", "top_eigenvalues", "trace", "figure")
+
+
+class Stopped(Exception):
+    """Ctrl-C: what was finished is written; reported in one line, exit code 130."""
+
+
+def _adjust(summary: dict, note: str) -> None:
+    """A setting the analysis had to change: printed, and recorded in spectrum.json."""
+    print(f"note: {note}", flush=True)
+    summary.setdefault("adjustments", []).append(note)
+
+
+def _draw(out: Path, dens: Any, outliers: Any, title: str) -> str:
+    try:
+        from .plot import plot_density
+    except ImportError:
+        return "not drawn (pip install 'jax-spectral[plot]' for density.png)"
+    import matplotlib.pyplot as plt
+
+    fig = plot_density(dens, outliers=outliers, path=out / "density.png", title=title)
+    fig.clf()  # written; free it (pyplot keeps figures alive otherwise)
+    plt.close(fig)
+    return str(out / "density.png")
+
+
 def analyse(
     operator: Any,
     *,
@@ -168,18 +201,30 @@ def analyse(
     summary: dict,
     started: float,
 ) -> dict:
-    """SLQ density, top eigenpairs and Hutch++ trace of ``operator``; writes the files."""
+    """SLQ density, top eigenpairs and Hutch++ trace of ``operator``; writes the files.
+
+    ``spectrum.json``'s ``status`` says which stages finished (``done``, ``interrupted
+    after k of n steps``, ``not run``) and ``complete`` whether all did; the files of an
+    earlier run in ``out`` are removed first, so the set on disk is always one run's.
+    """
     import jax
     import numpy as np
 
-    from . import eigenpairs, estimate, hutchpp, slq, spectral_density
+    from . import Interrupted, eigenpairs, estimate, hutchpp, slq, spectral_density
 
     dim = operator.dim
     if top > dim:
         raise InputError(f"--top {top} exceeds the model's {dim} parameters.")
-    order = min(order, dim)
+    if order > dim:
+        _adjust(summary, f"--order {order} exceeds the {dim} parameters: using {dim} steps")
+        order = dim
     eig_order = min(dim, max(4 * top, 80))
-    trace_matvecs = max(trace_matvecs, 6)
+    if eig_order != order:
+        _adjust(summary, f"the top {top} eigenpairs use {eig_order} Lanczos steps, not "
+                f"--order {order} (max(4 x --top, 80), at most the parameter count)")  # fmt: skip
+    if trace_matvecs < 6:
+        _adjust(summary, f"--trace-matvecs {trace_matvecs} is below Hutch++'s minimum: using 6")
+        trace_matvecs = 6
     chunk = 10
     third = trace_matvecs // 3  # Hutch++: sketch, its exact trace, then deflated probes
     trace_passes = 2 * -(-third // chunk) + -(-(trace_matvecs - 2 * third) // chunk)
@@ -198,45 +243,71 @@ def analyse(
         f"Lanczos bases up to {basis_mib:.1f} MiB",
         flush=True,
     )
-    out.mkdir(parents=True, exist_ok=True)
+    _prepare_out(out)
+    for name in _OUTPUTS:  # an earlier run's files go before any of this run's is written
+        (out / name).unlink(missing_ok=True)
     key_slq, key_eig, key_trace = jax.random.split(key, 3)
-
-    result = slq(operator, key_slq, num_probes=num_probes, order=order, progress=progress)
-    dens = spectral_density(result, sigma_squared=sigma_squared)
-    arrays = dict(
-        grid=dens.grid, density=dens.density, stderr=dens.stderr,
-        tridiags=np.asarray(result.lanczos.tridiag), nodes=result.nodes, weights=result.weights,
-    )  # fmt: skip
-    _save_npz(out, **arrays)
     settings = summary.setdefault("settings", {})
     settings.update(order=order, num_probes=num_probes, sigma_squared=sigma_squared,
                     top=top, eig_order=eig_order, trace_matvecs=trace_matvecs)  # fmt: skip
-    summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
-    _save_json(out, summary)
-
+    status = summary["status"] = {"complete": False, **dict.fromkeys(_STAGES, "not run")}
+    stage = "density"
     try:
-        pairs = eigenpairs(
-            operator, key_eig, top, which="largest", order=eig_order, progress=progress
-        )
-    except ValueError as err:  # fewer distinct eigenvalues than --top (the density is saved)
-        raise InputError(f"--top {top}: {err}") from None
-    trace = hutchpp(operator, key_trace, num_matvecs=trace_matvecs, progress=progress)
-    _save_npz(out, **arrays, top_eigenvalues=pairs.values, residuals=pairs.residuals)
-    summary.update(
-        top_eigenvalues=pairs.values.tolist(), residuals=pairs.residuals.tolist(),
-        converged=pairs.converged.tolist(), trace=trace.estimate, trace_stderr=trace.stderr,
-    )  # fmt: skip
-    try:
-        from .plot import plot_density
+        try:
+            result = slq(operator, key_slq, num_probes=num_probes, order=order,
+                         progress=progress)  # fmt: skip
+            status["density"] = "done"
+        except Interrupted as stop:
+            if stop.result is None:
+                raise
+            result = stop.result
+            status["density"] = f"interrupted after {stop.steps} of {order} steps"
+        dens = spectral_density(result, sigma_squared=sigma_squared)
+        arrays = dict(
+            grid=dens.grid, density=dens.density, stderr=dens.stderr,
+            tridiags=np.asarray(result.lanczos.tridiag), nodes=result.nodes,
+            weights=result.weights,
+        )  # fmt: skip
+        _save_npz(out, **arrays)
+        summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
+        _save_json(out, summary)
+        figure = _draw(out, dens, None, title)
+        status["figure"] = "density only" if figure.endswith(".png") else figure
+        _save_json(out, summary)
+        if status["density"] != "done":
+            raise Stopped(f"SLQ {status['density']}")
 
-        fig = plot_density(dens, outliers=pairs.values, path=out / "density.png", title=title)
-        fig.clf()  # written; free it (pyplot keeps figures alive otherwise)
-        import matplotlib.pyplot as plt
+        stage = "top_eigenvalues"
+        try:
+            pairs = eigenpairs(
+                operator, key_eig, top, which="largest", order=eig_order, progress=progress
+            )
+        except ValueError as err:  # fewer distinct eigenvalues than --top (density saved)
+            raise InputError(f"--top {top}: {err}") from None
+        status["top_eigenvalues"] = "done"
+        summary.update(top_eigenvalues=pairs.values.tolist(), residuals=pairs.residuals.tolist(),
+                       converged=pairs.converged.tolist())  # fmt: skip
+        _save_npz(out, **arrays, top_eigenvalues=pairs.values, residuals=pairs.residuals)
+        _save_json(out, summary)
 
-        plt.close(fig)
-        figure = str(out / "density.png")
-    except ImportError:
-        figure = "not drawn (pip install 'jax-spectral[plot]' for density.png)"
+        stage = "trace"
+        trace = hutchpp(operator, key_trace, num_matvecs=trace_matvecs, progress=progress)
+        status["trace"] = "done"
+        summary.update(trace=trace.estimate, trace_stderr=trace.stderr)
+        figure = _draw(out, dens, pairs.values, title)
+        status["figure"] = "done" if figure.endswith(".png") else figure
+    except KeyboardInterrupt as stop:  # Interrupted included
+        if status[stage] in ("not run", "done"):
+            status[stage] = "interrupted"
+        summary["seconds"] = round(time.perf_counter() - started, 2)
+        _save_json(out, summary)
+        what = str(stop).split(";")[0] if str(stop) else f"{stage.replace('_', ' ')} interrupted"
+        raise Stopped(what) from None
+    except Stopped:
+        summary["seconds"] = round(time.perf_counter() - started, 2)
+        _save_json(out, summary)
+        raise
+    status["complete"] = True
     summary["seconds"] = round(time.perf_counter() - started, 2)
     _save_json(out, summary)
     print(f"SLQ: {num_probes} probes x {order} Lanczos steps on the dataset Hessian")
@@ -344,6 +415,7 @@ def run_keras(args: argparse.Namespace) -> dict:
             args.data, data_dir=args.data_dir, split=args.split or "train", keys=args.keys,
             limit=args.limit,
         )  # fmt: skip
+        given = x.shape[1:]
         x = loading.shape_inputs(model, x) * args.scale
         loading.check_targets(model, y)
         loss_fn = loading.loss_closure(model, args.loss, from_logits=args.from_logits)
@@ -360,6 +432,10 @@ def run_keras(args: argparse.Namespace) -> dict:
         text = text.splitlines()[0].rstrip(".") if text else type(err).__name__
         raise InputError(f"the model and loss cannot be applied to the data: {text}") from None
     name = Path(args.model).name
+    notes: dict = {}
+    if x.shape[1:] != given:
+        _adjust(notes, f"the data's samples of shape {given} are reshaped to the model's "
+                f"input shape {x.shape[1:]}")  # fmt: skip
     print(
         f"loaded {name}: {operator.dim:,} trainable parameters; data {args.data}: "
         f"{len(x)} samples of shape {x.shape[1:]}, batches of {args.batch_size} "
@@ -375,6 +451,7 @@ def run_keras(args: argparse.Namespace) -> dict:
                      "split": args.split, "limit": args.limit,
                      "scale": args.scale, "loop": operator.loop},
         "versions": _versions(keras=keras.__version__),
+        **notes,
     }  # fmt: skip
     return analyse(
         operator, out=args.out, key=jax.random.key(args.seed), order=args.order,
@@ -390,10 +467,22 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _prepare_out(out: Path) -> None:
-    """Create the output folder and check that it is writable, before any work."""
+def _check_out(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a folder, without creating anything."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {str(out)!r} exists and is not a folder.")
+    ancestor = out.absolute()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(
+            f"--out {str(out)!r} cannot be written: {ancestor} is not a writable folder."
+        )
+
+
+def _prepare_out(out: Path) -> None:
+    """Create the output folder (once the inputs are valid) and check that it is writable."""
+    _check_out(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".jax-spectral-write-test"
@@ -407,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        _prepare_out(args.out)
+        _check_out(args.out)
         if args.command == "demo":
             run_demo(
                 args.out, order=args.order, seed=args.seed, batch_size=args.batch_size,
@@ -421,6 +510,16 @@ def main(argv: list[str] | None = None) -> int:
         # FloatingPointError: a NaN or Inf product, from the data, the model or the loss.
         print(f"jax-spectral {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(
+            f"jax-spectral {args.command}: interrupted ({stop}); the finished stages are in "
+            f"{args.out} (spectrum.json's status says which)",
+            file=sys.stderr,
+        )
+        return 130
+    except KeyboardInterrupt:  # before the analysis began: nothing was written
+        print(f"jax-spectral {args.command}: interrupted before any result", file=sys.stderr)
+        return 130
     except ImportError as err:
         print(f"jax-spectral: {err}", file=sys.stderr)
         return 1

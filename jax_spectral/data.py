@@ -220,7 +220,7 @@ _KEYS = np.zeros(0, np.uint64)
 
 
 def _keys(width: int) -> np.ndarray:
-    """Fixed pseudo-random odd 64-bit weights, one per 8-byte word of a sample."""
+    """Fixed pseudo-random 64-bit keys, one per 8-byte word of a sample."""
     global _KEYS
     if _KEYS.size < width:
         rng = np.random.default_rng(0x5EC7)
@@ -241,11 +241,16 @@ def _mix(z: np.ndarray) -> np.ndarray:
 def sample_hashes(batch: PyTree) -> np.ndarray:
     """A 64-bit hash of each sample of a host batch, shape ``(n,)``: the bytes, dtype and
     shape of its slice of every leaf (leaves without the sample axis count for every
-    sample). Not cryptographic; it tells accidentally different data apart."""
+    sample): the sum over 8-byte words of SplitMix64(word XOR a key for its position).
+    Not cryptographic; it tells accidentally different data apart."""
     n = batch_size_of(batch)
     hashes = np.zeros(n, np.uint64)
     with np.errstate(over="ignore"):
         for index, leaf in enumerate(jax.tree_util.tree_leaves(batch)):
+            if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
+                leaf.dtype, jax.dtypes.prng_key
+            ):
+                leaf = jax.random.key_data(leaf)
             a = np.ascontiguousarray(np.asarray(leaf))
             per_sample = a.ndim > 0 and a.shape[0] == n
             rows = a.reshape((n, -1) if per_sample else (1, -1)).view(np.uint8)
@@ -253,7 +258,9 @@ def sample_hashes(batch: PyTree) -> np.ndarray:
             if pad:
                 rows = np.pad(rows, ((0, 0), (0, pad)))
             words = rows.view(np.uint64)
-            leaf_hash = (words * _keys(words.shape[1])).sum(axis=1, dtype=np.uint64)
+            # Each word mixed with its position's key before the sum: a linear sum would let
+            # structured changes cancel (two sign flips, swapped bytes).
+            leaf_hash = _mix(words ^ _keys(words.shape[1])).sum(axis=1, dtype=np.uint64)
             tag = f"{index}:{a.dtype.str}:{a.shape[1:] if per_sample else a.shape}"
             tag = np.uint64(int.from_bytes(hashlib.sha256(tag.encode()).digest()[:8], "little"))
             hashes = _mix(hashes * np.uint64(0x9E3779B97F4A7C15) + _mix(leaf_hash + tag))

@@ -191,7 +191,7 @@ def eigv_to_density(
     density = np.zeros_like(grids)
     if sigma >= widths.max():
         norm = 1.0 / math.sqrt(2.0 * math.pi * variance)
-        for draw_nodes, draw_weights in zip(nodes, weights, strict=True):
+        for draw_nodes, draw_weights in _weighted(nodes, weights):
             z = (grids[None, :] - draw_nodes[:, None]) / sigma
             density += draw_weights @ (norm * np.exp(-0.5 * z**2))
     else:
@@ -199,7 +199,7 @@ def eigv_to_density(
         edges = np.concatenate(
             ([grids[0] - widths[0] / 2], (grids[1:] + grids[:-1]) / 2, [grids[-1] + widths[-1] / 2])
         )
-        for draw_nodes, draw_weights in zip(nodes, weights, strict=True):
+        for draw_nodes, draw_weights in _weighted(nodes, weights):
             cdf = ndtr((edges[None, :] - draw_nodes[:, None]) / sigma)
             density += draw_weights @ (np.diff(cdf, axis=1) / widths[None, :])
     density /= nodes.shape[0]
@@ -207,6 +207,14 @@ def eigv_to_density(
     if total <= 0:
         raise ValueError("the density vanishes on the grid; the grid misses every node.")
     return density / total, grids
+
+
+def _weighted(nodes: np.ndarray, weights: np.ndarray):
+    """Each draw's nodes and weights without its zero-weight nodes (breakdown padding,
+    which adds nothing but the cost of its kernels)."""
+    for draw_nodes, draw_weights in zip(nodes, weights, strict=True):
+        keep = draw_weights != 0
+        yield draw_nodes[keep], draw_weights[keep]
 
 
 def tridiag_to_density(

@@ -49,14 +49,12 @@ _ACTIVE: list[Watch] = []
 @contextlib.contextmanager
 def watch() -> Iterator[Watch]:
     """Catch Ctrl-C as a flag while the block runs (see the module's docstring)."""
-    if _ACTIVE:  # nested: the outer loop's watch
+    main = threading.current_thread() is threading.main_thread()
+    if main and _ACTIVE:  # nested: the outer loop's watch
         yield _ACTIVE[-1]
         return
-    current = Watch()
-    takes_over = (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    )
+    current = Watch()  # in another thread: a flag of its own, which SIGINT never sets
+    takes_over = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     if not takes_over:  # another handler is in charge: leave it be (the flag stays false)
         yield current
         return

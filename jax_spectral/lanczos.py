@@ -692,8 +692,14 @@ def lanczos(
                     return state, stop
 
             state = _init_jit(v0, order)
-            if basis_sharding is not None:
-                state = state._replace(basis=jax.device_put(state.basis, basis_sharding))
+            if basis_sharding is not None:  # every field where the segments leave it
+                replicated = jax.sharding.NamedSharding(
+                    basis_sharding.mesh, jax.sharding.PartitionSpec()
+                )
+                state = jax.device_put(
+                    state, state._replace(basis=basis_sharding, **dict.fromkeys(
+                        state._fields[1:], replicated))
+                )  # fmt: skip
             state, stopped_early = run_steps(
                 advance, state, order, bar=bar, synced=loop == "host",
                 checkpointer=checkpointer,

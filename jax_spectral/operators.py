@@ -416,13 +416,18 @@ def _loss_form(loss: Callable, params: PyTree, stream: BatchStream) -> str:
         )
 
     value_and_grad = jax.jit(jax.value_and_grad(loss))
-    whole, first, second = (value_and_grad(params, b) for b in (batch, part(0, m), part(m, n)))
+    try:
+        whole, first, second = (value_and_grad(params, b) for b in (batch, part(0, m), part(m, n)))
+        narrowest = _narrowest_float(jax.make_jaxpr(loss)(params, batch).jaxpr)
+    except Exception:  # noqa: BLE001 - e.g. a loss written for one batch size: not per-sample
+        return ""
     flat = [
         np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(r)])
         for r in (whole, first, second)
     ]
-    eps = max(float(jnp.finfo(jnp.result_type(*jax.tree_util.tree_leaves(params))).eps), 1e-16)
-    tol = min(1000 * eps, 0.05)
+    # Rounding of the sums inside the loss, in the narrowest float type it computes in (a
+    # bf16 loss on float32 parameters rounds at 4e-3); a batch dependence is far larger.
+    tol = min(1000 * float(jnp.finfo(narrowest).eps), 0.05)
     scale = sum(np.abs(f) for f in flat)  # per entry: loss, then the gradient
     scale = np.concatenate([[scale[0]], np.full(scale.size - 1, np.linalg.norm(scale[1:]))])
     for form, combined in (
@@ -432,6 +437,27 @@ def _loss_form(loss: Callable, params: PyTree, stream: BatchStream) -> str:
         if np.all(np.abs(flat[0] - combined) <= tol * scale):
             return form
     return ""
+
+
+def _narrowest_float(jaxpr) -> Any:
+    """The float dtype with the largest epsilon among the values of ``jaxpr`` (nested
+    jaxprs included); float64 if there is none."""
+    widest_eps, found = 0.0, np.dtype(np.float64)
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            dtype = getattr(getattr(var, "aval", None), "dtype", None)
+            if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+                eps = float(jnp.finfo(dtype).eps)
+                if eps > widest_eps:
+                    widest_eps, found = eps, dtype
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    dtype = _narrowest_float(inner)
+                    if float(jnp.finfo(dtype).eps) > widest_eps:
+                        widest_eps, found = float(jnp.finfo(dtype).eps), dtype
+    return found
 
 
 @jax.jit

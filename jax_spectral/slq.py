@@ -239,17 +239,18 @@ def slq(
 
 def _quadrature(result: LanczosResult, order: int) -> SLQResult:
     """Each probe's Gauss quadrature rule from its valid block."""
-    nodes, weights = tridiag_to_eigv(np.asarray(result.tridiag, np.float64))
+    tridiag = np.asarray(result.tridiag, np.float64)
     steps = np.asarray(result.num_steps)
-    # Breakdown (or interrupt) padding sits outside the valid block: its eigenvectors have
-    # no first component, so its weights are already zero; make that exact.
+    if np.all(steps == order):
+        nodes, weights = tridiag_to_eigv(tridiag)
+        return SLQResult(result, nodes, weights)
+    # Breakdown (or interrupt) padding sits outside the valid block: the rule is that of
+    # the block, padded with zero-weight nodes at zero.
+    nodes, weights = np.zeros(tridiag.shape[:2]), np.zeros(tridiag.shape[:2])
     for i, k in enumerate(steps):
-        if k < order:
-            valid_nodes, valid_weights = tridiag_to_eigv(
-                np.asarray(result.tridiag[i], np.float64)[:k, :k]
-            )
-            nodes[i] = np.concatenate([valid_nodes[0], np.zeros(order - k)])
-            weights[i] = np.concatenate([valid_weights[0], np.zeros(order - k)])
+        if k > 0:
+            valid_nodes, valid_weights = tridiag_to_eigv(tridiag[i, :k, :k][None])
+            nodes[i, :k], weights[i, :k] = valid_nodes[0], valid_weights[0]
     return SLQResult(result, nodes, weights)
 
 

@@ -163,9 +163,10 @@ def test_bad_arguments_and_files_exit_2_with_one_line(saved_model, tmp_path, cap
 def test_bad_file_as_a_subprocess(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "jax_spectral", "keras", str(tmp_path / "nope.keras")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert out.returncode == 2
+    assert not (tmp_path / "jax-spectral-keras").exists()  # no folder for a failed run
     assert out.stderr.strip().splitlines() == [
         f"jax-spectral keras: error: no model file '{tmp_path / 'nope.keras'}'."
     ]

@@ -44,7 +44,7 @@ def _interrupt(*args, after=4):
 
 
 @pytest.mark.parametrize("kind, loop", [("lanczos", "scan"), ("lanczos", "host"),
-                                        ("slq", "scan")])  # fmt: skip
+                                        ("slq", "scan"), ("slq", "host")])  # fmt: skip
 def test_ctrl_c_stops_within_a_step_and_keeps_the_finished_steps(kind, loop):
     result, code, err, waited, per_step = _interrupt(kind, loop)
     assert code == 130, err

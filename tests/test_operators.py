@@ -538,3 +538,32 @@ def test_a_float16_sum_that_overflows_is_nan_not_inf():
     op = hessian_operator(loss, jnp.zeros(4, jnp.float16), (x,), batch_size=1, reduce="sum")
     got = np.asarray(op.matvec(jnp.ones(4, jnp.float16)))
     assert got.dtype == np.float16 and np.all(np.isnan(got))
+
+
+def test_stream_hashes_see_structured_changes_and_key_leaves():
+    """The per-sample hash was a linear sum of words: x and -x (a reflection augmentation
+    per pass) hashed equal and the stream was accepted with a different matrix."""
+    from jax_spectral.data import sample_hashes
+
+    x = np.random.default_rng(0).normal(size=(16, 8))
+    flipped = x.copy()
+    flipped[:, :2] *= -1
+    assert np.all(sample_hashes((x,)) != sample_hashes((flipped,)))
+    assert np.all(sample_hashes((x,)) != sample_hashes((-x,)))
+    swapped = np.arange(48, dtype=np.uint8).reshape(2, 24)
+    other = swapped.copy()
+    other[:, [7, 15]] = other[:, [15, 7]]
+    assert np.all(sample_hashes((swapped,)) != sample_hashes((other,)))
+    keys = jax.random.split(jax.random.key(0), 16)  # typed keys as a batch leaf
+    assert sample_hashes((x, keys)).shape == (16,)
+
+
+def test_a_checkpointed_stream_whose_loss_needs_its_batch_size(tmp_path):
+    params, x, y = _stream_problem()
+    batches = [(x[i : i + 30], y[i : i + 30]) for i in range(0, 90, 30)]
+
+    def fixed(p, b):  # written for batches of 30 only
+        return mlp_loss(p, (b[0].reshape(30, 4), b[1]))
+
+    op = hessian_operator(fixed, params, lambda: iter(batches))
+    lanczos(op, jax.random.key(2), 5, checkpoint=tmp_path / "c")

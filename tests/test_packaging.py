@@ -2,8 +2,10 @@
 
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +71,61 @@ def test_demo_in_process(tmp_path, capsys):
     assert np.sort(saved["nodes"], axis=1)[:, -1].max() <= top[0] * (1 + 1e-5)
     assert summary["trace"] > 0 and summary["trace_stderr"] >= 0
     assert (tmp_path / "density.png").read_bytes().startswith(b"\x89PNG")
+    assert summary["status"] == {"complete": True, "density": "done", "top_eigenvalues": "done",
+                                 "trace": "done", "figure": "done"}  # fmt: skip
+
+
+def test_a_rerun_replaces_every_output_and_records_adjustments(tmp_path, capsys, monkeypatch):
+    """An earlier run's files went unreplaced when a stage was skipped (a png beside new
+    npz and json); settings changed without a word (--trace-matvecs 3 became 6)."""
+    from jax_spectral import cli
+
+    (tmp_path / "density.png").write_text("an earlier run's figure")
+    (tmp_path / "spectrum.json").write_text("{}")
+    monkeypatch.setattr(cli, "_draw", lambda *a: "not drawn (test)")
+    argv = ["demo", "--out", str(tmp_path), "--order", "10", "--train-steps", "5",
+            "--trace-matvecs", "3", "--num-probes", "2", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "density.png").exists()
+    summary = json.loads((tmp_path / "spectrum.json").read_text())
+    assert summary["settings"]["trace_matvecs"] == 6
+    notes = summary["adjustments"]
+    assert any("--trace-matvecs 3" in n for n in notes) and any(
+        "80 Lanczos steps" in n for n in notes
+    )
+    assert all(f"note: {n}" in printed for n in notes)
+    assert summary["status"]["figure"] == "not drawn (test)" and summary["status"]["complete"]
+
+
+def test_ctrl_c_in_the_demo_writes_what_finished(tmp_path):
+    """SIGINT during SLQ: exit 130 within seconds, one line on stderr, the density of the
+    finished steps written and marked interrupted (the run went on, then lost it all)."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "jax_spectral", "demo", "--out", str(tmp_path), "--order",
+         "2000", "--train-steps", "5", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for line in child.stdout:
+        if line.startswith("cost:"):  # SLQ starts now
+            time.sleep(3)
+            child.send_signal(signal.SIGINT)
+            signalled = time.perf_counter()
+            break
+    code = child.wait(timeout=120)
+    waited = time.perf_counter() - signalled
+    err = child.stderr.read().strip().splitlines()
+    print(f"exited {waited:.2f} s after SIGINT")
+    assert code == 130 and waited < 5, (code, waited, err)
+    assert len(err) == 1 and "interrupted (SLQ" in err[0] and str(tmp_path) in err[0], err
+    summary = json.loads((tmp_path / "spectrum.json").read_text())
+    status = summary["status"]
+    assert status["density"].startswith("interrupted after ") and not status["complete"]
+    assert status["top_eigenvalues"] == "not run" and "top_eigenvalues" not in summary
+    steps = int(status["density"].split()[2])
+    assert 0 < steps < 2000 and summary["slq_steps"] == [steps] * 5
+    saved = np.load(tmp_path / "spectrum.npz")
+    assert np.sum(saved["density"]) * (saved["grid"][1] - saved["grid"][0]) == pytest.approx(1.0)
 
 
 def test_demo_as_a_subprocess(tmp_path):
@@ -97,6 +154,13 @@ def test_bad_arguments_exit_with_code_2_and_one_line(argv, expected, capsys):
     err = capsys.readouterr().err.strip()
     assert info.value.code == 2
     assert len(err.splitlines()) == 1 and "error:" in err and expected in err
+
+
+def test_a_failed_run_creates_no_folder(tmp_path, capsys):
+    out = tmp_path / "new" / "out"
+    assert main(["demo", "--out", str(out), "--top", "5000", "--train-steps", "2"]) == 2
+    assert "--top 5000 exceeds" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
