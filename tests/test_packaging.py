@@ -52,6 +52,14 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
+def test_license_and_citation():
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()
+    citation = (ROOT / "CITATION.cff").read_text()
+    assert "cff-version: 1.2.0" in citation and "license: Apache-2.0" in citation
+    assert "Hessian Eigenvalue Density" in citation and "family-names: Ghorbani" in citation
+
+
 def test_demo_in_process(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path), "--order", "30", "--train-steps", "50"]
     assert main(argv + ["--num-probes", "3"]) == 0
