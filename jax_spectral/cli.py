@@ -271,6 +271,7 @@ def analyse(
         _save_npz(out, **arrays)
         summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
         _save_json(out, summary)
+        stage = "figure"
         figure = _draw(out, dens, None, title)
         status["figure"] = "density only" if figure.endswith(".png") else figure
         _save_json(out, summary)
@@ -294,16 +295,19 @@ def analyse(
         trace = hutchpp(operator, key_trace, num_matvecs=trace_matvecs, progress=progress)
         status["trace"] = "done"
         summary.update(trace=trace.estimate, trace_stderr=trace.stderr)
+        stage = "figure"
         figure = _draw(out, dens, pairs.values, title)
         status["figure"] = "done" if figure.endswith(".png") else figure
     except KeyboardInterrupt as stop:  # Interrupted included
-        if status[stage] in ("not run", "done"):
+        if status[stage] in ("not run", "density only"):
             status[stage] = "interrupted"
         summary["seconds"] = round(time.perf_counter() - started, 2)
         _save_json(out, summary)
         what = str(stop).split(";")[0] if str(stop) else f"{stage.replace('_', ' ')} interrupted"
         raise Stopped(what) from None
-    except Stopped:
+    except (Stopped, InputError, FloatingPointError) as err:
+        if not isinstance(err, Stopped) and status[stage] == "not run":
+            status[stage] = f"failed: {_one_line(err)}"
         summary["seconds"] = round(time.perf_counter() - started, 2)
         _save_json(out, summary)
         raise

@@ -199,3 +199,6 @@ def test_a_late_failure_keeps_the_density(saved_model, tmp_path, capsys):
     assert np.sum(saved["density"]) * (saved["grid"][1] - saved["grid"][0]) == pytest.approx(1.0)
     summary = json.loads((tmp_path / "out" / "spectrum.json").read_text())
     assert summary["settings"]["top"] == 100 and "top_eigenvalues" not in summary
+    status = summary["status"]
+    assert status["density"] == "done" and status["top_eigenvalues"].startswith("failed: --top")
+    assert not status["complete"]
