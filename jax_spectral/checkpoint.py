@@ -85,15 +85,12 @@ def _literals(jaxpr) -> Any:
     their names count, values they capture do not.)"""
     from jax.extend.core import Literal
 
-    for eqn in jaxpr.eqns:
+    from .operators import all_equations
+
+    for eqn in all_equations(jaxpr):
         for var in eqn.invars:
             if isinstance(var, Literal):
                 yield np.asarray(var.val)
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _literals(inner)
 
 
 def fingerprint(operator: Any) -> str:

@@ -442,22 +442,13 @@ def _loss_form(loss: Callable, params: PyTree, stream: BatchStream) -> str:
 def _narrowest_float(jaxpr) -> Any:
     """The float dtype with the largest epsilon among the values of ``jaxpr`` (nested
     jaxprs included); float64 if there is none."""
-    widest_eps, found = 0.0, np.dtype(np.float64)
-    for eqn in jaxpr.eqns:
-        for var in eqn.outvars:
-            dtype = getattr(getattr(var, "aval", None), "dtype", None)
-            if dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-                eps = float(jnp.finfo(dtype).eps)
-                if eps > widest_eps:
-                    widest_eps, found = eps, dtype
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    dtype = _narrowest_float(inner)
-                    if float(jnp.finfo(dtype).eps) > widest_eps:
-                        widest_eps, found = float(jnp.finfo(dtype).eps), dtype
-    return found
+    dtypes = [
+        np.dtype(var.aval.dtype)
+        for eqn in all_equations(jaxpr)
+        for var in eqn.outvars
+        if jnp.issubdtype(getattr(var.aval, "dtype", np.int8), jnp.floating)
+    ]
+    return max(dtypes, key=lambda d: float(jnp.finfo(d).eps), default=np.dtype(np.float64))
 
 
 @jax.jit
@@ -466,15 +457,20 @@ def _jitted_scan_matvec(operator: HessianOperator, tangent: PyTree) -> jax.Array
     return operator._scan_matvec(tangent)
 
 
-def _primitive_names(jaxpr) -> Iterator[str]:
+def all_equations(jaxpr) -> Iterator[Any]:
+    """Every equation of ``jaxpr``, each followed by those of the jaxprs nested in its
+    parameters (loop bodies, branches, custom-derivative and pjit calls)."""
     for eqn in jaxpr.eqns:
-        yield eqn.primitive.name
+        yield eqn
         for param in eqn.params.values():
-            subs = param if isinstance(param, (tuple, list)) else (param,)
-            for sub in subs:
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    yield from _primitive_names(inner)
+                    yield from all_equations(inner)
+
+
+def _primitive_names(jaxpr) -> Iterator[str]:
+    return (eqn.primitive.name for eqn in all_equations(jaxpr))
 
 
 def check_auto_mesh(mesh) -> None:
