@@ -219,15 +219,13 @@ class Checkpointer:
         return self.state_file.is_file()
 
     # -- writing ----------------------------------------------------------------------
-    def save(
-        self, state: Any, next_step: int, done: bool, on_saved=None, background: bool = True
-    ) -> None:
+    def save(self, state: Any, next_step: int, done: bool, background: bool = True) -> None:
         """Record the state after steps ``0 .. next_step - 1`` (rows ``0 .. next_step`` of
         the basis are final).
 
         Copies are taken on the device here, before the next steps reuse (donate) the
         state; with ``background``, one thread moves them to the host and writes the files
-        while the next steps run, then calls ``on_saved()``. At most one write is in
+        while the next steps run. At most one write is in
         flight: a failure of the previous write is raised here, and :meth:`flush` waits for
         the last. Without ``background`` the write happens here.
         """
@@ -243,11 +241,11 @@ class Checkpointer:
             new_rows = (self.rows_saved, rows_final, rows)
             self.rows_saved = rows_final
         if not background:  # the caller's own loop needs the interpreter (see run_checkpointed)
-            self._write(new_rows, small, next_step, done, on_saved)
+            self._write(new_rows, small, next_step, done)
             return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
-        self._pending = self._writer.submit(self._write, new_rows, small, next_step, done, on_saved)
+        self._pending = self._writer.submit(self._write, new_rows, small, next_step, done)
 
     def flush(self) -> None:
         """Wait for the write in flight, raising its error if it failed."""
@@ -263,7 +261,7 @@ class Checkpointer:
                 self._writer.shutdown(wait=True)
                 self._writer = None
 
-    def _write(self, new_rows, small, next_step, done, on_saved) -> None:
+    def _write(self, new_rows, small, next_step, done) -> None:
         new_rows, small = jax.device_get((new_rows, small))  # waits for the computation
         if new_rows is not None:
             start, stop, rows = new_rows
@@ -284,8 +282,6 @@ class Checkpointer:
         buffer = io.BytesIO()
         np.savez(buffer, meta=np.array(json.dumps(meta)), **small)
         _write_atomic(self.state_file, buffer.getvalue(), durable=True)
-        if on_saved is not None:
-            on_saved()
 
     # -- reading ----------------------------------------------------------------------
     def load(self, template: Any) -> tuple[Any, int, bool]:

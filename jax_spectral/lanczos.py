@@ -310,27 +310,43 @@ _step_jit = jax.jit(lanczos_step, static_argnames=("reorthogonalize", "tol"), do
 _pack_jit = jax.jit(pack_result)
 
 
-def _host_steps(matvec, state, start, stop, *, reorthogonalize, tol, bar, watch):
-    """Steps ``start .. stop - 1`` from the host, ending early at a breakdown or after
-    Ctrl-C (between steps; a second Ctrl-C abandons the product in progress). Returns
-    ``(state, steps_reached)``."""
-    order = state.alphas.shape[0]
+def host_loop(product, step_fn, state, start, stop, *, bar, watch, describe=None):
+    """Steps ``start .. stop - 1`` from the host (``lanczos``'s and ``slq``'s host loops):
+    ``step_fn(state, step, product(state, step))``, ending early when every recurrence has
+    stopped or after Ctrl-C (between steps; a second Ctrl-C abandons the product in
+    progress). ``describe(state, step)`` adds to the bar. Returns ``(state, reached)``."""
     for step in range(start, stop):
         if watch.requested:
             return state, step
         try:
-            w = jnp.asarray(matvec(state.basis[step]), state.basis.dtype)
+            w = product(state, step)
         except KeyboardInterrupt:  # the state is untouched: keep the finished steps
             watch.requested = True
             return state, step
-        state = _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
-        stopped = bool(state.stopped)
-        if bar.enabled:
-            alpha, beta = float(state.alphas[step]), float(state.betas[step])
-            bar.update_to(order if stopped else step + 1, alpha=f"{alpha:.4g}", beta=f"{beta:.4g}")
+        state = step_fn(state, step, w)
+        stopped = bool(np.all(np.asarray(state.stopped)))
+        info = describe(state, step) if describe is not None and bar.enabled else {}
+        bar.update_to(bar.total if stopped else step + 1, **info)
         if stopped:
             return state, step + 1
     return state, stop
+
+
+def _host_steps(matvec, state, start, stop, *, reorthogonalize, tol, bar, watch):
+    """One recurrence's steps from the host, with the latest alpha and beta on the bar."""
+
+    def product(state, step):
+        return jnp.asarray(matvec(state.basis[step]), state.basis.dtype)
+
+    def step_fn(state, step, w):
+        return _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
+
+    def describe(state, step):
+        alpha, beta = float(state.alphas[step]), float(state.betas[step])
+        return {"alpha": f"{alpha:.4g}", "beta": f"{beta:.4g}"}
+
+    return host_loop(product, step_fn, state, start, stop, bar=bar, watch=watch,
+                     describe=describe)  # fmt: skip
 
 
 # A scanned run is cut into segments of about this many seconds (measured as it runs): the

@@ -38,6 +38,7 @@ from .density import eigv_to_density, tridiag_to_eigv
 from .lanczos import (
     LanczosResult,
     _default_tol,
+    host_loop,
     init_state,
     interrupted,
     lanczos_step,
@@ -111,31 +112,21 @@ def _scan_slq(operator, state, start, stop, *, reorthogonalize, tol):
 
 
 def _host_slq(operator, state, start, stop, reorthogonalize, tol, bar, watch, compute=None):
-    """Steps from the host, ending early when every probe has stopped or after Ctrl-C.
-    With ``compute`` (a device) the state stays where it is (host memory) and only the
-    probes' current vectors and products travel to and from it. Returns ``(state,
-    steps_reached)``."""
-    step_fn = _many_step(reorthogonalize, tol)
-    order = state.alphas.shape[1]
-    for step in range(start, stop):
-        if watch.requested:
-            return state, step
+    """All probes' steps from the host (:func:`jax_spectral.lanczos.host_loop`). With
+    ``compute`` (a device) the state stays where it is (host memory) and only the probes'
+    current vectors and products travel to and from it."""
+
+    def product(state, step):
         vectors = state.basis[:, step]
-        try:
-            if compute is not None:
-                products = jax.device_put(_matmat(operator, jax.device_put(vectors, compute)),
-                                          vectors.sharding)  # fmt: skip
-            else:
-                products = _matmat(operator, vectors)
-        except KeyboardInterrupt:  # the state is untouched: keep the finished steps
-            watch.requested = True
-            return state, step
-        state = step_fn(state, step, products.astype(state.basis.dtype))
-        stopped = bool(jnp.all(state.stopped))
-        bar.update_to(order if stopped else step + 1)
-        if stopped:
-            return state, step + 1
-    return state, stop
+        if compute is None:
+            products = _matmat(operator, vectors)
+        else:
+            products = jax.device_put(_matmat(operator, jax.device_put(vectors, compute)),
+                                      vectors.sharding)  # fmt: skip
+        return products.astype(state.basis.dtype)
+
+    return host_loop(product, _many_step(reorthogonalize, tol), state, start, stop, bar=bar,
+                     watch=watch)  # fmt: skip
 
 
 def slq(
