@@ -15,10 +15,15 @@ cost of a checkpoint in proportion to the steps since the last one, and the writ
 a background thread while the next steps compute (one write in flight at most; the run
 waits for the last).
 
-Resuming loads the state, checks each basis file's hash, and refuses (``ValueError``) a
-checkpoint written for other settings, another operator or data, or other start vectors,
-naming what differs. The recurrence then continues with the same compiled step on the same
-values, so the resumed tridiagonal equals the uninterrupted one bit for bit.
+Resuming loads the state, checks each basis file's name, rows, shape and hash, and refuses
+(``ValueError``) a checkpoint written for other settings, another operator or data, or
+other start vectors, naming what differs. The recurrence then continues with the same
+compiled step on the same values, so the resumed tridiagonal equals the uninterrupted one
+bit for bit.
+
+A run holds an exclusive lock on the folder (``fcntl.flock`` on ``.lock``, which names its
+process) from start to end, so a second run on the same folder is refused
+(``RuntimeError``) instead of racing the first for the files.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import numpy as np
 __all__ = ["Checkpointer", "fingerprint"]
 
 _FORMAT = 1
+_SEGMENT_NAME = re.compile(r"basis-(\d{6})-(\d{6})\.npy")
 
 
 def _hash_update(digest, value: Any) -> None:
@@ -210,6 +216,31 @@ class Checkpointer:
         self.rows_saved = 0
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
+        self._lock: Any = None
+
+    def lock(self) -> None:
+        """Take the folder for this run (created if missing); ``RuntimeError`` when another
+        process holds it. Released by :meth:`close` (or when the process ends)."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = open(self.folder / ".lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RuntimeError(
+                f"the checkpoint folder {self.folder} is in use by {holder}; one run per "
+                "folder: wait for it to end, or give this run another folder."
+            ) from None
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()}")
+        handle.flush()
+        self._lock = handle
 
     @property
     def state_file(self) -> Path:
@@ -260,6 +291,9 @@ class Checkpointer:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
                 self._writer = None
+            if self._lock is not None:
+                self._lock.close()  # releases the flock
+                self._lock = None
 
     def _write(self, new_rows, small, next_step, done) -> None:
         new_rows, small = jax.device_get((new_rows, small))  # waits for the computation
@@ -311,16 +345,32 @@ class Checkpointer:
                     "resume only the same run, or use another folder."
                 )
         basis = np.zeros(template.basis.shape, template.basis.dtype)
+        rows = basis.shape[self.rows_axis]
         for segment in meta["segments"]:
-            path = self.folder / segment["file"]
+            name, start, stop = segment.get("file"), segment.get("start"), segment.get("stop")
+            named = _SEGMENT_NAME.fullmatch(name) if isinstance(name, str) else None
+            if not (named and (int(named[1]), int(named[2])) == (start, stop)
+                    and 0 <= start < stop <= rows):  # fmt: skip
+                raise ValueError(
+                    f"the checkpoint in {where} is corrupt: a basis segment is recorded as "
+                    f"{name!r}, rows {start!r} to {stop!r} (expected basis-SSSSSS-EEEEEE.npy "
+                    f"in the folder, rows within 0..{rows})."
+                )
+            path = self.folder / name
             if not path.is_file() or _sha256(path) != segment["sha256"]:
                 raise ValueError(
-                    f"the checkpoint in {where} is corrupt: {segment['file']} is missing or "
-                    "does not match its recorded SHA-256."
+                    f"the checkpoint in {where} is corrupt: {name} is missing or does not "
+                    "match its recorded SHA-256."
                 )
             index = [slice(None)] * basis.ndim
-            index[self.rows_axis] = slice(segment["start"], segment["stop"])
-            basis[tuple(index)] = np.load(path, allow_pickle=False)
+            index[self.rows_axis] = slice(start, stop)
+            values = np.load(path, allow_pickle=False)
+            if values.shape != basis[tuple(index)].shape or values.dtype != basis.dtype:
+                raise ValueError(
+                    f"the checkpoint in {where} is corrupt: {name} holds {values.dtype} "
+                    f"{values.shape}, not {basis.dtype} {basis[tuple(index)].shape}."
+                )
+            basis[tuple(index)] = values
         fields = {}
         for field in template._fields:
             reference = getattr(template, field)

@@ -369,18 +369,19 @@ def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10
         isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1
     ):
         raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
-    start, done = 0, False
-    if checkpointer is not None and checkpointer.exists():
-        if not resume:
-            raise FileExistsError(
-                f"{checkpointer.folder} already holds a checkpoint; pass resume=True to "
-                "continue that run, or give an empty folder."
-            )
-        state, start, done = checkpointer.load(state)
-        bar.update_to(order if done else start)
-    length = 1
+    start, done, length = 0, False, 1
     with interrupt.watch() as watch:
         try:
+            if checkpointer is not None:
+                checkpointer.lock()  # one run per folder, until close()
+                if checkpointer.exists():
+                    if not resume:
+                        raise FileExistsError(
+                            f"{checkpointer.folder} already holds a checkpoint; pass "
+                            "resume=True to continue that run, or give an empty folder."
+                        )
+                    state, start, done = checkpointer.load(state)
+                    bar.update_to(order if done else start)
             while not done and not watch.requested:
                 stop = order if synced else min(start + length, order)
                 if checkpointer is not None:

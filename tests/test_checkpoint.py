@@ -188,3 +188,58 @@ def test_a_stream_checkpoint_covers_every_batch(tmp_path):
     resumed = lanczos(stream(x, y, [3, 1, 0, 2]), jax.random.key(2), ORDER,
                       checkpoint=folder, resume=True)  # fmt: skip
     assert int(resumed.num_steps) == ORDER
+
+
+def test_a_second_run_on_a_busy_folder_is_refused(tmp_path):
+    """Two processes on one folder wrote the same temporary names (one died with a raw
+    FileNotFoundError in 8 of 13 tries); the second is now refused at once, naming the
+    first, and the first runs to its end."""
+    from interrupt_worker import run as long_run
+
+    folder = tmp_path / "ckpt"
+    worker = Path(__file__).with_name("interrupt_worker.py")
+    first = subprocess.Popen([sys.executable, str(worker), "lanczos", "scan", str(folder)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in first.stdout:
+            if line.startswith("step "):  # running, and holding the folder
+                break
+        with pytest.raises(RuntimeError, match=f"in use by process {first.pid}"):
+            long_run("lanczos", "scan", folder, resume=True)
+    finally:
+        first.send_signal(2)  # SIGINT: it saves and exits 130
+        _, err = first.communicate(timeout=300)  # (it prints its result: keep reading)
+    assert first.returncode == 130, err
+    resumed = long_run("lanczos", "scan", folder, resume=True)  # the lock was released
+    assert int(resumed.num_steps) > 0
+
+
+def test_a_hand_edited_checkpoint_cannot_reach_outside_its_folder(tmp_path):
+    folder = tmp_path / "ckpt"
+    run(folder, "lanczos", "scan")
+    state = folder / "state.npz"
+    with np.load(state) as saved:
+        meta = json.loads(str(saved["meta"]))
+        small = {k: saved[k] for k in saved.files if k != "meta"}
+    first = meta["segments"][0]
+    outside = tmp_path / first["file"]
+    outside.write_bytes((folder / first["file"]).read_bytes())
+
+    def edited(**change):
+        segment = dict(first, **change)
+        np.savez(state, meta=np.array(json.dumps(dict(meta, segments=[segment]))), **small)
+
+    edited(file="../" + first["file"])
+    with pytest.raises(ValueError, match="expected basis-SSSSSS-EEEEEE.npy in the folder"):
+        run(folder, "lanczos", "scan", resume=True)
+    edited(stop=first["stop"] + 100)
+    with pytest.raises(ValueError, match="rows within 0..24"):
+        run(folder, "lanczos", "scan", resume=True)
+    short = np.load(folder / first["file"])[:-1]  # one row short, with a matching hash
+    name = f"basis-{first['start']:06d}-{first['stop']:06d}.npy"
+    np.save(folder / name, short)
+    import hashlib
+
+    edited(sha256=hashlib.sha256((folder / name).read_bytes()).hexdigest())
+    with pytest.raises(ValueError, match=r"holds float32 \("):
+        run(folder, "lanczos", "scan", resume=True)
