@@ -110,8 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     keras.add_argument("model", help="a model saved with model.save('model.keras')")
     keras.add_argument(
+        "--unsafe-load", action="store_true",
+        help="run Python code stored in the model file (Lambda layers; Keras's "
+        "safe_mode=False): only for a file you trust. Off by default",
+    )  # fmt: skip
+    keras.add_argument(
         "--data", default="digits",
-        help="'digits' (bundled, default), a .npz file with arrays x and y, or tfds:NAME "
+        help="'digits' (scikit-learn's bundled 1,797 8x8 images as 64 features, pixel / 16, "
+        "so in [0, 1]; labels 0-9; default), a .npz file with arrays x and y, or tfds:NAME "
         "(a tensorflow-datasets dataset prepared under --data-dir; never downloaded)",
     )  # fmt: skip
     keras.add_argument("--data-dir", help="tensorflow-datasets data_dir for tfds:NAME")
@@ -414,7 +420,7 @@ def run_keras(args: argparse.Namespace) -> dict:
     if args.from_logits and args.loss is None:
         raise InputError("--from-logits applies to a loss named with --loss.")
     try:
-        model = loading.load_model(args.model)
+        model = loading.load_model(args.model, safe_mode=not args.unsafe_load)
         x, y = datasets.load_arrays(
             args.data, data_dir=args.data_dir, split=args.split or "train", keys=args.keys,
             limit=args.limit,
@@ -426,11 +432,11 @@ def run_keras(args: argparse.Namespace) -> dict:
     except (OSError, ValueError) as err:
         raise InputError(str(err)) from None
     params = trainable_values(model)
+    loss = pure_loss(model, loss_fn)
     try:
         operator = hessian_operator(
-            pure_loss(model, loss_fn), params, (x, y), batch_size=args.batch_size,
-            reduce=args.reduce,
-        )  # fmt: skip
+            loss, params, (x, y), batch_size=args.batch_size, reduce=args.reduce
+        )
     except (ValueError, TypeError) as err:
         text = str(err).strip()
         text = text.splitlines()[0].rstrip(".") if text else type(err).__name__
@@ -445,6 +451,12 @@ def run_keras(args: argparse.Namespace) -> dict:
         f"{len(x)} samples of shape {x.shape[1:]}, batches of {args.batch_size} "
         f"({operator.loop} loop)"
     )
+    quality = _fit_on(model, loss, params, x, y, args.batch_size)
+    print(  # so that a user sees whether the preprocessing matches the training's
+        "on this data the model has loss "
+        + ", accuracy ".join(f"{v:.4g}" for v in quality.values())
+        + " (a loss far above the training loss means other preprocessing: see --scale)"
+    )
     summary = {
         "model": str(args.model),
         "num_params": int(operator.dim),
@@ -455,6 +467,7 @@ def run_keras(args: argparse.Namespace) -> dict:
                      "split": args.split, "limit": args.limit,
                      "scale": args.scale, "loop": operator.loop},
         "versions": _versions(keras=keras.__version__),
+        **quality,
         **notes,
     }  # fmt: skip
     return analyse(
@@ -464,6 +477,34 @@ def run_keras(args: argparse.Namespace) -> dict:
         title=f"Hessian density, {name} ({args.num_probes} probes)", summary=summary,
         started=started,
     )  # fmt: skip
+
+
+def _fit_on(model: Any, loss: Any, params: Any, x: Any, y: Any, batch_size: int) -> dict:
+    """The mean loss (the one analysed) over the data and, for a classifier (integer or
+    one-hot labels, one output column per class), its accuracy."""
+    import jax
+    import numpy as np
+
+    value = jax.jit(loss)
+    total, correct, n = 0.0, 0, len(x)
+    classify = np.issubdtype(np.asarray(y).dtype, np.number)
+    for i in range(0, n, batch_size):
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        total += float(value(params, (xb, yb))) * len(xb)
+        if not classify:
+            continue
+        # (not model.predict, whose compiled step donates the weights' buffers: they are
+        # the params' too)
+        out = np.asarray(model(xb, training=False))
+        labels = np.asarray(yb)
+        if labels.ndim == 2 and labels.shape == out.shape:  # one-hot
+            labels = labels.argmax(axis=1)
+        classify = out.ndim == 2 and out.shape[1] > 1 and labels.shape == out.shape[:1]
+        correct += int(np.sum(out.argmax(axis=-1) == labels)) if classify else 0
+    quality = {"loss": total / n}
+    if classify:
+        quality["accuracy"] = correct / n
+    return quality
 
 
 def _one_line(err: BaseException) -> str:

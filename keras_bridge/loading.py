@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,11 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0].rstrip(".") if text else type(err).__name__
 
 
-def load_model(path: str | Path) -> Any:
-    """``keras.saving.load_model`` under the JAX backend, with one-line errors."""
+def load_model(path: str | Path, *, safe_mode: bool = True) -> Any:
+    """``keras.saving.load_model`` under the JAX backend, with one-line errors.
+
+    ``safe_mode=False`` lets Keras run Python code stored in the file (``Lambda`` layers):
+    only for files you trust."""
     keras = _keras()  # checks the backend
 
     file = Path(path)
@@ -33,13 +37,25 @@ def load_model(path: str | Path) -> Any:
         raise FileNotFoundError(f"no model file {str(path)!r}.")
     if file.suffix not in (".keras", ".h5", ".hdf5"):
         raise ValueError(f"{path}: expected a Keras model saved as .keras (or .h5).")
+    if file.suffix == ".keras" and not zipfile.is_zipfile(file):
+        raise ValueError(f"{path}: not a Keras archive (a .keras file is a zip written by "
+                         "model.save); was another file renamed?")  # fmt: skip
+    if file.suffix != ".keras" and file.read_bytes()[:8] != b"\x89HDF\r\n\x1a\n":
+        raise ValueError(f"{path}: not an HDF5 file, as a {file.suffix} model must be.")
     try:
         with warnings.catch_warnings():
             # A model compiled but never trained has no optimizer variables to restore.
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
-            model = keras.saving.load_model(file, compile=True)
+            model = keras.saving.load_model(file, compile=True, safe_mode=safe_mode)
     except Exception as err:  # Keras raises many types for unreadable files
-        raise ValueError(f"{path}: Keras could not load it: {_first_line(err)}") from None
+        text = _first_line(err)
+        if "safe_mode" in str(err):
+            text = (
+                "it holds Python code (a Lambda layer), which is not run by default; "
+                "--unsafe-load (load_model(..., safe_mode=False)) runs it: only for a file "
+                "you trust"
+            )
+        raise ValueError(f"{path}: Keras could not load it: {text}") from None
     if not model.trainable_variables:
         raise ValueError(f"{path}: the model has no trainable weights.")
     return model

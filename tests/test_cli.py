@@ -53,6 +53,17 @@ def _dense_reference(path):
     return np.linalg.eigvalsh((h + h.T) / 2)[::-1], float(np.trace(h))
 
 
+def _loss_and_accuracy(path):
+    """The mean cross-entropy and accuracy on digits, from the weights with NumPy."""
+    model = keras.saving.load_model(path)
+    x, y = datasets.load_digits()
+    w1, b1, w2, b2 = (np.asarray(v.value, np.float64) for v in model.trainable_variables)
+    logits = np.tanh(x @ w1 + b1) @ w2 + b2
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    return -logp[np.arange(len(y)), y].mean(), np.mean(logits.argmax(1) == y)
+
+
 def _run(saved_model, out, *extra):
     argv = ["keras", str(saved_model), "--out", str(out), "--order", "40", "--num-probes", "2",
             "--top", "3", "--trace-matvecs", "60", "--quiet", *extra]  # fmt: skip
@@ -72,6 +83,10 @@ def test_keras_command_on_digits_matches_the_dense_hessian(saved_model, tmp_path
     assert np.sum(saved["density"]) * (saved["grid"][1] - saved["grid"][0]) == pytest.approx(1.0)
     assert (tmp_path / "density.png").read_bytes().startswith(b"\x89PNG")
     assert summary["versions"]["keras"] == keras.__version__
+    loss, accuracy = _loss_and_accuracy(saved_model)  # printed, so preprocessing shows
+    assert summary["loss"] == pytest.approx(loss, rel=1e-5)
+    assert summary["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+    assert f"on this data the model has loss {loss:.4g}, accuracy {accuracy:.4g}" in printed
 
 
 def test_npz_and_local_tfds_data_give_the_same_spectrum(saved_model, tmp_path):
@@ -158,6 +173,34 @@ def test_bad_arguments_and_files_exit_2_with_one_line(saved_model, tmp_path, cap
         err = capsys.readouterr().err.strip()
         assert code == 2, name
         assert len(err.splitlines()) == 1 and "error:" in err and expected in err, (name, err)
+
+
+def test_a_lambda_layer_runs_only_with_unsafe_load(tmp_path, capsys):
+    """Keras advised safe_mode=False and the CLI had no way to pass it; the opt-in flag
+    runs the file's code, and without it the code does not run."""
+    marker = tmp_path / "ran.txt"
+    code = eval(f"lambda x: (__import__('pathlib').Path({str(marker)!r}).write_text('x'), x)[1]")
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Lambda(code),
+                              keras.layers.Dense(10, activation="softmax")])  # fmt: skip
+    model.compile("adam", "sparse_categorical_crossentropy")
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    marker.unlink(missing_ok=True)  # building the model ran it here; only loading counts
+    argv = ["keras", str(path), "--out", str(tmp_path / "out"), "--order", "5", "--top", "1",
+            "--num-probes", "1", "--trace-matvecs", "6", "--limit", "50", "--quiet"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--unsafe-load" in err and "Lambda" in err and not marker.exists()
+    assert main(argv + ["--unsafe-load"]) == 0
+    assert marker.exists()
+
+
+def test_a_renamed_text_file_is_named_as_such(tmp_path, capsys):
+    for name in ("text.keras", "text.h5"):
+        (tmp_path / name).write_text("not a model")
+        assert main(["keras", str(tmp_path / name), "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert "not a Keras archive" in err or "not an HDF5 file" in err, err
 
 
 def test_bad_file_as_a_subprocess(tmp_path):
