@@ -209,7 +209,24 @@ def _flat_matvec(
             def matvec(x):
                 return ravel_pytree(base(unravel(x.astype(flat.dtype))))[0]
 
-    return matvec if products is None else _mixed_precision(matvec, *products)
+    checked = _shape_checked(matvec)
+    return checked if products is None else _mixed_precision(checked, *products)
+
+
+def _shape_checked(matvec: Callable) -> Callable:
+    """``matvec`` that refuses (at trace time, so for free) to return another shape than
+    its vector's: a wrong shape failed deep inside ``lax.cond``."""
+
+    def product(v):
+        w = matvec(v)
+        if jnp.shape(w) != v.shape:
+            raise ValueError(
+                f"the matvec returned shape {jnp.shape(w)} for a vector of shape {v.shape}; "
+                "it must map (dim,) to (dim,)."
+            )
+        return w
+
+    return product
 
 
 def _mixed_precision(matvec: Callable, dtype: Any, x64_off: bool) -> Callable:

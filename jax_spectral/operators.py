@@ -234,7 +234,7 @@ class HessianOperator:
     # -- products ---------------------------------------------------------------------
     def matvec(self, v: jax.Array) -> jax.Array:
         """``H v`` for a flat vector ``v`` of shape ``(dim,)``; returns shape ``(dim,)``."""
-        v = jnp.asarray(v)
+        v = self._real_array(v, "matvec")
         if v.shape != (self.dim,):
             raise ValueError(f"matvec expects a vector of shape ({self.dim},), got {v.shape}.")
         tangent = self.unravel(v.astype(self.dtype))
@@ -256,7 +256,7 @@ class HessianOperator:
         ``k = 10``, chunks of 4 cost 0.98 of ten separate products and one vmap over all ten
         1.19 (``benchmarks/results/bench_slq_2cpu.txt``).
         """
-        vectors = jnp.asarray(vectors)
+        vectors = self._real_array(vectors, "matmat")
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"matmat expects shape (k, {self.dim}), got {vectors.shape}.")
         if chunk is not None and (isinstance(chunk, bool) or int(chunk) < 1):
@@ -271,6 +271,24 @@ class HessianOperator:
         if self.stream is not None:
             return self._stream_matvec(tangents, many=True)
         return self._host_matvec(tangents, many=True)
+
+    @staticmethod
+    def _real_array(v: Any, name: str) -> jax.Array:
+        """``v`` as an array; ``TypeError`` for a pytree or a complex array."""
+        if isinstance(v, (dict, list, tuple)) or not (
+            isinstance(v, (jax.Array, np.ndarray, np.generic)) or hasattr(v, "__array__")
+        ):
+            raise TypeError(
+                f"{name} takes flat arrays, got {type(v).__name__}; for a params-shaped "
+                "pytree use matvec_tree (or ravel first)."
+            )
+        v = jnp.asarray(v)
+        if not (jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)):
+            raise TypeError(
+                f"{name} takes real vectors, got {v.dtype} (the imaginary part would be "
+                "dropped); apply it to the real and imaginary parts separately."
+            )
+        return v
 
     def matvec_tree(self, v: PyTree) -> PyTree:
         """``H v`` for a params-shaped pytree ``v``; returns a params-shaped pytree."""
@@ -509,6 +527,22 @@ def _shard_data(mesh, axis, params, stacked, remainder, batch_size):
     return params, stacked, remainder
 
 
+def _refuse_arrays_as_batches(data: Any) -> None:
+    """A list of bare arrays with one sample count and unequal shapes is ``[X, y]`` meant
+    as one dataset, not a list of batches (each array would be read as a batch)."""
+    if not isinstance(data, list) or len(data) < 2 or not all(map(is_array_data, data)):
+        return
+    if not all(hasattr(a, "shape") and np.ndim(a) for a in data):
+        return
+    shapes = [tuple(np.shape(a)) for a in data]
+    if len({s[0] for s in shapes}) == 1 and len(set(shapes)) > 1:
+        raise ValueError(
+            f"data is a list of {len(data)} arrays of shapes {shapes}: a list is read as a "
+            "list of batches, each array one batch. For one dataset of inputs and targets "
+            "pass a tuple, (X, y), with batch_size= to cut it into batches."
+        )
+
+
 def first_batch(stacked: PyTree | None, remainder: PyTree | None) -> PyTree:
     """The first batch of in-memory data: the first stacked batch, else the remainder."""
     if stacked is not None:
@@ -691,6 +725,7 @@ def hessian_operator(
             "at most a smaller last one); other re-iterables of batches are read from the "
             "host (loop='host' or 'auto')."
         )
+    _refuse_arrays_as_batches(data)
     stream = BatchStream(data)
     first = stream.first()
     batch_size_of(first)  # a clear error now for a batch without a sample axis

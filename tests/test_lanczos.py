@@ -563,3 +563,10 @@ def test_bad_recurrence_dtype():
         jax.jit(lambda k: lanczos(f, k, 2, dim=3, recurrence_dtype="float64").tridiag)(
             jax.random.key(0)
         )
+
+
+@pytest.mark.parametrize("loop", ["scan", "host"])
+def test_a_matvec_of_the_wrong_shape_is_named(loop):
+    """It failed with "cond branches must have equal output types"."""
+    with pytest.raises(ValueError, match=r"returned shape \(3,\) for a vector of shape \(4,\)"):
+        lanczos(lambda v: v[:3], jax.random.key(0), 3, dim=4, loop=loop)

@@ -567,3 +567,19 @@ def test_a_checkpointed_stream_whose_loss_needs_its_batch_size(tmp_path):
 
     op = hessian_operator(fixed, params, lambda: iter(batches))
     lanczos(op, jax.random.key(2), 5, checkpoint=tmp_path / "c")
+
+
+def test_misleading_inputs_get_messages_that_name_them():
+    """matvec on a pytree said "entry not a 2- or 3- tuple"; a complex vector lost its
+    imaginary part silently; [X, y] built an operator over two 'batches', X and y, and
+    returned a plausible spectrum of the wrong matrix."""
+    params, x, y = _stream_problem()
+    op = hessian_operator(mlp_loss, params, (x, y))
+    with pytest.raises(TypeError, match="use matvec_tree"):
+        op.matvec(params)
+    with pytest.raises(TypeError, match="imaginary part would be dropped"):
+        op.matvec(jnp.ones(op.dim) * (1 + 1j))
+    with pytest.raises(TypeError, match="imaginary part would be dropped"):
+        op.matmat(jnp.ones((2, op.dim), jnp.complex64))
+    with pytest.raises(ValueError, match=r"pass a tuple, \(X, y\)"):
+        hessian_operator(mlp_loss, params, [x, y])
