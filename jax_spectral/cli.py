@@ -179,14 +179,15 @@ def _adjust(summary: dict, note: str) -> None:
     summary.setdefault("adjustments", []).append(note)
 
 
-def _draw(out: Path, dens: Any, outliers: Any, title: str) -> str:
+def _draw(out: Path, dens: Any, outliers: Any, title: str, note: str) -> str:
     try:
         from .plot import plot_density
     except ImportError:
         return "not drawn (pip install 'jax-spectral[plot]' for density.png)"
     import matplotlib.pyplot as plt
 
-    fig = plot_density(dens, outliers=outliers, path=out / "density.png", title=title)
+    fig = plot_density(dens, outliers=outliers, path=out / "density.png", title=title,
+                       note=note)  # fmt: skip
     fig.clf()  # written; free it (pyplot keeps figures alive otherwise)
     plt.close(fig)
     return str(out / "density.png")
@@ -278,7 +279,10 @@ def analyse(
         summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
         _save_json(out, summary)
         stage = "figure"
-        figure = _draw(out, dens, None, title)
+        steps = int(np.max(result.lanczos.num_steps))
+        note = (f"sigma^2 = {sigma_squared:g} (relative), {num_probes} probes x {steps} "
+                f"Lanczos steps, {operator.num_samples or 'all'} samples")  # fmt: skip
+        figure = _draw(out, dens, None, title, note)
         status["figure"] = "density only" if figure.endswith(".png") else figure
         _save_json(out, summary)
         if status["density"] != "done":
@@ -302,7 +306,7 @@ def analyse(
         status["trace"] = "done"
         summary.update(trace=trace.estimate, trace_stderr=trace.stderr)
         stage = "figure"
-        figure = _draw(out, dens, pairs.values, title)
+        figure = _draw(out, dens, pairs.values, title, note + f"; top {top} eigenvalues dashed")
         status["figure"] = "done" if figure.endswith(".png") else figure
     except KeyboardInterrupt as stop:  # Interrupted included
         if status[stage] in ("not run", "density only"):

@@ -39,8 +39,9 @@ def plot_density(
     *,
     outliers: np.ndarray | None = None,
     band: bool = True,
-    ylim: tuple[float, float] = (1e-10, 1e2),
+    ylim: tuple[float, float] | None = None,
     title: str | None = None,
+    note: str | None = None,
     path: str | Path | None = None,
 ):
     """Plot a spectral density on a semilogy axis.
@@ -48,7 +49,10 @@ def plot_density(
     ``density`` is a :class:`jax_spectral.SpectralDensity` (its standard error is drawn as
     a band when ``band``) or a ``(density, grid)`` pair as returned by
     :func:`jax_spectral.tridiag_to_density`. ``outliers`` (eigenvalues, e.g. the top
-    Ritz values) are marked with vertical lines.
+    Ritz values) are marked with vertical lines. ``ylim`` defaults to ``1e-10`` (the
+    original package's floor) up to twice the highest point drawn, so no peak is cut.
+    ``note`` (the settings: kernel variance, probes, steps) is written under the axes;
+    the legend sits outside them, off the data.
     """
     plt = _pyplot()
     if hasattr(density, "grid"):
@@ -58,6 +62,9 @@ def plot_density(
         stderr = None
     grid, values = np.asarray(grid), np.asarray(values)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    if ylim is None:
+        top = np.max(values + stderr) if band and stderr is not None else np.max(values)
+        ylim = (1e-10, 2.0 * float(top) if np.isfinite(top) and top > 1e-10 else 1e2)
     floor = ylim[0]
     ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.2, label="density")
     if band and stderr is not None and np.all(np.isfinite(stderr)):
@@ -71,7 +78,12 @@ def plot_density(
     ax.set_ylabel("density")
     if title:
         ax.set_title(title)
-    ax.legend(loc="upper right", fontsize="small")
+    if note:
+        ax.annotate(
+            note, xy=(0, 0), xycoords="axes fraction", xytext=(0, -32),
+            textcoords="offset points", va="top", fontsize="small", color="0.3",
+        )  # fmt: skip
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
     return _finish(fig, path)
 
 

@@ -245,6 +245,9 @@ def _quadrature(result: LanczosResult, order: int) -> SLQResult:
     return SLQResult(result, nodes, weights)
 
 
+EDGE_WIDTHS = 5  # kernel widths of grid beyond the extreme nodes (spectral_density)
+
+
 def spectral_density(
     result: SLQResult,
     *,
@@ -254,13 +257,25 @@ def spectral_density(
 ) -> SpectralDensity:
     """Mean density over probes on one grid, with its standard error per grid point.
 
-    The grid spans every probe's nodes (as :func:`jax_spectral.eigv_to_density`), and the
-    kernel width is set from it, so all probes share one bandwidth.
+    The grid spans every probe's nodes of positive weight plus ``EDGE_WIDTHS`` kernel
+    widths on each side (at least 0.01, the original package's margin), so that a peak at
+    an extreme eigenvalue is drawn whole; the kernel width is set from the grid's span
+    (as :func:`jax_spectral.eigv_to_density` does), so all probes share one bandwidth.
     """
     if grids is None:
-        _, grids = eigv_to_density(
-            result.nodes, result.weights, grid_len=grid_len, sigma_squared=sigma_squared
-        )
+        if (
+            isinstance(grid_len, bool)
+            or not isinstance(grid_len, (int, np.integer))
+            or grid_len < 2
+        ):
+            raise ValueError(f"grid_len must be an int >= 2, got {grid_len!r}.")
+        used = np.asarray(result.nodes)[np.asarray(result.weights) > 0]
+        if used.size == 0 or not np.all(np.isfinite(used)):
+            raise ValueError("no finite node has positive weight; there is no density to draw.")
+        low, high = float(used.min()), float(used.max())
+        width = np.sqrt(sigma_squared * max(1.0, high - low)) if sigma_squared > 0 else 0.0
+        margin = max(1e-2, EDGE_WIDTHS * width)
+        grids = np.linspace(low - margin, high + margin, int(grid_len))
     per_probe = np.stack(
         [
             eigv_to_density(n[None], w[None], grids=grids, sigma_squared=sigma_squared)[0]
