@@ -94,7 +94,16 @@ def test_probes_at_full_order_give_the_exact_density(x64):
     sigma_squared = 1e-2
     density, grid = tridiag_to_density(tridiags, sigma_squared=sigma_squared, grid_len=1000)
     exact_density, _ = eigv_to_density(exact[None], grids=grid, sigma_squared=sigma_squared)
-    # The original package's tolerance for this comparison.
+    # At full order each probe's rule is the exact eigenvalues weighted by the squared
+    # projections of its start vector on the eigenvectors (NumPy's eigh): the density of
+    # those is the estimate, to rounding.
+    _, vectors = np.linalg.eigh(np.asarray(a))
+    starts = np.stack([np.asarray(lanczos(lambda v: a @ v, k, 1, dim=n).basis[0]) for k in keys])
+    weights = (starts @ vectors) ** 2
+    nodes = np.broadcast_to(exact, weights.shape)
+    expected, _ = eigv_to_density(nodes, weights, grids=grid, sigma_squared=sigma_squared)
+    np.testing.assert_allclose(density, expected, rtol=1e-6, atol=1e-9)
+    # ... and it estimates the exact density (five probes: a loose, statistical check).
     np.testing.assert_allclose(density, exact_density, atol=0.5, rtol=1e-1)
     # At order = dim every probe's nodes are the exact eigenvalues; with equal weights the
     # density is exact to rounding.
