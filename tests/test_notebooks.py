@@ -34,8 +34,8 @@ def test_notebook_runs_and_draws_its_figures(name, figures, needs, printed, tmp_
     )  # fmt: skip
     started = time.perf_counter()
     client.execute()  # raises CellExecutionError, naming the cell, on any error
-    seconds = time.perf_counter() - started
-    assert seconds < 240, f"{name} took {seconds:.0f} s (budget: 90 s on 2 cores, CI margin)"
+    # Timings are measured, not asserted (a busy machine is not a failure): shown with -s.
+    print(f"{name} ran in {time.perf_counter() - started:.0f} s")
     images = [
         output
         for cell in notebook.cells
