@@ -431,7 +431,9 @@ def run_keras(args: argparse.Namespace) -> dict:
         )  # fmt: skip
         given = x.shape[1:]
         x = loading.shape_inputs(model, x) * args.scale
-        loading.check_targets(model, y)
+        compiled = getattr(model, "loss", None)
+        loss_name = args.loss or getattr(compiled, "name", compiled)
+        loading.check_targets(model, y, loss_name if isinstance(loss_name, str) else None)
         loss_fn = loading.loss_closure(model, args.loss, from_logits=args.from_logits)
     except (OSError, ValueError) as err:
         raise InputError(str(err)) from None

@@ -7,6 +7,7 @@ Install it with ``pip install 'jax-spectral[demo]'``.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,9 @@ def _load_npz(path: str, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]
         raise FileNotFoundError(
             f"no data file {path!r} (expected 'digits', 'tfds:NAME' or an .npz file)."
         )
+    if not zipfile.is_zipfile(file):
+        raise ValueError(f"{path}: not an .npz file (one is a zip archive written by "
+                         "numpy.savez, with arrays x and y).")  # fmt: skip
     try:
         with np.load(file, allow_pickle=False) as arrays:
             found = list(arrays.keys())

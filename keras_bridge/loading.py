@@ -108,14 +108,21 @@ def _with_logits(keras: Any, name: str, fn: Any) -> Any:
     return functools.partial(fn, from_logits=True)
 
 
-def check_targets(model: Any, y: np.ndarray) -> None:
+def check_targets(model: Any, y: np.ndarray, loss: str | None = None) -> None:
     """For a classifier (integer labels, one per sample, several outputs), every label must
-    name an output: a label outside ``[0, classes)`` gives a loss without curvature."""
+    name an output: a label outside ``[0, classes)`` gives a loss without curvature. One-hot
+    targets with a sparse loss (``loss``: its name) are refused with the loss to use."""
     y = np.asarray(y)
     shape = getattr(model, "output_shape", None)
     if not (isinstance(shape, tuple) and shape and isinstance(shape[-1], int)):
         return
     classes = shape[-1]
+    if "sparse" in (loss or "") and y.ndim == 2 and y.shape[1] == classes > 1:
+        raise ValueError(
+            f"the targets are one-hot (shape {y.shape}) but the loss, {loss}, takes integer "
+            "labels: use --loss categorical_crossentropy (add --from-logits for logits), or "
+            "store integer labels."
+        )
     if np.issubdtype(y.dtype, np.integer) and y.ndim == 1 and classes > 1:
         if y.min() < 0 or y.max() >= classes:
             raise ValueError(

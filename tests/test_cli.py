@@ -131,10 +131,17 @@ def _bad_cases(tmp_path, saved_model):
     np.savez(tmp_path / "labels.npz", x=x, y=y + 45)
     (tmp_path / "not_a_model.keras").write_text("hello")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_text.npz").write_text("x,y\n1,2\n")
+    np.savez(tmp_path / "onehot.npz", x=x, y=np.eye(10, dtype=np.float32)[y])
     m = str(saved_model)
     return {
         "missing model": (["keras", str(tmp_path / "nope.keras")], "no model file"),
-        "not a model": (["keras", str(tmp_path / "not_a_model.keras")], "could not load"),
+        "not a model": (["keras", str(tmp_path / "not_a_model.keras")], "not a Keras archive"),
+        "text data": (["keras", m, "--data", str(tmp_path / "a_text.npz")], "not an .npz file"),
+        "one-hot": (
+            ["keras", m, "--data", str(tmp_path / "onehot.npz")],
+            "use --loss categorical_crossentropy",
+        ),
         "wrong suffix": (["keras", str(tmp_path / "wrong.npz")], "expected a Keras model"),
         "missing data": (["keras", m, "--data", str(tmp_path / "x.npz")], "no data file"),
         "npz keys": (["keras", m, "--data", str(tmp_path / "wrong.npz")], "no array named 'x'"),
