@@ -180,14 +180,15 @@ def _adjust(summary: dict, note: str) -> None:
 
 
 def _draw(out: Path, dens: Any, outliers: Any, title: str, note: str) -> str:
+    from .plot import plot_density  # imports matplotlib only when called
+
     try:
-        from .plot import plot_density
-    except ImportError:
+        fig = plot_density(dens, outliers=outliers, path=out / "density.png", title=title,
+                           note=note)  # fmt: skip
+    except ImportError:  # matplotlib is missing: the npz and json still hold everything
         return "not drawn (pip install 'jax-spectral[plot]' for density.png)"
     import matplotlib.pyplot as plt
 
-    fig = plot_density(dens, outliers=outliers, path=out / "density.png", title=title,
-                       note=note)  # fmt: skip
     fig.clf()  # written; free it (pyplot keeps figures alive otherwise)
     plt.close(fig)
     return str(out / "density.png")

@@ -191,3 +191,25 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
         err = capsys.readouterr()
         assert err.out == ""  # nothing trained
         assert len(err.err.strip().splitlines()) == 1 and str(out) in err.err
+
+
+def test_without_matplotlib_the_demo_writes_its_data_and_says_so(tmp_path, capsys, monkeypatch):
+    """The figure's ImportError was caught around an import that never raises, so a
+    missing matplotlib ended the run (exit 1) after the density was written."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    argv = ["demo", "--out", str(tmp_path), "--order", "10", "--train-steps", "5",
+            "--num-probes", "2", "--trace-matvecs", "6", "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads((tmp_path / "spectrum.json").read_text())
+    assert summary["status"]["complete"] and "pip install" in summary["status"]["figure"]
+    assert not (tmp_path / "density.png").exists()
+    assert "figure: not drawn" in capsys.readouterr().out
