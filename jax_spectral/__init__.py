@@ -2,7 +2,8 @@
 
 A JAX-native successor to google/spectral-density. The pipeline is
 
-    loss + params + data -> hessian_operator (v -> H v over the whole dataset)
+    loss + params + data -> hessian_operator, ggn_operator, fisher_operator
+                            (v -> C v over the whole dataset; blocks with wrt=, sums)
                          -> lanczos (tridiagonal T, basis V)
                          -> density.tridiag_to_density (Gauss quadrature, smoothed).
 
@@ -14,6 +15,9 @@ from importlib.metadata import PackageNotFoundError, version
 from . import density as density
 from .costs import CostEstimate as CostEstimate
 from .costs import estimate as estimate
+from .curvature import fisher_operator as fisher_operator
+from .curvature import ggn_operator as ggn_operator
+from .curvature import layer_blocks as layer_blocks
 from .density import eigv_to_density as eigv_to_density
 from .density import tridiag_to_density as tridiag_to_density
 from .density import tridiag_to_eigv as tridiag_to_eigv
@@ -26,6 +30,10 @@ from .lanczos import LanczosResult as LanczosResult
 from .lanczos import lanczos as lanczos
 from .lanczos import lanczos_alg as lanczos_alg
 from .lanczos import ritz as ritz
+from .linop import LinearOperator as LinearOperator
+from .linop import as_operator as as_operator
+from .linop import identity as identity
+from .operators import CurvatureOperator as CurvatureOperator
 from .operators import HessianOperator as HessianOperator
 from .operators import hessian_operator as hessian_operator
 from .rewrite import cpu_friendly as cpu_friendly
@@ -44,25 +52,32 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "CostEstimate",
+    "CurvatureOperator",
     "Eigenpairs",
     "HessianOperator",
     "Interrupted",
+    "LinearOperator",
     "LanczosResult",
     "SLQResult",
     "SpectralDensity",
     "TraceEstimate",
+    "as_operator",
     "cpu_friendly",
     "density",
     "eigenpairs",
     "eigv_to_density",
     "estimate",
+    "fisher_operator",
     "full_hessian",
+    "ggn_operator",
     "hessian_operator",
     "hutchinson",
     "hutchpp",
     "hvp",
+    "identity",
     "lanczos",
     "lanczos_alg",
+    "layer_blocks",
     "ritz",
     "slq",
     "spectral_density",

@@ -67,6 +67,79 @@ def _describe_function(fn: Any) -> str:
     return f"{getattr(fn, '__module__', '')}.{name}:{body}"
 
 
+_ATOMS = (type(None), bool, int, float, complex, str, bytes)
+_LIBRARIES = ("jax", "jaxlib", "builtins", "numpy", "functools", "flax", "optax", "keras")
+
+
+def _describe_value(digest, value: Any, seen: set | None = None, depth: int = 0) -> None:
+    """Hash what a Python value holds: arrays by content, numbers and strings by value,
+    containers and objects (their ``__dict__`` and slots) recursively, functions by name,
+    bytecode and the values they capture (closure cells, defaults, a partial's arguments).
+    Memory addresses never count; a cycle or depth past 8 is cut."""
+    seen = set() if seen is None else seen
+    if isinstance(value, (np.ndarray, jax.Array, np.generic)):
+        _hash_update(digest, value)
+        return
+    if isinstance(value, _ATOMS):
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+        return
+    if id(value) in seen or depth > 8:
+        digest.update(b"<cut>")
+        return
+    seen.add(id(value))
+    if isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}[{len(value)}]".encode())
+        for item in value:
+            _describe_value(digest, item, seen, depth + 1)
+    elif isinstance(value, dict):
+        digest.update(f"dict[{len(value)}]".encode())
+        for key in sorted(value, key=repr):
+            _describe_value(digest, key, seen, depth + 1)
+            _describe_value(digest, value[key], seen, depth + 1)
+    elif isinstance(value, functools.partial):
+        digest.update(b"partial")
+        for part in (value.func, value.args, value.keywords):
+            _describe_value(digest, part, seen, depth + 1)
+    elif hasattr(value, "__code__") or hasattr(value, "__func__"):  # functions, methods
+        digest.update(_describe_function(value).encode())
+        function = getattr(value, "__func__", value)
+        cells = [c.cell_contents for c in (getattr(function, "__closure__", None) or ())
+                 if _filled(c)]  # fmt: skip
+        for part in (cells, getattr(function, "__defaults__", None),
+                     getattr(value, "__self__", None)):  # fmt: skip
+            _describe_value(digest, part, seen, depth + 1)
+    elif callable(value) and type(value).__module__.split(".")[0] in _LIBRARIES:
+        # a library's callable (a jitted function, a ufunc): its name, and what it wraps;
+        # its own state (compilation caches) is not what it computes
+        digest.update(_describe_function(value).encode())
+        _describe_value(digest, getattr(value, "__wrapped__", None), seen, depth + 1)
+    else:
+        kind = type(value)
+        digest.update(f"{kind.__module__}.{kind.__qualname__}".encode())
+        fields = dict(getattr(value, "__dict__", {}))
+        for slot in getattr(kind, "__slots__", ()):
+            if hasattr(value, slot):
+                fields[slot] = getattr(value, slot)
+        if fields:
+            _describe_value(digest, fields, seen, depth + 1)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True
+
+
+def object_digest(value: Any) -> str:
+    """A SHA-256 of :func:`_describe_value` (for static user operators: a changed object is
+    another program and another checkpoint identity)."""
+    digest = hashlib.sha256()
+    _describe_value(digest, value)
+    return digest.hexdigest()
+
+
 def _describe_loss(operator: Any, digest) -> None:
     """The loss as a computation: its jaxpr on the first batch (so closures, captured
     constants and ``functools.partial`` arguments count, and a renamed but equal function
@@ -104,12 +177,32 @@ def fingerprint(operator: Any) -> str:
     loss (as a jaxpr with its captured constants), settings (with its CPU rewrite when that
     changes the products: a CNN's, not an MLP's), parameters and in-memory batches (for a
     stream: the content of a whole pass, see :class:`jax_spectral.data.StreamContent`); for
-    a ``Partial``, its function and arrays; for a plain function, its name and bytecode
-    only (arrays it closes over are not seen)."""
+    anything else (a ``Partial``, a plain function, a user operator) what it holds, by
+    :func:`_describe_value`: its arrays, numbers, containers and functions, with the values
+    a function captures (closure cells, defaults); not module globals it reads."""
+    from .linop import FunctionOperator, IdentityOperator, StaticOperator, SumOperator
+
     digest = hashlib.sha256()
-    if hasattr(operator, "stream") and hasattr(operator, "loss"):
+    if isinstance(operator, StaticOperator):  # a user class that is not a pytree
+        _hash_update(digest, ("user operator", int(operator.dim), str(operator.dtype)))
+        digest.update(operator.digest.encode())  # object_digest: everything it holds
+    elif isinstance(operator, SumOperator):
+        _hash_update(digest, ("sum", operator.coefficients))
+        for term in operator.terms:
+            digest.update(fingerprint(term).encode())
+    elif isinstance(operator, IdentityOperator):
+        _hash_update(digest, ("identity", operator.size, operator.kind))
+    elif isinstance(operator, FunctionOperator):
+        _describe_value(digest, operator.fn)
+        _hash_update(digest, (operator.size, operator.kind))
+        for leaf in jax.tree_util.tree_leaves(operator.args):
+            _hash_update(digest, leaf)
+    elif hasattr(operator, "stream") and hasattr(operator, "loss"):
         _describe_loss(operator, digest)
         settings = [operator.reduce, operator.batch_size, operator.num_samples]
+        if getattr(operator, "kind", "hessian") != "hessian" or operator.select is not None:
+            # (a Hessian of all parameters hashes as it always did)
+            settings.append((operator.kind, operator.select, _product_settings(operator)))
         if _rewritten_products(operator):  # the products differ from the stock ones
             settings.append(("rewrite", operator.rewrite))
         for setting in settings:
@@ -129,15 +222,19 @@ def fingerprint(operator: Any) -> str:
         leaves = [operator.params, operator.stacked, operator.remainder]
         for leaf in jax.tree_util.tree_leaves(leaves):
             _hash_update(digest, leaf)
-    elif isinstance(operator, jax.tree_util.Partial):
-        digest.update(_describe_function(operator.func).encode())
-        for leaf in jax.tree_util.tree_leaves(operator):
-            _hash_update(digest, leaf)
-    else:
-        digest.update(_describe_function(operator).encode())
-        for leaf in jax.tree_util.tree_leaves(operator):
-            _hash_update(digest, leaf)
+    else:  # a Partial, a plain function, a user operator registered as a pytree
+        _describe_value(digest, operator)
     return digest.hexdigest()
+
+
+def _product_settings(operator: Any) -> Any:
+    """What a Gauss-Newton or Fisher product adds to its loss: the output loss's name and
+    reduction and the Monte-Carlo draws (the model and loss are in the loss's jaxpr)."""
+    product = operator.product
+    out_loss = getattr(product, "out_loss", None)
+    if out_loss is None:
+        return None
+    return (out_loss.name, out_loss.reduce, getattr(product, "mc_samples", None))
 
 
 def _rewritten_products(operator: Any) -> bool:

@@ -111,7 +111,10 @@ def estimate(
     if isinstance(operator, (int, np.integer)):
         dim, base = int(operator), dtype or jnp.float32
     else:
-        dim, base = int(operator.dim), dtype or operator.dtype
+        from .linop import check_operator, dtype_of
+
+        check_operator(operator)
+        dim, base = int(operator.dim), dtype or dtype_of(operator)
     recurrence = np.dtype(jnp.promote_types(base, jnp.float32))
     if recurrence_dtype is not None:
         recurrence = np.dtype(recurrence_dtype)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .lanczos import _flat_matvec, lanczos, ritz
+from .linop import check_operator, dtype_of, is_operator
 from .progress import ProgressArg
 from .trace import products
 
@@ -75,7 +76,7 @@ def eigenpairs(
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}.")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}.")
-    operator = matvec if hasattr(matvec, "matvec") and hasattr(matvec, "dim") else None
+    operator = check_operator(matvec) if is_operator(matvec) else None
     if operator is not None:
         size = operator.dim
     elif like is not None:
@@ -102,8 +103,8 @@ def eigenpairs(
     residuals = np.linalg.norm(applied - values[:, None] * np.asarray(vectors, np.float64), axis=1)
     converged = residuals <= tol * scale
 
-    if operator is not None:
-        vectors = jax.vmap(operator.unravel)(vectors.astype(operator.dtype))
+    if operator is not None and hasattr(operator, "unravel"):  # else flat vectors
+        vectors = jax.vmap(operator.unravel)(vectors.astype(dtype_of(operator)))
     elif like is not None:
         vectors = jax.vmap(jax.flatten_util.ravel_pytree(like)[1])(vectors)
     return Eigenpairs(values, vectors, residuals, converged, int(result.num_steps))

@@ -56,6 +56,14 @@ from jax.flatten_util import ravel_pytree
 
 from . import interrupt
 from .interrupt import Interrupted
+from .linop import (
+    as_argument,
+    check_operator,
+    dtype_of,
+    is_operator,
+    is_traceable,
+    passes_as_argument,
+)
 from .progress import Progress, ProgressArg
 
 PyTree = Any
@@ -184,7 +192,7 @@ def pack_result(state: LanczosState) -> LanczosResult:
 
 
 def _is_operator(obj: Any) -> bool:
-    return hasattr(obj, "matvec") and hasattr(obj, "dim") and hasattr(obj, "dtype")
+    return is_operator(obj)
 
 
 def _flat_matvec(
@@ -579,10 +587,12 @@ def lanczos(
 
     operand, fn = None, None  # operand: a pytree passed as an argument; fn: static
     owner = getattr(matvec, "__self__", None)
-    if _is_operator(matvec) or isinstance(matvec, jax.tree_util.Partial):
+    if _is_operator(matvec):
+        operand = as_argument(matvec)
+    elif isinstance(matvec, jax.tree_util.Partial) and passes_as_argument(matvec):
         operand = matvec
     elif _is_operator(owner) and getattr(matvec, "__name__", "") in _OPERATOR_METHODS:
-        operand = owner  # matvec_tree is unravel . matvec . ravel: the same operator
+        operand = as_argument(owner)  # matvec_tree is unravel . matvec . ravel: the same
     elif callable(matvec):
         fn = matvec
     else:
@@ -590,7 +600,8 @@ def lanczos(
 
     template = None
     if _is_operator(operand):
-        dim, dtype = operand.dim, operand.dtype
+        check_operator(operand)
+        dim, dtype = operand.dim, dtype_of(operand)
         if v0 is not None and not _is_array_vector(v0):
             v0 = operand.ravel(v0)
     else:
@@ -637,7 +648,7 @@ def lanczos(
 
     if loop not in (None, "scan", "host"):
         raise ValueError(f"loop must be 'scan', 'host' or None, got {loop!r}.")
-    traceable = getattr(operand, "traceable", True)
+    traceable = is_traceable(operand)
     untraceable = None
     if fn is not None and loop is None:
         untraceable = _trace_error(fn, template, dim, dtype)

@@ -62,12 +62,21 @@ from .data import (
     split_arrays,
     stack_batches,
 )
-from .hvp import check_like, check_params, check_scalar_loss, loss_and_hvp
-from .rewrite import convolutions, cpu_friendly
+from .hvp import check_params, check_scalar_loss
+from .linop import (
+    OperatorAlgebra,
+    check_vector,
+    check_vectors,
+    ravel_checked,
+    unraveler,
+)
+from .linop import layout as _layout
+from .products import HessianProduct
+from .rewrite import convolutions
 
 PyTree = Any
 
-__all__ = ["HessianOperator", "hessian_operator"]
+__all__ = ["CurvatureOperator", "HessianOperator", "build_operator", "hessian_operator"]
 
 _REDUCTIONS = ("mean", "sum")
 _LOOPS = ("auto", "scan", "host")
@@ -76,50 +85,37 @@ _SLOW_IN_LOOP_ON_CPU = frozenset({"conv_general_dilated"})
 HOST_TANGENT_CHUNK = 4  # tangents per vmapped HVP in a host-driven matmat (measured)
 
 
-@functools.lru_cache(maxsize=256)
-def _unraveler(treedef: Any, avals: tuple) -> Callable[[jax.Array], PyTree]:
-    template = jax.tree_util.tree_unflatten(treedef, [np.zeros(s, d) for s, d in avals])
-    # Jitted: unravelling eagerly dispatches a split and one reshape per leaf (20-40 ms a
-    # product on the CIFAR CNN); under a trace the jit is inlined.
-    return jax.jit(ravel_pytree(template)[1])
-
-
-def _layout(params: PyTree) -> tuple[Any, tuple]:
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    return treedef, tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
-
-
-def _accumulate(loss, params, batch, v, acc, loss_sum, weight):
-    value, hv = loss_and_hvp(loss, params, batch, v)
+def _accumulate(kernel, params, batch, v, acc, loss_sum, weight):
+    value, out = kernel(params, batch, v)
     # The sums are kept in at least float32 (``acc``'s dtype): a bf16 sum over many batches
     # loses the small terms (10% of |Hv| over 1,024 batches).
     acc = jax.tree_util.tree_map(lambda a, h: a + weight.astype(a.dtype) * h.astype(a.dtype),
-                                 acc, hv)  # fmt: skip
+                                 acc, out)  # fmt: skip
     return acc, loss_sum + value.astype(loss_sum.dtype)
 
 
-def _accumulate_some(loss, params, batch, v, acc, loss_sum, weight, many):
+def _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, many):
     """One batch's contribution for one tangent, or (``many``) for a leading axis of
     tangents at once: the batch is read once and serves every tangent."""
     if not many:
-        return _accumulate(loss, params, batch, v, acc, loss_sum, weight)
+        return _accumulate(kernel, params, batch, v, acc, loss_sum, weight)
 
     def one(t, a):
-        return _accumulate(loss, params, batch, t, a, loss_sum, weight)
+        return _accumulate(kernel, params, batch, t, a, loss_sum, weight)
 
     acc, sums = jax.vmap(one)(v, acc)
     return acc, sums[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(4,))
-def _batch_step(loss, params, batch, v, acc, loss_sum, weight, many=False):
-    return _accumulate_some(loss, params, batch, v, acc, loss_sum, weight, many)
+def _batch_step(kernel, params, batch, v, acc, loss_sum, weight, many=False):
+    return _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, many)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(5,))
-def _stacked_step(loss, params, stacked, index, v, acc, loss_sum, weight, many=False):
+def _stacked_step(kernel, params, stacked, index, v, acc, loss_sum, weight, many=False):
     batch = jax.tree_util.tree_map(lambda a: a[index], stacked)
-    return _accumulate_some(loss, params, batch, v, acc, loss_sum, weight, many)
+    return _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, many)
 
 
 def _visit(step, tangent, acc, loss_sum, weight, many):
@@ -147,11 +143,32 @@ def _finish(acc: PyTree, loss_sum: jax.Array, scale, dtype, many: bool = False) 
     return jnp.where(ok, flat, jnp.nan)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+    """A per-batch product restricted to the selected leaves (static, hashable): called
+    with the full params, a batch and a list of tangent leaves for the selected ones."""
+
+    product: Any
+    select: tuple | None  # per params leaf: differentiated or held fixed; None: all
+
+    def __call__(self, params, batch, tangent):
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        select = self.select or (True,) * len(leaves)
+
+        def embed(chosen):
+            chosen = iter(chosen)
+            pairs = zip(leaves, select, strict=True)
+            return treedef.unflatten([next(chosen) if s else x for x, s in pairs])
+
+        chosen = [x for x, s in zip(leaves, select, strict=True) if s]
+        return self.product(chosen, batch, list(tangent), embed)
+
+
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["params", "stacked", "remainder"],
     meta_fields=[
-        "loss",
+        "product",
         "reduce",
         "loop",
         "num_samples",
@@ -159,30 +176,37 @@ def _finish(acc: PyTree, loss_sum: jax.Array, scale, dtype, many: bool = False) 
         "stream",
         "layout",
         "rewrite",
+        "select",
     ],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
-class HessianOperator:
-    """The Hessian of a dataset loss as a linear operator on flat vectors.
+class CurvatureOperator(OperatorAlgebra):
+    """A curvature matrix of a dataset loss (Hessian, Gauss-Newton, Fisher, or a block of
+    one) as a linear operator on flat vectors: the dataset-reduction engine summing a
+    per-batch product (:mod:`jax_spectral.products`) over batches.
 
-    A pytree: the parameters and in-memory batches are its leaves, the loss and settings
+    A pytree: the parameters and in-memory batches are its leaves, the product and settings
     its static part, so an operator can be passed through ``jax.jit`` without its arrays
     being baked into the program as constants.
 
     Attributes
     ----------
-    dim: number of parameters ``P``; ``matvec`` maps shape ``(P,)`` to ``(P,)``.
+    dim: number of differentiated parameters ``P``; ``matvec`` maps ``(P,)`` to ``(P,)``.
     dtype: the dtype of the flattened parameters and of ``matvec``'s output.
+    kind: ``"hessian"``, ``"ggn"``, ``"empirical_fisher"`` or ``"mc_fisher"``.
     traceable: ``True`` when ``matvec`` can run under ``jit``/``vmap``/``lax.scan``
         (in-memory data with ``loop="scan"``); host-driven operators are not traceable,
         and :func:`jax_spectral.lanczos` drives them from a Python loop.
     num_samples: ``N`` for in-memory data; for streams, known after the first pass.
+    select: ``None``, or per params leaf whether it is differentiated (``wrt=``): the
+        vectors then hold the selected leaves only, and ``unravel`` gives a pytree with
+        ``None`` in place of the others.
     """
 
     params: PyTree
     stacked: PyTree | None  # equal batches stacked on a leading axis (in-memory data)
     remainder: PyTree | None  # the last, smaller batch (in-memory data)
-    loss: Callable = dataclasses.field(repr=False)
+    product: Any = dataclasses.field(repr=False, default=None)
     reduce: str = "mean"
     loop: str = "scan"
     num_samples: int | None = None
@@ -190,22 +214,26 @@ class HessianOperator:
     stream: BatchStream | None = dataclasses.field(default=None, repr=False)
     layout: tuple = dataclasses.field(default=(), repr=False)
     rewrite: str = "none"  # "onednn", "patches" or "none" (see hessian_operator)
+    select: tuple | None = None
 
     # -- shapes and conversions -------------------------------------------------------
     @property
     def unravel(self) -> Callable[[jax.Array], PyTree]:
-        """Map a flat ``(dim,)`` vector to a pytree shaped like ``params``."""
-        return _unraveler(*self.layout)
+        """Map a flat ``(dim,)`` vector to a pytree shaped like ``params`` (``None`` in
+        place of leaves that ``wrt=`` left out)."""
+        return unraveler(*self.layout)
 
     def ravel(self, tree: PyTree) -> jax.Array:
-        """Map a params-shaped pytree to a flat ``(dim,)`` vector (``ravel_pytree`` order);
+        """Map a params-shaped pytree to a flat ``(dim,)`` vector (``ravel_pytree`` order;
+        for a block, the full params shape is accepted too and its selected leaves kept);
         ``ValueError`` for a pytree of another structure or other leaf shapes."""
-        treedef, avals = self.layout
-        template = jax.tree_util.tree_unflatten(
-            treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in avals]
-        )
-        check_like(template, tree, "the pytree")
-        return ravel_pytree(tree)[0].astype(self.dtype)
+        if self.select is not None:
+            full = jax.tree_util.tree_structure(self.params)
+            if jax.tree_util.tree_structure(tree) == full:
+                leaves = jax.tree_util.tree_leaves(tree)
+                pairs = zip(leaves, self.select, strict=True)
+                tree = full.unflatten([x if s else None for x, s in pairs])
+        return ravel_checked(self.layout, tree, self.dtype)
 
     @property
     def dim(self) -> int:
@@ -224,20 +252,33 @@ class HessianOperator:
         return self.loop == "scan"
 
     @property
+    def kind(self) -> str:
+        return self.product.kind
+
+    @property
+    def loss(self) -> Callable:
+        """The batch loss ``loss(params, batch)`` as given (for a Gauss-Newton or Fisher
+        operator: the loss on the model's outputs)."""
+        return self.product.loss
+
+    @property
+    def _kernel(self) -> _Kernel:
+        product = self.product
+        if self.rewrite != "none":
+            product = product.rewritten(self.rewrite == "onednn")
+        return _Kernel(product, self.select)
+
+    @property
     def product_loss(self) -> Callable:
         """The loss as the products evaluate it: through
         :func:`jax_spectral.rewrite.cpu_friendly` unless ``rewrite="none"``."""
-        if self.rewrite == "none":
-            return self.loss
-        return cpu_friendly(self.loss, onednn=self.rewrite == "onednn")
+        return self._kernel.product.evaluated_loss
 
     # -- products ---------------------------------------------------------------------
     def matvec(self, v: jax.Array) -> jax.Array:
-        """``H v`` for a flat vector ``v`` of shape ``(dim,)``; returns shape ``(dim,)``."""
-        v = self._real_array(v, "matvec")
-        if v.shape != (self.dim,):
-            raise ValueError(f"matvec expects a vector of shape ({self.dim},), got {v.shape}.")
-        tangent = self.unravel(v.astype(self.dtype))
+        """``C v`` for a flat vector ``v`` of shape ``(dim,)``; returns shape ``(dim,)``."""
+        v = check_vector(v, self.dim)
+        tangent = jax.tree_util.tree_leaves(self.unravel(v.astype(self.dtype)))
         if self.stream is not None:
             return self._stream_matvec(tangent)
         if self.loop == "host":
@@ -247,51 +288,30 @@ class HessianOperator:
     __call__ = matvec
 
     def matmat(self, vectors: jax.Array, *, chunk: int | None = None) -> jax.Array:
-        """``H v`` for each row of ``vectors`` (shape ``(k, dim)``), in one pass over the
+        """``C v`` for each row of ``vectors`` (shape ``(k, dim)``), in one pass over the
         data: each batch is read once and serves all ``k`` tangents.
 
-        A traceable operator vmaps each batch's HVP over all ``k`` tangents. A host-driven
-        one vmaps over chunks of ``chunk`` tangents at a time (default
-        ``HOST_TANGENT_CHUNK`` = 4), each batch still read once: on the CIFAR CNN on CPU at
-        ``k = 10``, chunks of 4 cost 0.98 of ten separate products and one vmap over all ten
-        1.19 (``benchmarks/results/bench_slq_2cpu.txt``).
+        A traceable operator vmaps each batch's product over all ``k`` tangents. A
+        host-driven one vmaps over chunks of ``chunk`` tangents at a time (default
+        ``HOST_TANGENT_CHUNK`` = 4), each batch still read once (see docs/design.md).
         """
-        vectors = self._real_array(vectors, "matmat")
-        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
-            raise ValueError(f"matmat expects shape (k, {self.dim}), got {vectors.shape}.")
+        vectors = check_vectors(vectors, self.dim)
         if chunk is not None and (isinstance(chunk, bool) or int(chunk) < 1):
             raise ValueError(f"chunk must be a positive int, got {chunk!r}.")
         if self.traceable:
             return jax.vmap(self.matvec)(vectors)
         chunk = HOST_TANGENT_CHUNK if chunk is None else int(chunk)
+        unravel = jax.vmap(self.unravel)
         tangents = [
-            jax.vmap(self.unravel)(vectors[i : i + chunk].astype(self.dtype))
+            jax.tree_util.tree_leaves(unravel(vectors[i : i + chunk].astype(self.dtype)))
             for i in range(0, vectors.shape[0], chunk)
         ]
         if self.stream is not None:
             return self._stream_matvec(tangents, many=True)
         return self._host_matvec(tangents, many=True)
 
-    @staticmethod
-    def _real_array(v: Any, name: str) -> jax.Array:
-        """``v`` as an array; ``TypeError`` for a pytree or a complex array."""
-        if isinstance(v, (dict, list, tuple)) or not (
-            isinstance(v, (jax.Array, np.ndarray, np.generic)) or hasattr(v, "__array__")
-        ):
-            raise TypeError(
-                f"{name} takes flat arrays, got {type(v).__name__}; for a params-shaped "
-                "pytree use matvec_tree (or ravel first)."
-            )
-        v = jnp.asarray(v)
-        if not (jnp.issubdtype(v.dtype, jnp.floating) or jnp.issubdtype(v.dtype, jnp.integer)):
-            raise TypeError(
-                f"{name} takes real vectors, got {v.dtype} (the imaginary part would be "
-                "dropped); apply it to the real and imaginary parts separately."
-            )
-        return v
-
     def matvec_tree(self, v: PyTree) -> PyTree:
-        """``H v`` for a params-shaped pytree ``v``; returns a params-shaped pytree."""
+        """``C v`` for a params-shaped pytree ``v``; returns a params-shaped pytree."""
         return self.unravel(self.matvec(self.ravel(v)))
 
     def _weights(self) -> tuple[float, float]:
@@ -315,33 +335,31 @@ class HessianOperator:
     def _scan_matvec(self, tangent: PyTree) -> jax.Array:
         w_full, w_rest = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
+        kernel = self._kernel
         if self.stacked is not None:
 
             def body(carry, batch):
-                return _accumulate(
-                    self.product_loss, self.params, batch, tangent, *carry, w_full
-                ), None
+                return _accumulate(kernel, self.params, batch, tangent, *carry, w_full), None
 
             (acc, loss_sum), _ = jax.lax.scan(body, (acc, loss_sum), self.stacked)
         if self.remainder is not None:
             acc, loss_sum = _accumulate(
-                self.product_loss, self.params, self.remainder, tangent, acc, loss_sum, w_rest
+                kernel, self.params, self.remainder, tangent, acc, loss_sum, w_rest
             )
         return _finish(acc, loss_sum, 1.0, self.dtype)
 
     def _host_matvec(self, tangent: PyTree, many: bool = False) -> jax.Array:
         w_full, w_rest = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
+        kernel = self._kernel
         if self.stacked is not None:
             num_full = jax.tree_util.tree_leaves(self.stacked)[0].shape[0]
             for i in range(num_full):
-                step = functools.partial(
-                    _stacked_step, self.product_loss, self.params, self.stacked, i
-                )
+                step = functools.partial(_stacked_step, kernel, self.params, self.stacked, i)
                 acc, loss_sum = _visit(step, tangent, acc, loss_sum, w_full, many)
         if self.remainder is not None:
             acc, loss_sum = _visit(
-                functools.partial(_batch_step, self.product_loss, self.params, self.remainder),
+                functools.partial(_batch_step, kernel, self.params, self.remainder),
                 tangent, acc, loss_sum, w_rest, many,
             )  # fmt: skip
         return _finish(acc, loss_sum, 1.0, self.dtype, many)
@@ -359,7 +377,7 @@ class HessianOperator:
             n = batch_size_of(batch)
             weight = jnp.asarray(n if self.reduce == "mean" else 1, self._sum_dtype)
             acc, loss_sum = _visit(
-                functools.partial(_batch_step, self.product_loss, self.params, batch),
+                functools.partial(_batch_step, self._kernel, self.params, batch),
                 tangent, acc, loss_sum, weight, many,
             )  # fmt: skip
             content.add(batch)
@@ -421,7 +439,7 @@ class HessianOperator:
 
 
 def _loss_form(loss: Callable, params: PyTree, stream: BatchStream) -> str:
-    """See :meth:`HessianOperator.loss_form`; ``""`` for neither form."""
+    """See :meth:`CurvatureOperator.loss_form`; ``""`` for neither form."""
     batch = next((b for b in stream if batch_size_of(b) > 1), None)
     if batch is None:
         return "mean"  # single-sample batches: any regrouping gives the same batches
@@ -470,7 +488,7 @@ def _narrowest_float(jaxpr) -> Any:
 
 
 @jax.jit
-def _jitted_scan_matvec(operator: HessianOperator, tangent: PyTree) -> jax.Array:
+def _jitted_scan_matvec(operator: CurvatureOperator, tangent: PyTree) -> jax.Array:
     # The operator is a pytree argument: its arrays are inputs, not compiled-in constants.
     return operator._scan_matvec(tangent)
 
@@ -585,7 +603,8 @@ def hessian_operator(
     mesh: jax.sharding.Mesh | None = None,
     data_axis: str = "data",
     rewrite: str = "auto",
-) -> HessianOperator:
+    wrt: Any = None,
+) -> CurvatureOperator:
     """The Hessian of the loss over a whole dataset, as a linear operator.
 
     Parameters
@@ -628,10 +647,15 @@ def hessian_operator(
         to float32 rounding; CNN HVPs on CPU 4x (oneDNN) or 2.7x (patches) faster.
         ``"onednn"`` or ``"patches"``: that choice explicitly; ``"none"``: as written;
         ``"auto"``: ``"cpu"`` when JAX's default backend is the CPU, else ``"none"``.
+    wrt:
+        A block of the parameters (the others held fixed): a string (a whole key on a
+        leaf's path, or the start of the path as ``jax.tree_util.keystr`` prints it), a list
+        of strings (any of them), or a predicate ``wrt(path, leaf) -> bool``. ``None``: all
+        parameters. See :func:`jax_spectral.operators.select_leaves`.
 
     Returns
     -------
-    HessianOperator
+    CurvatureOperator
         With ``matvec(v_flat) -> Hv_flat``, ``dim``, ``dtype``, ``ravel``, ``unravel``.
 
     Raises
@@ -653,13 +677,6 @@ def hessian_operator(
     >>> op.matvec(jnp.ones(3))  # 2 X^T X / N applied to ones
     Array([0.6666667, 0.6666667, 0.6666667], dtype=float32)
     """
-    if reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
-    if loop not in _LOOPS:
-        raise ValueError(f"loop must be one of {_LOOPS}, got {loop!r}.")
-    if rewrite not in _REWRITES:
-        raise ValueError(f"rewrite must be one of {_REWRITES}, got {rewrite!r}.")
-    rewrite = _resolve_rewrite(rewrite, mesh)
     try:  # the compiled products take the loss as a static argument
         hash(loss)
     except TypeError:
@@ -667,18 +684,60 @@ def hessian_operator(
             f"loss must be hashable (a function or functools.partial), got an unhashable "
             f"{type(loss).__name__}; wrap it in a function."
         ) from None
+    return build_operator(
+        HessianProduct(loss), params, data, reduce=reduce, batch_size=batch_size, loop=loop,
+        mesh=mesh, data_axis=data_axis, rewrite=rewrite, wrt=wrt,
+    )  # fmt: skip
+
+
+HessianOperator = CurvatureOperator  # the name under which the Hessian operator shipped
+
+
+def build_operator(
+    product: Any,
+    params: PyTree,
+    data: Any,
+    *,
+    reduce: str = "mean",
+    batch_size: int | None = None,
+    loop: str = "auto",
+    mesh: jax.sharding.Mesh | None = None,
+    data_axis: str = "data",
+    rewrite: str = "auto",
+    wrt: Any = None,
+    check_batch: Callable | None = None,
+) -> CurvatureOperator:
+    """The dataset-reduction engine behind every curvature operator: ``product`` (see
+    :mod:`jax_spectral.products`) summed over the batches of ``data`` with exact MEAN or
+    SUM weights, in-memory (scanned or host-driven) or streamed, on a mesh, with the CPU
+    rewrite, restricted to the ``wrt`` block. Arguments as for :func:`hessian_operator`;
+    ``check_batch(params, batch)`` validates the first batch (default: the loss is a
+    scalar)."""
+    if reduce not in _REDUCTIONS:
+        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
+    if loop not in _LOOPS:
+        raise ValueError(f"loop must be one of {_LOOPS}, got {loop!r}.")
+    if rewrite not in _REWRITES:
+        raise ValueError(f"rewrite must be one of {_REWRITES}, got {rewrite!r}.")
+    rewrite = _resolve_rewrite(rewrite, mesh)
     check_params(params)
     if not jax.config.jax_enable_x64 and any(
         getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(params)
     ):
         warnings.warn(
-            "params hold float64 arrays but jax_enable_x64 is off, so the Hessian is computed "
-            "in float32. Enable it (jax.config.update('jax_enable_x64', True)) for float64.",
+            "params hold float64 arrays but jax_enable_x64 is off, so the curvature is "
+            "computed in float32. Enable it (jax.config.update('jax_enable_x64', True)) for "
+            "float64.",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    layout = _layout(params)
+    select = None if wrt is None else select_leaves(params, wrt)
+    layout = _layout(_block(params, select))
+    if check_batch is None:
+
+        def check_batch(params, batch):
+            check_scalar_loss(product.loss, params, batch)
 
     if isinstance(data, list) and batch_size is not None:
         raise ValueError(
@@ -703,16 +762,15 @@ def hessian_operator(
                 mesh, data_axis, params, stacked, remainder, split.batch_size
             )
         first = first_batch(stacked, remainder)
-        check_scalar_loss(loss, params, first)
-        if loop == "auto":
-            product_loss = loss
-            if rewrite != "none":
-                product_loss = cpu_friendly(loss, onednn=rewrite == "onednn")
-            loop = _choose_loop(product_loss, params, first)
-        return HessianOperator(
-            params, stacked, remainder, loss, reduce, loop, split.num_samples,
-            split.batch_size, None, layout, rewrite,
+        check_batch(params, first)
+        operator = CurvatureOperator(
+            params, stacked, remainder, product, reduce, loop, split.num_samples,
+            split.batch_size, None, layout, rewrite, select,
         )  # fmt: skip
+        if loop == "auto":
+            loop = _choose_loop(operator.product_loss, params, first)
+            operator = dataclasses.replace(operator, loop=loop)
+        return operator
 
     if batch_size is not None:
         raise ValueError(
@@ -729,7 +787,51 @@ def hessian_operator(
     stream = BatchStream(data)
     first = stream.first()
     batch_size_of(first)  # a clear error now for a batch without a sample axis
-    check_scalar_loss(loss, params, first)
-    return HessianOperator(
-        params, None, None, loss, reduce, "host", None, None, stream, layout, rewrite
-    )
+    check_batch(params, first)
+    return CurvatureOperator(
+        params, None, None, product, reduce, "host", None, None, stream, layout, rewrite,
+        select,
+    )  # fmt: skip
+
+
+def _block(params: PyTree, select: tuple | None) -> PyTree:
+    """``params`` with ``None`` in place of the leaves ``select`` leaves out."""
+    if select is None:
+        return params
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return treedef.unflatten([x if s else None for x, s in zip(leaves, select, strict=True)])
+
+
+def _path_matches(path: tuple, name: str) -> bool:
+    """A whole key of the path (a dict key, an attribute name, an index), or the start of
+    the path as ``keystr`` prints it (``"['layer1']['w']"``): ``"Dense_1"`` is not
+    ``"Dense_10"``."""
+    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return name in keys or jax.tree_util.keystr(path).startswith(name)
+
+
+def select_leaves(params: PyTree, wrt: Any) -> tuple:
+    """Per leaf of ``params``, whether ``wrt`` selects it: a string (a whole key on the
+    leaf's path, such as ``"Dense_1"`` or ``"kernel"``, or the start of its path as
+    ``jax.tree_util.keystr`` prints it, such as ``"['Dense_1']['kernel']"``), a list or
+    tuple of strings (any of them), or a predicate ``wrt(path, leaf) -> bool`` on the key
+    path (a tuple of keys) and the leaf. ``ValueError`` when it selects nothing, naming
+    the paths there are."""
+    paths = jax.tree_util.tree_leaves_with_path(params)
+    if isinstance(wrt, str):
+        wrt = [wrt]
+    if isinstance(wrt, (list, tuple)):
+        if not wrt or not all(isinstance(w, str) for w in wrt):
+            raise TypeError(f"wrt must be a string, a list of strings or a predicate, got {wrt!r}.")
+        select = tuple(any(_path_matches(p, name) for name in wrt) for p, _ in paths)
+    elif callable(wrt):
+        select = tuple(bool(wrt(p, x)) for p, x in paths)
+    else:
+        raise TypeError(
+            f"wrt must be a string, a list of strings or a predicate, got {type(wrt).__name__}."
+        )
+    if not any(select):
+        shown = ", ".join(jax.tree_util.keystr(p) for p, _ in paths[:12])
+        more = f" and {len(paths) - 12} more" if len(paths) > 12 else ""
+        raise ValueError(f"wrt={wrt!r} selects no parameters; the leaves are {shown}{more}.")
+    return select

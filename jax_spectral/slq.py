@@ -46,6 +46,7 @@ from .lanczos import (
     run_steps,
     warn_if_zero,
 )
+from .linop import as_argument, check_operator, dtype_of, is_traceable, matmat
 from .progress import Progress, ProgressArg
 
 __all__ = ["SLQResult", "SpectralDensity", "slq", "spectral_density"]
@@ -87,9 +88,7 @@ def _start_vectors(key, num_probes, dim, dtype):
 
 
 def _matmat(operator, vectors):
-    if hasattr(operator, "matmat"):
-        return operator.matmat(vectors)
-    return jax.vmap(operator.matvec)(vectors)
+    return matmat(operator, vectors)
 
 
 @functools.partial(jax.jit, static_argnames=("reorthogonalize", "tol"), donate_argnames=("state",))
@@ -167,12 +166,13 @@ def slq(
     if basis_memory not in ("device", "host"):
         raise ValueError(f"basis_memory must be 'device' or 'host', got {basis_memory!r}.")
     on_host = basis_memory == "host"
-    dtype = jnp.promote_types(operator.dtype, jnp.float32)
+    operator = as_argument(check_operator(operator))
+    dtype = jnp.promote_types(dtype_of(operator), jnp.float32)
     check_fits(estimate(operator, order=order, num_probes=num_probes, on_host=on_host),
                num_probes=num_probes, on_host=on_host)  # fmt: skip
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
     tol = _default_tol(dtype)
-    traceable = getattr(operator, "traceable", True) and not on_host
+    traceable = is_traceable(operator) and not on_host
     compute = jax.devices()[0] if on_host else None  # where products run; the state: CPU
     if on_host:
         starts = jax.device_put(starts, jax.devices("cpu")[0])

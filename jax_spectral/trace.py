@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .linop import check_operator, dtype_of, is_operator, matmat
 from .progress import Progress, ProgressArg
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
@@ -42,8 +43,9 @@ class TraceEstimate(NamedTuple):
 
 def _resolve(matvec: Callable | Any, dim: int | None) -> tuple[Callable, int, Any, Any]:
     """``(fn, dim, dtype, operator)``; ``operator`` is ``None`` for a plain function."""
-    if hasattr(matvec, "matvec") and hasattr(matvec, "dim"):
-        return matvec.matvec, int(matvec.dim), matvec.dtype, matvec
+    if is_operator(matvec):
+        check_operator(matvec)
+        return matvec.matvec, int(matvec.dim), dtype_of(matvec), matvec
     if not callable(matvec):
         raise TypeError(f"matvec must be callable or an operator, got {type(matvec)}.")
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
@@ -61,12 +63,7 @@ def products(
     out = []
     for start in range(0, vectors.shape[0], chunk):
         part = vectors[start : start + chunk]
-        if operator is not None and hasattr(operator, "matmat"):
-            done = operator.matmat(part)
-        elif operator is None or getattr(operator, "traceable", True):
-            done = jax.vmap(fn)(part)
-        else:
-            done = jnp.stack([fn(v) for v in part])
+        done = jax.vmap(fn)(part) if operator is None else matmat(operator, part)
         out.append(np.asarray(done, np.float64))
         if bar is not None:
             bar.update(part.shape[0])
