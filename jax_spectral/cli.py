@@ -21,6 +21,7 @@ optional dependency; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -67,6 +68,21 @@ def _key_pair(text: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
+CURVATURES = {"hessian": "Hessian", "ggn": "Gauss-Newton", "fisher": "empirical Fisher"}
+
+
+def _curvature_operator(curvature, loss, model_fn, out_loss, params, data, **options):
+    """The operator the command analyses: ``loss(params, batch)``'s Hessian, or the GGN or
+    empirical Fisher of ``out_loss(model_fn(params, x), y)``."""
+    from . import fisher_operator, ggn_operator, hessian_operator
+
+    if curvature == "hessian":
+        return hessian_operator(loss, params, data, **options)
+    if curvature == "ggn":
+        return ggn_operator(model_fn, out_loss, params, data, **options)
+    return fisher_operator(model_fn, out_loss, params, data, kind="empirical", **options)
+
+
 def _analysis_options(parser: argparse.ArgumentParser, *, out: str, order: int, batch: int):
     parser.add_argument("--out", type=Path, default=Path(out), help=f"output folder ({out})")
     parser.add_argument(
@@ -88,6 +104,17 @@ def _analysis_options(parser: argparse.ArgumentParser, *, out: str, order: int, 
         "--batch-size", type=_positive_int, default=batch, help=f"HVP batch size ({batch})"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="also a density of each layer's block (the other weights fixed): layers.png",
+    )
+    parser.add_argument(
+        "--curvature", choices=list(CURVATURES), default="hessian",
+        help="the matrix: the loss's Hessian (default), the generalised Gauss-Newton "
+        "J^T H_L J (H_L: the loss's Hessian in the model's outputs), or the empirical Fisher "
+        "(per-sample gradients)",
+    )  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -165,7 +192,7 @@ def _save_json(out: Path, summary: dict) -> None:
     os.replace(tmp, out / "spectrum.json")
 
 
-_OUTPUTS = ("spectrum.npz", "spectrum.json", "density.png")
+_OUTPUTS = ("spectrum.npz", "spectrum.json", "density.png", "layers.png")
 _STAGES = ("density", "top_eigenvalues", "trace", "figure")
 
 
@@ -177,6 +204,47 @@ def _adjust(summary: dict, note: str) -> None:
     """A setting the analysis had to change: printed, and recorded in spectrum.json."""
     print(f"note: {note}", flush=True)
     summary.setdefault("adjustments", []).append(note)
+
+
+def _layer_densities(blocks, key, order, num_probes, sigma_squared, progress, out, arrays,
+                     summary) -> dict:  # fmt: skip
+    """An SLQ density of each block operator (at most ``order`` steps, its size), saved in
+    spectrum.npz as ``layer{i}_grid``/``layer{i}_density`` and listed in spectrum.json."""
+    import jax
+    import numpy as np
+
+    from . import slq, spectral_density
+
+    layers, entries = {}, []
+    for i, (name, block) in enumerate(blocks.items()):
+        steps = min(order, block.dim)
+        result = slq(block, jax.random.fold_in(key, i + 1), num_probes=num_probes, order=steps,
+                     progress=progress)  # fmt: skip
+        layers[name] = spectral_density(result, sigma_squared=sigma_squared)
+        arrays.update({f"layer{i}_grid": layers[name].grid,
+                       f"layer{i}_density": layers[name].density})  # fmt: skip
+        nodes = np.asarray(result.nodes)[np.asarray(result.weights) > 0]
+        entries.append({"name": name, "num_params": int(block.dim), "order": steps,
+                        "extreme_nodes": [float(nodes.min()), float(nodes.max())]})  # fmt: skip
+    summary["layers"] = entries
+    _save_npz(out, **arrays, **{k: v for k, v in summary.items() if k in ("top_eigenvalues",)})
+    _save_json(out, summary)
+    return layers
+
+
+def _draw_layers(out: Path, layers: dict, title: str, note: str) -> str:
+    from .plot import plot_densities
+
+    try:
+        fig = plot_densities(layers, path=out / "layers.png", title=title + ", per layer",
+                             note=note)  # fmt: skip
+    except ImportError:
+        return "not drawn (pip install 'jax-spectral[plot]' for layers.png)"
+    import matplotlib.pyplot as plt
+
+    fig.clf()
+    plt.close(fig)
+    return str(out / "layers.png")
 
 
 def _draw(out: Path, dens: Any, outliers: Any, title: str, note: str) -> str:
@@ -208,8 +276,10 @@ def analyse(
     title: str,
     summary: dict,
     started: float,
+    blocks: dict | None = None,
 ) -> dict:
     """SLQ density, top eigenpairs and Hutch++ trace of ``operator``; writes the files.
+    ``blocks`` (``{name: operator}``, one per layer): a density of each, after the trace.
 
     ``spectrum.json``'s ``status`` says which stages finished (``done``, ``interrupted
     after k of n steps``, ``not run``) and ``complete`` whether all did; the files of an
@@ -237,6 +307,8 @@ def analyse(
     third = trace_matvecs // 3  # Hutch++: sketch, its exact trace, then deflated probes
     trace_passes = 2 * -(-third // chunk) + -(-(trace_matvecs - 2 * third) // chunk)
     passes = order + eig_order + -(-top // chunk) + trace_passes
+    blocks = blocks or {}
+    passes += sum(min(order, block.dim) for block in blocks.values())
     basis_mib = (
         max(
             estimate(operator, order=order, num_probes=num_probes).basis_bytes,
@@ -258,7 +330,8 @@ def analyse(
     settings = summary.setdefault("settings", {})
     settings.update(order=order, num_probes=num_probes, sigma_squared=sigma_squared,
                     top=top, eig_order=eig_order, trace_matvecs=trace_matvecs)  # fmt: skip
-    status = summary["status"] = {"complete": False, **dict.fromkeys(_STAGES, "not run")}
+    stages = _STAGES + (("layers",) if blocks else ())
+    status = summary["status"] = {"complete": False, **dict.fromkeys(stages, "not run")}
     stage = "density"
     try:
         try:
@@ -306,6 +379,15 @@ def analyse(
         trace = hutchpp(operator, key_trace, num_matvecs=trace_matvecs, progress=progress)
         status["trace"] = "done"
         summary.update(trace=trace.estimate, trace_stderr=trace.stderr)
+        if blocks:
+            stage = "layers"
+            _save_json(out, summary)
+            layers = _layer_densities(blocks, key_trace, order, num_probes, sigma_squared,
+                                      progress, out, arrays, summary)  # fmt: skip
+            status["layers"] = "done"
+            drawn = _draw_layers(out, layers, title, note)
+            if not drawn.endswith(".png"):
+                status["layers"] = f"done; figure {drawn}"
         stage = "figure"
         figure = _draw(out, dens, pairs.values, title, note + f"; top {top} eigenvalues dashed")
         status["figure"] = "done" if figure.endswith(".png") else figure
@@ -325,7 +407,8 @@ def analyse(
     status["complete"] = True
     summary["seconds"] = round(time.perf_counter() - started, 2)
     _save_json(out, summary)
-    print(f"SLQ: {num_probes} probes x {order} Lanczos steps on the dataset Hessian")
+    matrix = CURVATURES[summary.get("settings", {}).get("curvature", "hessian")]
+    print(f"SLQ: {num_probes} probes x {order} Lanczos steps on the dataset {matrix}")
     print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in pairs.values))
     if not all(pairs.converged):
         print(f"  (not all converged: residuals {', '.join(f'{r:.2g}' for r in pairs.residuals)})")
@@ -350,13 +433,16 @@ def run_demo(
     trace_matvecs: int = 99,
     sigma_squared: float = 1e-5,
     progress: bool = False,
+    curvature: str = "hessian",
+    per_layer: bool = False,
 ) -> dict:
-    """Train the digits MLP, then its Hessian's density (SLQ), top eigenpairs and trace."""
+    """Train the digits MLP, then the density (SLQ), top eigenpairs and trace of its
+    Hessian (or ``curvature``: ``"ggn"``, ``"fisher"``)."""
     import jax
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
-    from . import datasets, hessian_operator
+    from . import datasets, layer_blocks
 
     started = time.perf_counter()
     X, y = datasets.load_digits()
@@ -372,22 +458,36 @@ def run_demo(
         f"trained a {num_params}-parameter MLP on digits ({len(X)} samples): "
         f"loss {float(loss(params, (X, y))):.4f}, accuracy {accuracy:.3f}"
     )
-    operator = hessian_operator(loss, params, (X, y), batch_size=batch_size)
+    model_fn = functools.partial(_flax_apply, model.apply)
+    build = functools.partial(
+        _curvature_operator, curvature, loss, model_fn, "softmax_cross_entropy", params,
+        (X, y), batch_size=batch_size,
+    )  # fmt: skip
+    operator = build()
+    blocks = {}
+    if per_layer:
+        blocks = {name: build(wrt=w) for name, w in layer_blocks(params).items()}
     summary = {
         "model": "digits MLP 64-32-10 (tanh)",
         "num_params": int(num_params),
         "num_samples": len(X),
         "train_accuracy": accuracy,
         "settings": {"seed": seed, "batch_size": batch_size, "train_steps": train_steps,
-                     "reduce": "mean", "loop": operator.loop},
+                     "reduce": "mean", "loop": operator.loop, "curvature": curvature},
         "versions": _versions(),
     }  # fmt: skip
     return analyse(
         operator, out=out, key=key, order=order, num_probes=num_probes, top=top,
         trace_matvecs=trace_matvecs, sigma_squared=sigma_squared, progress=progress,
-        title=f"Hessian density, digits MLP ({num_probes} probes)", summary=summary,
+        title=f"{CURVATURES[curvature]} density, digits MLP ({num_probes} probes)",
+        summary=summary, blocks=blocks,
         started=started,
     )  # fmt: skip
+
+
+def _flax_apply(apply, params, x):
+    """A Flax ``apply`` as ``model(params, x)`` (partially applied: hashable)."""
+    return apply({"params": params}, x)
 
 
 def _use_jax_backend() -> None:
@@ -411,9 +511,9 @@ def run_keras(args: argparse.Namespace) -> dict:
     import jax
     import keras
 
-    from keras_bridge import loading, pure_loss, trainable_values
+    from keras_bridge import layer_blocks, loading, pure_loss, pure_model, trainable_values
 
-    from . import datasets, hessian_operator
+    from . import datasets
 
     tfds = args.data.startswith("tfds:")
     for option, value, allowed in (
@@ -436,14 +536,22 @@ def run_keras(args: argparse.Namespace) -> dict:
         loss_name = args.loss or getattr(compiled, "name", compiled)
         loading.check_targets(model, y, loss_name if isinstance(loss_name, str) else None)
         loss_fn = loading.loss_closure(model, args.loss, from_logits=args.from_logits)
+        out_loss = None
+        if args.curvature != "hessian":
+            out_loss = loading.output_loss(model, args.loss, from_logits=args.from_logits)
     except (OSError, ValueError) as err:
         raise InputError(str(err)) from None
     params = trainable_values(model)
     loss = pure_loss(model, loss_fn)
     try:
-        operator = hessian_operator(
-            loss, params, (x, y), batch_size=args.batch_size, reduce=args.reduce
-        )
+        build = functools.partial(
+            _curvature_operator, args.curvature, loss, pure_model(model) if out_loss else None,
+            out_loss, params, (x, y), batch_size=args.batch_size, reduce=args.reduce,
+        )  # fmt: skip
+        operator = build()
+        blocks = {}
+        if args.per_layer:
+            blocks = {name: build(wrt=w) for name, w in layer_blocks(model).items()}
     except (ValueError, TypeError) as err:
         text = str(err).strip()
         text = text.splitlines()[0].rstrip(".") if text else type(err).__name__
@@ -472,7 +580,8 @@ def run_keras(args: argparse.Namespace) -> dict:
         "settings": {"seed": args.seed, "batch_size": args.batch_size, "reduce": args.reduce,
                      "loss": args.loss or "compiled", "from_logits": args.from_logits,
                      "split": args.split, "limit": args.limit,
-                     "scale": args.scale, "loop": operator.loop},
+                     "scale": args.scale, "loop": operator.loop,
+                     "curvature": args.curvature},
         "versions": _versions(keras=keras.__version__),
         **quality,
         **notes,
@@ -481,7 +590,8 @@ def run_keras(args: argparse.Namespace) -> dict:
         operator, out=args.out, key=jax.random.key(args.seed), order=args.order,
         num_probes=args.num_probes, top=args.top, trace_matvecs=args.trace_matvecs,
         sigma_squared=args.sigma_squared, progress=not args.quiet,
-        title=f"Hessian density, {name} ({args.num_probes} probes)", summary=summary,
+        title=f"{CURVATURES[args.curvature]} density, {name} ({args.num_probes} probes)",
+        summary=summary, blocks=blocks,
         started=started,
     )  # fmt: skip
 
@@ -554,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.out, order=args.order, seed=args.seed, batch_size=args.batch_size,
                 train_steps=args.train_steps, num_probes=args.num_probes, top=args.top,
                 trace_matvecs=args.trace_matvecs, sigma_squared=args.sigma_squared,
-                progress=not args.quiet,
+                progress=not args.quiet, curvature=args.curvature, per_layer=args.per_layer,
             )  # fmt: skip
         else:
             run_keras(args)

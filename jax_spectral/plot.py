@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_density", "plot_eigenvalues"]
+__all__ = ["plot_densities", "plot_density", "plot_eigenvalues"]
 
 
 def _pyplot():
@@ -100,4 +100,38 @@ def plot_eigenvalues(
     ax.set_ylabel("eigenvalue")
     if title:
         ax.set_title(title)
+    return _finish(fig, path)
+
+
+def plot_densities(
+    densities: dict,
+    *,
+    title: str | None = None,
+    note: str | None = None,
+    path: str | Path | None = None,
+):
+    """Several densities (``{name: SpectralDensity}``, e.g. one per layer), one semilogy
+    panel each, stacked, each with its own eigenvalue axis and limits from its data."""
+    plt = _pyplot()
+    n = len(densities)
+    if n == 0:
+        raise ValueError("no densities to plot.")
+    fig, axes = plt.subplots(n, 1, figsize=(6.4, 1.9 * n + 0.8), squeeze=False)
+    for ax, (name, density) in zip(axes[:, 0], densities.items(), strict=True):
+        grid, values = np.asarray(density.grid), np.asarray(density.density)
+        top = float(np.max(values)) if values.size else 1.0
+        floor = 1e-10
+        ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.1)
+        ax.set_ylim(floor, 2.0 * top if np.isfinite(top) and top > floor else 1e2)
+        ax.set_ylabel("density")
+        ax.set_title(name, fontsize="small", loc="left")
+    axes[-1, 0].set_xlabel("eigenvalue")
+    if title:
+        fig.suptitle(title)
+    if note:
+        axes[-1, 0].annotate(
+            note, xy=(0, 0), xycoords="axes fraction", xytext=(0, -32),
+            textcoords="offset points", va="top", fontsize="small", color="0.3",
+        )  # fmt: skip
+    fig.tight_layout()
     return _finish(fig, path)

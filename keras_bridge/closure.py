@@ -141,3 +141,44 @@ def pure_loss(model: Any, loss_function: Callable[[Any, Any], Any]) -> Callable:
         return value
 
     return loss
+
+
+def pure_model(model: Any, *, training: bool = False) -> Callable:
+    """``model_fn(params, inputs)``: ``model(inputs, training=training)`` with the trainable
+    variables set to ``params`` (a list in ``model.trainable_variables`` order), pure and
+    traceable: the ``model`` of :func:`jax_spectral.ggn_operator` and
+    :func:`jax_spectral.fisher_operator`. Assignments during the call (BatchNormalization
+    statistics, seed generators) are discarded."""
+    keras = _keras()
+    check_model(model)
+    variables = list(model.trainable_variables)
+
+    def model_fn(params, inputs):
+        if len(params) != len(variables):
+            raise ValueError(
+                f"expected {len(variables)} weight arrays (one per trainable variable), "
+                f"got {len(params)}."
+            )
+        mapping = list(zip(variables, params, strict=True))
+        with keras.StatelessScope(state_mapping=mapping):
+            return jnp.asarray(model(inputs, training=training))
+
+    return model_fn
+
+
+def weight_names(model: Any) -> list[str]:
+    """The trainable variables' paths (``"dense/kernel"``), in ``params`` order."""
+    return [getattr(v, "path", v.name) for v in model.trainable_variables]
+
+
+def layer_blocks(model: Any) -> dict[str, Callable]:
+    """``{layer path: wrt}`` grouping the trainable variables by the layer that owns them
+    (a variable's path without its last part), for ``wrt=`` on the bridge's params list."""
+    groups: dict[str, set[int]] = {}
+    for index, name in enumerate(weight_names(model)):
+        groups.setdefault(name.rsplit("/", 1)[0], set()).add(index)
+
+    def block(indices):
+        return lambda path, _leaf: path[0].idx in indices
+
+    return {layer: block(indices) for layer, indices in groups.items()}

@@ -69,6 +69,32 @@ def loss_closure(model: Any, name: str | None = None, *, from_logits: bool = Fal
     """
     import keras
 
+    fn = _keras_loss(model, name, from_logits)
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return keras.ops.mean(fn(y, model(x, training=False)))
+
+    return loss_fn
+
+
+def output_loss(model: Any, name: str | None = None, *, from_logits: bool = False):
+    """``loss(outputs, targets)``: the mean of the same Keras loss as :func:`loss_closure`,
+    on the model's outputs (for :func:`jax_spectral.ggn_operator` and
+    :func:`jax_spectral.fisher_operator`)."""
+    import keras
+
+    fn = _keras_loss(model, name, from_logits)
+
+    def loss(outputs, targets):
+        return keras.ops.mean(fn(targets, outputs))
+
+    return loss
+
+
+def _keras_loss(model: Any, name: str | None, from_logits: bool) -> Any:
+    import keras
+
     if name is not None:
         try:
             fn = keras.losses.get(name)
@@ -88,12 +114,7 @@ def loss_closure(model: Any, name: str | None = None, *, from_logits: bool = Fal
                 "the model has several compiled losses; name the one to use with --loss."
             )
         fn = keras.losses.get(compiled) if isinstance(compiled, str) else compiled
-
-    def loss_fn(model, batch):
-        x, y = batch
-        return keras.ops.mean(fn(y, model(x, training=False)))
-
-    return loss_fn
+    return fn
 
 
 def _with_logits(keras: Any, name: str, fn: Any) -> Any:

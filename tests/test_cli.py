@@ -252,3 +252,63 @@ def test_a_late_failure_keeps_the_density(saved_model, tmp_path, capsys):
     status = summary["status"]
     assert status["density"] == "done" and status["top_eigenvalues"].startswith("failed: --top")
     assert not status["complete"]
+
+
+def _dense_curvatures(path):
+    """The top eigenvalues of the GGN (J^T H_L J, outputs: the softmax probabilities the
+    model returns) and of the empirical Fisher over digits, from jax.jacfwd, jax.hessian and
+    per-sample jax.grad of the weights in plain jnp (no operator code)."""
+    model = keras.saving.load_model(path)
+    x, y = datasets.load_digits()
+    weights = [jnp.asarray(v.value) for v in model.trainable_variables]
+    flat, unravel = ravel_pytree(weights)
+
+    def probabilities(f, inputs):
+        w1, b1, w2, b2 = unravel(f)
+        return jax.nn.softmax(jnp.tanh(inputs @ w1 + b1) @ w2 + b2)
+
+    def loss_on(p, labels):
+        return -jnp.mean(jnp.log(p[jnp.arange(len(labels)), labels]))
+
+    out = probabilities(flat, x)
+    jac = jax.jacfwd(probabilities)(flat, x).reshape(out.size, -1)
+    h_out = jax.hessian(loss_on)(out, y).reshape(out.size, out.size)
+    ggn = np.asarray(jac.T @ h_out @ jac, np.float64)
+    grads = jax.vmap(jax.grad(lambda f, xi, yi: loss_on(probabilities(f, xi[None]), yi[None])),
+                     (None, 0, 0))(flat, x, y)  # fmt: skip
+    fisher = np.asarray(grads.T @ grads, np.float64) / len(y)
+    return [np.linalg.eigvalsh((m + m.T) / 2)[::-1] for m in (ggn, fisher)]
+
+
+def test_curvature_flag_gives_the_dense_ggn_and_fisher(saved_model, tmp_path):
+    ggn, fisher = _dense_curvatures(saved_model)
+    for name, reference in (("ggn", ggn), ("fisher", fisher)):
+        summary, _ = _run(saved_model, tmp_path / name, "--curvature", name)
+        assert summary["settings"]["curvature"] == name and summary["status"]["complete"]
+        np.testing.assert_allclose(summary["top_eigenvalues"], reference[:3], rtol=1e-4)
+        assert abs(summary["trace"] - reference.sum()) <= 3 * summary["trace_stderr"] + 1e-4
+
+
+def test_per_layer_densities_match_the_dense_blocks(saved_model, tmp_path):
+    summary, saved = _run(saved_model, tmp_path, "--per-layer")
+    model = keras.saving.load_model(saved_model)
+    x, y = datasets.load_digits()
+    weights = [jnp.asarray(v.value) for v in model.trainable_variables]
+    flat, unravel = ravel_pytree(weights)
+
+    def loss(f):
+        w1, b1, w2, b2 = unravel(f)
+        p = jax.nn.softmax(jnp.tanh(x @ w1 + b1) @ w2 + b2)
+        return -jnp.mean(jnp.log(p[jnp.arange(len(y)), y]))
+
+    h = np.asarray(jax.hessian(loss)(flat), np.float64)
+    assert [e["num_params"] for e in summary["layers"]] == [64 * 8 + 8, 8 * 10 + 10]
+    assert summary["status"]["layers"] == "done" and summary["status"]["complete"]
+    for i, (lo, hi) in enumerate(((0, 520), (520, 610))):
+        exact = np.linalg.eigvalsh(h[lo:hi, lo:hi])
+        entry = summary["layers"][i]
+        assert entry["extreme_nodes"][1] == pytest.approx(exact[-1], rel=1e-4)
+        assert exact[0] - 1e-6 <= entry["extreme_nodes"][0]
+        grid, density = saved[f"layer{i}_grid"], saved[f"layer{i}_density"]
+        assert np.sum(density) * (grid[1] - grid[0]) == pytest.approx(1.0, rel=1e-3)
+    assert (tmp_path / "layers.png").read_bytes().startswith(b"\x89PNG")

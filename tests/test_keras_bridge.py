@@ -631,3 +631,46 @@ def test_model_without_trainable_weights_is_named_as_such():
     model.trainable = False
     with pytest.raises(ValueError, match="no trainable weights"):
         pure_loss(model, lambda m, b: keras.ops.sum(m(b)))
+
+
+def test_pure_model_gives_the_ggn_and_fisher_of_a_keras_model(x64):
+    """ggn_operator / fisher_operator on pure_model and loading.output_loss against the same
+    network written in jnp (dense J^T H_L J and per-sample gradients, float64)."""
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    import jax_spectral as js
+    from keras_bridge import layer_blocks, loading, pure_model, trainable_values
+
+    model = _small_classifier()
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((11, 3))
+    y = rng.integers(0, 3, 11)
+    params = [jnp.asarray(w, jnp.float64) for w in trainable_values(model)]
+    model_fn = pure_model(model)
+    np.testing.assert_allclose(model_fn(params, x), np.asarray(model(x)), rtol=1e-6)
+    out_loss = loading.output_loss(model, "sparse_categorical_crossentropy", from_logits=True)
+    flat, unravel = ravel_pytree(params)
+
+    def logits(f, inputs):
+        w1, b1, w2, b2 = unravel(f)
+        return jnp.tanh(inputs @ w1 + b1) @ w2 + b2
+
+    def loss_on(o, labels):
+        return -jnp.mean(jax.nn.log_softmax(o)[jnp.arange(len(labels)), labels])
+
+    out = logits(flat, x)
+    jac = jax.jacfwd(logits)(flat, x).reshape(out.size, -1)
+    ggn = jac.T @ jax.hessian(loss_on)(out, y).reshape(out.size, out.size) @ jac
+    grads = jax.vmap(jax.grad(lambda f, xi, yi: loss_on(logits(f, xi[None]), yi[None])),
+                     (None, 0, 0))(flat, x, y)  # fmt: skip
+    eye = jnp.eye(flat.size)
+    G = js.ggn_operator(model_fn, out_loss, params, (x, y), batch_size=4)
+    np.testing.assert_allclose(jax.vmap(G.matvec)(eye), ggn, atol=1e-6)
+    F = js.fisher_operator(model_fn, out_loss, params, (x, y), batch_size=4)
+    np.testing.assert_allclose(jax.vmap(F.matvec)(eye), grads.T @ grads / 11, atol=1e-6)
+    blocks = layer_blocks(model)
+    assert len(blocks) == 2
+    last = js.ggn_operator(model_fn, out_loss, params, (x, y), wrt=list(blocks.values())[1])
+    n0 = params[0].size + params[1].size
+    np.testing.assert_allclose(jax.vmap(last.matvec)(jnp.eye(last.dim)), ggn[n0:, n0:], atol=1e-6)
