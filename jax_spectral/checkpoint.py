@@ -28,12 +28,14 @@ process) from start to end, so a second run on the same folder is refused
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import io
 import json
 import os
 import re
+import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,68 +62,130 @@ def _hash_update(digest, value: Any) -> None:
         digest.update(repr(value).encode())
 
 
+def _describe_code(code: Any) -> str:
+    """A code object: its bytecode, the names it reads and its constants (nested code
+    objects, such as inner functions, described the same way)."""
+    parts = [code.co_code.hex(), repr(code.co_names)]
+    for const in code.co_consts:
+        parts.append(_describe_code(const) if hasattr(const, "co_code") else repr(const))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
 def _describe_function(fn: Any) -> str:
-    name = getattr(fn, "__qualname__", type(fn).__qualname__)
-    code = getattr(fn, "__code__", None)
-    body = hashlib.sha256(code.co_code).hexdigest()[:16] if code is not None else ""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    name = name or type(fn).__qualname__
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    body = _describe_code(code) if code is not None else ""
     return f"{getattr(fn, '__module__', '')}.{name}:{body}"
 
 
 _ATOMS = (type(None), bool, int, float, complex, str, bytes)
-_LIBRARIES = ("jax", "jaxlib", "builtins", "numpy", "functools", "flax", "optax", "keras")
+_LIBRARIES = ("jax", "jaxlib", "builtins", "numpy", "functools", "optax")
+_MAX_DEPTH = 12
 
 
-def _describe_value(digest, value: Any, seen: set | None = None, depth: int = 0) -> None:
-    """Hash what a Python value holds: arrays by content, numbers and strings by value,
-    containers and objects (their ``__dict__`` and slots) recursively, functions by name,
-    bytecode and the values they capture (closure cells, defaults, a partial's arguments).
-    Memory addresses never count; a cycle or depth past 8 is cut."""
-    seen = set() if seen is None else seen
+class _Walk:
+    """The state of one description: objects seen (a shared object is written as a
+    reference to its first visit, by order, so two structures that differ only in which
+    object they share differ here too)."""
+
+    def __init__(self):
+        self.seen: dict[int, int] = {}
+        self.keep: list = []  # keeps visited objects alive, so ids are not reused
+
+
+def _describe_value(digest, value: Any, walk: _Walk | None = None, depth: int = 0) -> None:
+    """Hash what a Python value holds: arrays (and array-likes) by content, numbers and
+    strings by value, containers and objects (their ``__dict__``, slots and class data)
+    recursively, functions by name, bytecode, constants and the values they capture
+    (closure cells, defaults, a partial's arguments, a bound method's object). What cannot
+    be seen into (too deep, opaque objects, tracers) is hashed with its identity, so a
+    checkpoint written by another process is refused rather than resumed wrongly."""
+    walk = _Walk() if walk is None else walk
+    if isinstance(value, jax.core.Tracer):
+        digest.update(f"tracer:{id(value)}:{os.getpid()}".encode())
+        return
     if isinstance(value, (np.ndarray, jax.Array, np.generic)):
         _hash_update(digest, value)
         return
     if isinstance(value, _ATOMS):
         digest.update(f"{type(value).__name__}:{value!r};".encode())
         return
-    if id(value) in seen or depth > 8:
-        digest.update(b"<cut>")
+    if id(value) in walk.seen:
+        digest.update(f"<ref {walk.seen[id(value)]}>".encode())
         return
-    seen.add(id(value))
-    if isinstance(value, (list, tuple)):
-        digest.update(f"{type(value).__name__}[{len(value)}]".encode())
+    walk.seen[id(value)] = len(walk.seen)
+    walk.keep.append(value)
+    if depth > _MAX_DEPTH:
+        digest.update(f"opaque:{id(value)}:{os.getpid()}".encode())
+        return
+
+    def inner(item):
+        _describe_value(digest, item, walk, depth + 1)
+
+    kind = type(value)
+    if isinstance(value, (list, tuple, collections.deque)):
+        digest.update(f"{kind.__name__}[{len(value)}]".encode())
         for item in value:
-            _describe_value(digest, item, seen, depth + 1)
-    elif isinstance(value, dict):
-        digest.update(f"dict[{len(value)}]".encode())
-        for key in sorted(value, key=repr):
-            _describe_value(digest, key, seen, depth + 1)
-            _describe_value(digest, value[key], seen, depth + 1)
+            inner(item)
+    elif isinstance(value, (bytearray, memoryview)):
+        digest.update(b"bytes:" + bytes(value))
+    elif isinstance(value, (set, frozenset, dict)):
+        keys = list(value)
+        digests = [object_digest(k) for k in keys]  # an order that does not use addresses
+        digest.update(f"{kind.__name__}[{len(value)}]".encode())
+        for _, key in sorted(zip(digests, range(len(keys)), strict=True)):
+            inner(keys[key])
+            if isinstance(value, dict):
+                inner(value[keys[key]])
     elif isinstance(value, functools.partial):
         digest.update(b"partial")
         for part in (value.func, value.args, value.keywords):
-            _describe_value(digest, part, seen, depth + 1)
+            inner(part)
     elif hasattr(value, "__code__") or hasattr(value, "__func__"):  # functions, methods
         digest.update(_describe_function(value).encode())
         function = getattr(value, "__func__", value)
         cells = [c.cell_contents for c in (getattr(function, "__closure__", None) or ())
                  if _filled(c)]  # fmt: skip
         for part in (cells, getattr(function, "__defaults__", None),
+                     getattr(function, "__kwdefaults__", None),
                      getattr(value, "__self__", None)):  # fmt: skip
-            _describe_value(digest, part, seen, depth + 1)
-    elif callable(value) and type(value).__module__.split(".")[0] in _LIBRARIES:
-        # a library's callable (a jitted function, a ufunc): its name, and what it wraps;
-        # its own state (compilation caches) is not what it computes
+            inner(part)
+    elif hasattr(value, "__array__") and not isinstance(value, type):  # tf.Tensor, torch
+        try:
+            _hash_update(digest, np.asarray(value))
+        except Exception:  # noqa: BLE001 - not convertible: its identity
+            digest.update(f"opaque:{id(value)}:{os.getpid()}".encode())
+    elif callable(value) and kind.__module__.split(".")[0] in _LIBRARIES:
+        # a library's callable (a jitted function, a ufunc, a builtin method): its name,
+        # what it wraps and the object it is bound to; not its caches
         digest.update(_describe_function(value).encode())
-        _describe_value(digest, getattr(value, "__wrapped__", None), seen, depth + 1)
+        inner(getattr(value, "__wrapped__", None))
+        owner = getattr(value, "__self__", None)
+        if owner is not None and not isinstance(owner, types.ModuleType):
+            inner(owner)
+    elif isinstance(value, (type, types.ModuleType)):
+        name = getattr(value, "__qualname__", value.__name__)
+        digest.update(f"{getattr(value, '__module__', '')}.{name}".encode())
     else:
-        kind = type(value)
         digest.update(f"{kind.__module__}.{kind.__qualname__}".encode())
         fields = dict(getattr(value, "__dict__", {}))
-        for slot in getattr(kind, "__slots__", ()):
-            if hasattr(value, slot):
-                fields[slot] = getattr(value, slot)
+        for cls in kind.__mro__:
+            slots = cls.__dict__.get("__slots__", ())
+            for slot in (slots,) if isinstance(slots, str) else slots:
+                if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):
+                    fields[slot] = getattr(value, slot)
+        # the class's own data and methods (user classes; a library's are its version)
+        for cls in kind.__mro__:
+            if cls is object or cls.__module__.split(".")[0] in _LIBRARIES:
+                continue
+            for name, member in vars(cls).items():
+                if not name.startswith("__") and name not in fields:
+                    fields[f"{cls.__qualname__}.{name}"] = member
         if fields:
-            _describe_value(digest, fields, seen, depth + 1)
+            inner(fields)
+        elif not hasattr(value, "__dict__"):  # nothing to see: its identity
+            digest.update(f"opaque:{id(value)}:{os.getpid()}".encode())
 
 
 def _filled(cell) -> bool:

@@ -227,7 +227,7 @@ def _layer_densities(blocks, key, order, num_probes, sigma_squared, progress, ou
         entries.append({"name": name, "num_params": int(block.dim), "order": steps,
                         "extreme_nodes": [float(nodes.min()), float(nodes.max())]})  # fmt: skip
     summary["layers"] = entries
-    _save_npz(out, **arrays, **{k: v for k, v in summary.items() if k in ("top_eigenvalues",)})
+    _save_npz(out, **arrays)
     _save_json(out, summary)
     return layers
 
@@ -372,7 +372,8 @@ def analyse(
         status["top_eigenvalues"] = "done"
         summary.update(top_eigenvalues=pairs.values.tolist(), residuals=pairs.residuals.tolist(),
                        converged=pairs.converged.tolist())  # fmt: skip
-        _save_npz(out, **arrays, top_eigenvalues=pairs.values, residuals=pairs.residuals)
+        arrays.update(top_eigenvalues=pairs.values, residuals=pairs.residuals)
+        _save_npz(out, **arrays)
         _save_json(out, summary)
 
         stage = "trace"

@@ -13,7 +13,8 @@ rewrite, ``wrt=`` blocks, checkpoints) is that of :func:`jax_spectral.hessian_op
   predictive distribution (``mc_samples`` per sample). Each sample's draws are keyed by
   ``key`` and a hash of the sample's content, so every pass, any batching and any order of
   the same data give the same matrix (identical samples get identical draws). For a named
-  loss its expectation is the GGN.
+  loss its expectation is the GGN (for cross-entropy, with target rows summing to 1; the
+  draws come from the model alone).
 """
 
 from __future__ import annotations
@@ -174,6 +175,31 @@ def _check_output_batch(product: OutputProduct, params: PyTree, batch: Any) -> N
         raise ValueError(
             "loss(outputs, targets) must return a scalar (the batch's mean or sum), got "
             f"shape {getattr(value, 'shape', None)}."
+        )
+    if product.kind == "empirical_fisher" and name == "custom":
+        _check_per_sample(product, params, inputs, targets)
+
+
+def _check_per_sample(product: OutputProduct, params: PyTree, inputs: Any, targets: Any):
+    """The empirical Fisher of a callable loss needs ``c sum_i l_i`` (``l_i`` the loss of
+    sample ``i`` alone): checked on the first batch, where the loss's gradient in the
+    outputs must be ``c`` times the single-sample gradients (a weighted mean, a penalty
+    on the whole batch's outputs or batch statistics are not)."""
+    outputs = product.model(params, inputs)
+    fn = product.out_loss.fn
+    r = np.asarray(product.out_loss.sample_gradients(outputs, targets), np.float64)
+    g = np.asarray(jax.grad(lambda o: fn(o, targets))(outputs), np.float64)
+    norm = float(np.sum(r * r))
+    if norm == 0.0:
+        return
+    c = float(np.sum(g * r)) / norm
+    eps = float(jnp.finfo(outputs.dtype).eps)
+    if np.linalg.norm(g - c * r) > max(1000 * eps, 1e-6) * max(np.linalg.norm(g), 1e-30):
+        raise ValueError(
+            "the empirical Fisher needs a loss that is c * sum_i l_i, l_i the loss of sample "
+            "i alone (a per-sample mean or sum); this loss's gradient in the outputs is not "
+            "proportional to the single-sample gradients (sample weights, a term on the "
+            "whole batch, batch statistics?). Use ggn_operator, or a per-sample loss."
         )
 
 

@@ -135,20 +135,37 @@ def as_argument(obj: Any) -> Any:
         return obj
     from .checkpoint import object_digest
 
-    return StaticOperator(obj, object_digest(obj))
+    return StaticOperator(_Identity(obj), object_digest(obj))
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=[], meta_fields=["inner", "digest"]
-)
+class _Identity:
+    """An object compared by identity (a user class's own ``__eq__`` may compare arrays)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["ref", "digest"])
 @dataclasses.dataclass(frozen=True, eq=False)
 class StaticOperator:
     """A user operator that is not a pytree of arrays, as a static part of a program. The
     digest of everything it holds is part of its identity: after the object changes, the
     program is compiled anew (and a checkpoint tells the two apart)."""
 
-    inner: Any
+    ref: _Identity
     digest: str
+
+    @property
+    def inner(self) -> Any:
+        return self.ref.obj
 
     @property
     def dim(self) -> int:
@@ -169,9 +186,9 @@ class StaticOperator:
         return matmat(self.inner, vectors)
 
     def __getattr__(self, name: str) -> Any:  # ravel, unravel, layout where it has them
-        if name == "inner":
+        if name in ("ref", "digest", "inner"):
             raise AttributeError(name)
-        return getattr(self.inner, name)
+        return getattr(self.ref.obj, name)
 
 
 def layout_of(obj: Any) -> Any:

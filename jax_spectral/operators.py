@@ -807,7 +807,9 @@ def _path_matches(path: tuple, name: str) -> bool:
     the path as ``keystr`` prints it (``"['layer1']['w']"``): ``"Dense_1"`` is not
     ``"Dense_10"``."""
     keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-    return name in keys or jax.tree_util.keystr(path).startswith(name)
+    text = jax.tree_util.keystr(path)
+    # a prefix ends at a key's boundary: "['Dense_1" is not the start of "['Dense_10']"
+    return name in keys or (text.startswith(name) and text[len(name) : len(name) + 1] in "[.")
 
 
 def select_leaves(params: PyTree, wrt: Any) -> tuple:
@@ -821,8 +823,10 @@ def select_leaves(params: PyTree, wrt: Any) -> tuple:
     if isinstance(wrt, str):
         wrt = [wrt]
     if isinstance(wrt, (list, tuple)):
-        if not wrt or not all(isinstance(w, str) for w in wrt):
-            raise TypeError(f"wrt must be a string, a list of strings or a predicate, got {wrt!r}.")
+        if not wrt or not all(isinstance(w, str) and w for w in wrt):
+            raise TypeError(
+                f"wrt must be a non-empty string, a list of them or a predicate, got {wrt!r}."
+            )
         select = tuple(any(_path_matches(p, name) for name in wrt) for p, _ in paths)
     elif callable(wrt):
         select = tuple(bool(wrt(p, x)) for p, x in paths)

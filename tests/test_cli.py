@@ -312,3 +312,5 @@ def test_per_layer_densities_match_the_dense_blocks(saved_model, tmp_path):
         grid, density = saved[f"layer{i}_grid"], saved[f"layer{i}_density"]
         assert np.sum(density) * (grid[1] - grid[0]) == pytest.approx(1.0, rel=1e-3)
     assert (tmp_path / "layers.png").read_bytes().startswith(b"\x89PNG")
+    np.testing.assert_allclose(saved["top_eigenvalues"], summary["top_eigenvalues"])
+    assert saved["residuals"].shape == (3,)

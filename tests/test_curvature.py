@@ -353,6 +353,10 @@ def test_wrt_names_whole_keys():
     assert chosen == (True, False, False)
     assert js.operators.select_leaves(params, "['Dense_1']['kernel']") == (True, False, False)
     assert js.operators.select_leaves(params, "kernel") == (True, True, True)
+    with pytest.raises(ValueError, match="selects no parameters"):
+        js.operators.select_leaves(params, "['Dense_1")  # not the start of ['Dense_10']
+    with pytest.raises(TypeError, match="non-empty"):
+        js.operators.select_leaves(params, "")
 
 
 def test_mc_fisher_keys(mlp):
@@ -403,3 +407,70 @@ def test_user_operators_are_identified_by_their_content(tmp_path):
     a = js.as_operator(functools.partial(scaled, shift=0.0), dim=6)
     b = js.as_operator(functools.partial(scaled, shift=100.0), dim=6)
     assert fingerprint(a) != fingerprint(b)
+
+
+def test_empirical_fisher_refuses_a_loss_that_is_not_per_sample(mlp):
+    params, x, y = mlp
+    weights = jnp.linspace(0.5, 2.0, 23)
+
+    def weighted(o, t):  # sample weights: not c * sum_i l_i
+        per = -jnp.take_along_axis(jax.nn.log_softmax(o), t[:, None], axis=1)[:, 0]
+        return jnp.sum(weights[: len(t)] * per) / jnp.sum(weights[: len(t)])
+
+    with pytest.raises(ValueError, match="not proportional"):
+        js.fisher_operator(mlp_apply, weighted, params, (x, y))
+    js.ggn_operator(mlp_apply, weighted, params, (x, y))  # the GGN takes any loss
+
+
+def test_fingerprints_see_constants_library_functions_and_class_data(tmp_path):
+    from jax_spectral.checkpoint import fingerprint, object_digest
+
+    A = jnp.eye(4)
+    assert fingerprint(lambda v: 2.0 * (A @ v)) != fingerprint(lambda v: 3.0 * (A @ v))
+    assert fingerprint(lambda v: jnp.add(v, v)) != fingerprint(lambda v: jnp.subtract(v, v))
+    B = np.eye(3)
+    assert fingerprint(B.dot) != fingerprint((2 * B).dot)
+
+    def double(v):
+        return 2.0 * v
+
+    js.lanczos(lambda v: double(A @ v + v), jax.random.key(0), 3, dim=4,
+               checkpoint=tmp_path / "c", checkpoint_every=1)  # fmt: skip
+    with pytest.raises(ValueError, match="operator"):
+        js.lanczos(lambda v: 3.0 * (A @ v + v), jax.random.key(0), 3, dim=4,
+                   checkpoint=tmp_path / "c", resume=True)  # fmt: skip
+
+    class Scaled:
+        scale = 1.0
+
+        def __init__(self, m):
+            self.m, self.dim = m, m.shape[0]
+
+        def matvec(self, v):
+            return self.scale * (jnp.asarray(self.m, jnp.float32) @ v)
+
+    op = Scaled(np.diag(np.arange(1.0, 5.0)))
+    before = object_digest(op)
+    assert js.ritz(js.lanczos(op, jax.random.key(0), 4))[0][-1] == pytest.approx(4, 1e-5)
+    Scaled.scale = 2.0  # class data: a new program
+    assert object_digest(op) != before
+    assert js.ritz(js.lanczos(op, jax.random.key(0), 4))[0][-1] == pytest.approx(8, 1e-5)
+
+
+def test_dataclass_user_operators():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Dense:
+        m: np.ndarray
+
+        @property
+        def dim(self):
+            return self.m.shape[0]
+
+        def matvec(self, v):
+            return jnp.asarray(self.m, jnp.float32) @ v
+
+    for top in (3.0, 5.0):  # a second instance: its __eq__ compares arrays
+        op = Dense(np.diag([1.0, 2.0, top]))
+        assert js.ritz(js.lanczos(op, jax.random.key(0), 3))[0][-1] == pytest.approx(top, 1e-5)
