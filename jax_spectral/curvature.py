@@ -4,8 +4,7 @@ Both take the model and the loss separately: ``model(params, inputs) -> outputs`
 array with a leading sample axis, e.g. logits) and ``loss(outputs, targets) -> scalar``
 (a name, ``"softmax_cross_entropy"`` or ``"mse"``, or a callable), with batches
 ``(inputs, targets)``. Everything else (data forms, exact MEAN/SUM, loops, meshes, the CPU
-rewrite, ``wrt=`` blocks, checkpoints) is that of :func:`jax_spectral.hessian_operator`,
-except that on CPU the default rewrite is ``"patches"`` (see docs/design.md).
+rewrite, ``wrt=`` blocks, checkpoints) is that of :func:`jax_spectral.hessian_operator`.
 
 * ``ggn_operator``: ``G = J^T H_L J`` (positive semi-definite for a convex loss).
 * ``fisher_operator(kind="empirical")``: ``sum_i g_i g_i^T / N`` with ``g_i`` sample ``i``'s
