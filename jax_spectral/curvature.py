@@ -124,12 +124,6 @@ def _output_operator(model, loss, params, data, kind, mc_samples, options) -> Cu
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}.")
     reduce = options.get("reduce", "mean")
-    if options.get("rewrite", "auto") in ("auto", "cpu") and jax.default_backend() == "cpu":
-        # Patches, not oneDNN's ctypes kernels, under linearize and transpose: a process
-        # that had run those kernels' transposes crashed later inside XLA's compiler
-        # (not reproduced in isolation; issue 17 replaces that path). rewrite="onednn"
-        # still asks for them.
-        options = {**options, "rewrite": "patches"}
     product = OutputProduct(model, output_loss(loss, reduce), kind, mc_samples)
     return build_operator(
         product, params, data, check_batch=lambda p, b: _check_output_batch(product, p, b),
