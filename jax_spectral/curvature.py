@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .data import BatchStream, as_host_arrays, is_array_data, sample_hashes
+from .linop import check_hashable
 from .operators import CurvatureOperator, build_operator
 from .products import OutputProduct, output_loss
 
@@ -112,12 +113,7 @@ def fisher_operator(
 def _output_operator(model, loss, params, data, kind, mc_samples, options) -> CurvatureOperator:
     if not callable(model):
         raise TypeError(f"model must be callable, model(params, inputs), got {type(model)}.")
-    try:
-        hash(model)
-    except TypeError:
-        raise TypeError(
-            f"model must be hashable (a function or functools.partial), got {type(model)}."
-        ) from None
+    check_hashable(model, "model")
     unknown = set(options) - {
         "reduce", "batch_size", "loop", "mesh", "data_axis", "rewrite", "wrt",
     }  # fmt: skip

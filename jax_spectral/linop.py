@@ -94,6 +94,18 @@ def check_operator(obj: Any) -> Any:
     return obj
 
 
+def check_hashable(obj: Any, name: str) -> None:
+    """``TypeError`` unless ``obj`` is hashable: functions that compiled programs take as
+    static arguments (losses, models, products) must be."""
+    try:
+        hash(obj)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be hashable (a function or functools.partial), got an unhashable "
+            f"{type(obj).__name__}; wrap it in a function."
+        ) from None
+
+
 def dtype_of(obj: Any) -> np.dtype:
     """The operator's ``dtype``, or JAX's default float for one without it."""
     dtype = getattr(obj, "dtype", None)
@@ -407,16 +419,11 @@ class SumOperator(_Layout, OperatorAlgebra):
         return jnp.asarray(total, dtype)
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=[], meta_fields=["size", "kind", "layout"]
-)
-@dataclasses.dataclass(frozen=True, eq=False)
-class IdentityOperator(_Layout, OperatorAlgebra):
-    """The identity on vectors of length ``size`` (for damping: ``H + lam * identity(H)``)."""
+class _Sized:
+    """``dim`` and ``dtype`` from static ``size`` and ``kind`` (a dtype's name) fields."""
 
     size: int
-    kind: str  # the dtype's name (a static, hashable field)
-    layout: Any = ()
+    kind: str
 
     @property
     def dim(self) -> int:
@@ -425,6 +432,18 @@ class IdentityOperator(_Layout, OperatorAlgebra):
     @property
     def dtype(self) -> np.dtype:
         return jnp.dtype(self.kind)
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=[], meta_fields=["size", "kind", "layout"]
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class IdentityOperator(_Sized, _Layout, OperatorAlgebra):
+    """The identity on vectors of length ``size`` (for damping: ``H + lam * identity(H)``)."""
+
+    size: int
+    kind: str  # the dtype's name (a static, hashable field)
+    layout: Any = ()
 
     traceable = True
 
@@ -449,7 +468,7 @@ def identity(like: Any) -> IdentityOperator:
     meta_fields=["fn", "size", "kind", "layout", "traceable"],
 )
 @dataclasses.dataclass(frozen=True, eq=False)
-class FunctionOperator(_Layout, OperatorAlgebra):
+class FunctionOperator(_Sized, _Layout, OperatorAlgebra):
     """``v -> fn(v, *args)`` as an operator; ``args`` are its pytree leaves (see
     :func:`as_operator`)."""
 
@@ -459,14 +478,6 @@ class FunctionOperator(_Layout, OperatorAlgebra):
     kind: str
     layout: Any = ()
     traceable: bool = True
-
-    @property
-    def dim(self) -> int:
-        return self.size
-
-    @property
-    def dtype(self) -> np.dtype:
-        return jnp.dtype(self.kind)
 
     def matvec(self, v: jax.Array) -> jax.Array:
         v = check_vector(v, self.dim).astype(self.dtype)
@@ -513,12 +524,7 @@ def as_operator(
     """
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}.")
-    try:
-        hash(fn)
-    except TypeError:
-        raise TypeError(
-            f"fn must be hashable (a function or functools.partial), got {type(fn).__name__}."
-        ) from None
+    check_hashable(fn, "fn")
     stored = ()
     if like is not None:
         flat = ravel_pytree(like)[0]

@@ -65,6 +65,7 @@ from .data import (
 from .hvp import check_params, check_scalar_loss
 from .linop import (
     OperatorAlgebra,
+    check_hashable,
     check_vector,
     check_vectors,
     ravel_checked,
@@ -677,13 +678,7 @@ def hessian_operator(
     >>> op.matvec(jnp.ones(3))  # 2 X^T X / N applied to ones
     Array([0.6666667, 0.6666667, 0.6666667], dtype=float32)
     """
-    try:  # the compiled products take the loss as a static argument
-        hash(loss)
-    except TypeError:
-        raise TypeError(
-            f"loss must be hashable (a function or functools.partial), got an unhashable "
-            f"{type(loss).__name__}; wrap it in a function."
-        ) from None
+    check_hashable(loss, "loss")  # the compiled products take it as a static argument
     return build_operator(
         HessianProduct(loss), params, data, reduce=reduce, batch_size=batch_size, loop=loop,
         mesh=mesh, data_axis=data_axis, rewrite=rewrite, wrt=wrt,

@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from .hvp import loss_and_hvp
+from .linop import check_hashable
 
 PyTree = Any
 
@@ -157,12 +158,7 @@ def output_loss(loss: str | Callable, reduce: str) -> OutputLoss:
         return OutputLoss(loss, None, reduce)
     if not callable(loss):
         raise TypeError(f"loss must be a name or a callable, got {type(loss).__name__}.")
-    try:
-        hash(loss)
-    except TypeError:
-        raise TypeError(
-            f"loss must be hashable (a function or functools.partial), got {type(loss).__name__}."
-        ) from None
+    check_hashable(loss, "loss")
     return OutputLoss("custom", loss, reduce)
 
 
