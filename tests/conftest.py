@@ -11,6 +11,22 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test file.
+
+    XLA's CPU compiler maps every program's code into memory, and the mappings stay while
+    the program is cached. One process running the whole suite reached Linux's limit of
+    65,530 mappings per process (vm.max_map_count) and crashed inside the compiler
+    (SIGSEGV) near the end of the run; clearing the caches per file keeps it a few
+    thousand."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture
 def x64():
     """Run the test body with 64-bit floats enabled."""
