@@ -34,9 +34,15 @@ def main():
     order = 30
     single = lanczos(one, key, order)
     basis_sharding = NamedSharding(mesh, P(None, "data"))
-    sharded = lanczos(four, key, order, basis_sharding=basis_sharding)
+    reports = {"lanczos": [], "slq": []}  # progress on a mesh: reported from the host
+
+    def report(name):
+        return lambda done, total, elapsed: reports[name].append((done, total))
+
+    sharded = lanczos(four, key, order, basis_sharding=basis_sharding, progress=report("lanczos"))
     probes_one = slq(one, key, num_probes=3, order=order).lanczos.tridiag
-    probes_four = slq(four, key, num_probes=3, order=order).lanczos.tridiag
+    probes_four = slq(four, key, num_probes=3, order=order, progress=report("slq"))
+    probes_four = probes_four.lanczos.tridiag
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -60,6 +66,7 @@ def main():
         "estimate_per_device": estimate(four, order=order,
                                         basis_sharding=basis_sharding).basis_bytes_per_device,
         "explicit_refused": _explicit_refused(params, x, y),
+        "progress_last": {name: calls[-1] if calls else None for name, calls in reports.items()},
     }))  # fmt: skip
 
 

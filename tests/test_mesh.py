@@ -25,4 +25,6 @@ def test_four_devices_give_the_one_device_tridiagonal(precision, tol):
     assert got["basis_spec"] == "P(None, 'data')" and got["basis_shards"] == [[30, 34]]
     assert got["basis_bytes_per_device"] * 4 == got["basis_bytes"]
     assert got["estimate_per_device"] == got["basis_bytes_per_device"]  # known beforehand
+    # progress= works with a mesh and a sharded basis, and reaches the end
+    assert got["progress_last"] == {"lanczos": [30, 30], "slq": [30, 30]}
     assert got["explicit_refused"]  # a mesh with Explicit axes gets a clear message
