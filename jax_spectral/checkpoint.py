@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .validate import write_atomic
+
 __all__ = ["Checkpointer", "fingerprint"]
 
 _FORMAT = 1
@@ -336,24 +338,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes, *, durable: bool) -> None:
-    """Write ``data`` under a temporary name and rename it into place (atomic on POSIX).
-
-    ``durable`` also flushes the file's bytes to the disk (fsync) before the rename, so
-    that after a power loss the name holds either the old file or the complete new one. The
-    rename itself is not flushed (the folder is not fsync'd): at worst a power loss keeps
-    the previous checkpoint, which stays consistent because basis files are never removed.
-    A process kill cannot leave a partial file either way.
-    """
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
@@ -465,7 +449,7 @@ class Checkpointer:
             # Not fsync'd (that cost most of a checkpoint): a process kill cannot lose it,
             # and after a power loss a segment that did not reach the disk fails its
             # SHA-256 check, so resuming reports the checkpoint corrupt instead of misusing it.
-            _write_atomic(self.folder / name, data, durable=False)
+            write_atomic(self.folder / name, lambda tmp: tmp.write_bytes(data))
             self.segments.append(
                 {"file": name, "start": start, "stop": stop,
                  "sha256": hashlib.sha256(data).hexdigest()}
@@ -476,7 +460,7 @@ class Checkpointer:
         }  # fmt: skip
         buffer = io.BytesIO()
         np.savez(buffer, meta=np.array(json.dumps(meta)), **small)
-        _write_atomic(self.state_file, buffer.getvalue(), durable=True)
+        write_atomic(self.state_file, lambda tmp: tmp.write_bytes(buffer.getvalue()), durable=True)
 
     # -- reading ----------------------------------------------------------------------
     def load(self, template: Any) -> tuple[Any, int, bool]:

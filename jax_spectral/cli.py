@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .validate import write_atomic
+
 
 class InputError(Exception):
     """A bad argument or input file: reported in one line, exit code 2."""
@@ -181,15 +183,11 @@ def _versions(**extra: str) -> dict:
 def _save_npz(out: Path, **arrays: Any) -> None:
     import numpy as np
 
-    tmp = out / "spectrum.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out / "spectrum.npz")  # never a half-written file
+    write_atomic(out / "spectrum.npz", lambda tmp: np.savez(tmp, **arrays))
 
 
 def _save_json(out: Path, summary: dict) -> None:
-    tmp = out / "spectrum.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "spectrum.json")
+    write_atomic(out / "spectrum.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
 
 
 _OUTPUTS = ("spectrum.npz", "spectrum.json", "density.png", "layers.png")

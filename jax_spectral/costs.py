@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .validate import count
+
 __all__ = ["CostEstimate", "check_fits", "estimate"]
 
 _USABLE = 0.8  # of the free memory: the HVP and the rest of the state need room too
@@ -105,9 +107,7 @@ def estimate(
     products doubles the basis. ``on_host``: the bases live in host memory
     (``slq(basis_memory="host")``), so the free memory is the host's.
     """
-    for name, value in (("order", order), ("num_probes", num_probes)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    order, num_probes = count("order", order), count("num_probes", num_probes)
     if isinstance(operator, (int, np.integer)):
         dim, base = int(operator), dtype or jnp.float32
     else:

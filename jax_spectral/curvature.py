@@ -31,6 +31,7 @@ from .data import BatchStream, as_host_arrays, is_array_data, sample_hashes
 from .linop import check_hashable
 from .operators import CurvatureOperator, build_operator
 from .products import OutputProduct, output_loss
+from .validate import count
 
 PyTree = Any
 
@@ -96,10 +97,7 @@ def fisher_operator(
         return _output_operator(model, loss, params, data, "empirical_fisher", 1, options)
     if key is None:
         raise ValueError("the Monte-Carlo Fisher draws labels: give key=jax.random.key(...).")
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, (int, np.integer)):
-        raise TypeError(f"mc_samples must be a positive int, got {mc_samples!r}.")
-    if mc_samples < 1:
-        raise ValueError(f"mc_samples must be a positive int, got {mc_samples}.")
+    mc_samples = count("mc_samples", mc_samples)
     if not isinstance(loss, str):
         raise ValueError(
             "the Monte-Carlo Fisher samples labels from the model's predictive distribution, "

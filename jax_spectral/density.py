@@ -71,6 +71,8 @@ import math
 import numpy as np
 from scipy.special import ndtr  # standard normal CDF; scipy comes with jax
 
+from .validate import count
+
 __all__ = [
     "eigv_to_density",
     "kernel_variance",
@@ -175,8 +177,7 @@ def eigv_to_density(
             raise ValueError("no node has positive weight; there is no density to draw.")
         lambda_max = float(used.max()) + grid_expand
         lambda_min = float(used.min()) - grid_expand
-        if not isinstance(grid_len, (int, np.integer)) or grid_len < 2:
-            raise ValueError(f"grid_len must be an int >= 2, got {grid_len!r}.")
+        grid_len = count("grid_len", grid_len, 2)
         grids = np.linspace(lambda_min, lambda_max, num=int(grid_len))
     else:
         grids = np.asarray(grids, dtype=np.float64)

@@ -21,6 +21,7 @@ from .lanczos import _flat_matvec, lanczos, ritz
 from .linop import check_operator, dtype_of, is_operator
 from .progress import ProgressArg
 from .trace import products
+from .validate import count
 
 __all__ = ["Eigenpairs", "eigenpairs"]
 
@@ -74,8 +75,7 @@ def eigenpairs(
     """
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}.")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}.")
+    k = count("k", k)
     operator = check_operator(matvec) if is_operator(matvec) else None
     if operator is not None:
         size = operator.dim

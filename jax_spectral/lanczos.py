@@ -65,6 +65,7 @@ from .linop import (
     passes_as_argument,
 )
 from .progress import Progress, ProgressArg
+from .validate import count
 
 PyTree = Any
 
@@ -390,10 +391,8 @@ def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10
     ``every`` steps, at the end and after Ctrl-C, and a saved run continues when ``resume``.
     Returns ``(state, interrupted)``; after Ctrl-C the state holds the finished steps.
     """
-    if checkpointer is not None and (
-        isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1
-    ):
-        raise ValueError(f"checkpoint_every must be a positive int, got {every!r}.")
+    if checkpointer is not None:
+        every = count("checkpoint_every", every)
     start, done, length = 0, False, 1
     with interrupt.watch() as watch:
         try:
@@ -577,13 +576,7 @@ def lanczos(
     >>> np.round(np.linalg.eigvalsh(np.asarray(res.tridiag)), 4)
     array([1., 2., 3., 4., 5.], dtype=float32)
     """
-    if isinstance(order, bool) or not isinstance(order, (int, np.integer)):
-        raise TypeError(f"order must be a positive int, got {order!r}.")
-    if order <= 0:
-        raise ValueError(
-            f"order must be a positive int (the number of Lanczos steps), got {order}."
-        )
-    order = int(order)
+    order = count("order", order)
 
     operand, fn = None, None  # operand: a pytree passed as an argument; fn: static
     owner = getattr(matvec, "__self__", None)
@@ -625,9 +618,7 @@ def lanczos(
                     "or like=params for a matvec on params-shaped pytrees."
                 )
             dtype = v0.dtype if v0 is not None else jnp.zeros(()).dtype
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-        raise ValueError(f"dim must be a positive int, got {dim!r}.")
-    dim = int(dim)
+    dim = count("dim", dim)
     # The products' dtype, at least float32 (float64 only under x64, as JAX would compute).
     dtype = jnp.promote_types(jax.dtypes.canonicalize_dtype(dtype), jnp.float32)
     wide = _recurrence_dtype(recurrence_dtype, dtype)
@@ -796,12 +787,29 @@ def warn_if_zero(result: LanczosResult) -> None:
         )
 
 
+def warn_if_broke_down(result: LanczosResult, order: int, padded: str) -> None:
+    """Warn when the recurrence stopped before ``order`` steps, for the functions whose
+    outputs have no ``num_steps`` (the original package's); ``padded`` says what is zero
+    past the valid block."""
+    if _is_tracer(result.num_steps) or int(result.num_steps) >= order:
+        return
+    warnings.warn(
+        f"Lanczos broke down after {int(result.num_steps)} of {order} steps (the Krylov space "
+        "is invariant: order exceeds the dimension or the number of distinct eigenvalues); "
+        f"{padded}.",
+        RuntimeWarning,
+        stacklevel=_caller_level(),
+    )
+
+
 def _caller_level() -> int:
     """The ``stacklevel`` that attributes a warning to the first frame outside this
-    package (the user's call of lanczos, slq or eigenpairs)."""
-    package = os.path.dirname(os.path.abspath(__file__))
+    package and the Keras bridge (the user's call of lanczos, slq, eigenpairs or
+    approximate_hessian)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = (here + os.sep, os.path.join(os.path.dirname(here), "keras_bridge") + os.sep)
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
         frame, level = frame.f_back, level + 1
     return level
 
@@ -875,12 +883,8 @@ def lanczos_alg(
     operator (their quadrature weights are zero). Use :func:`lanczos` to get ``num_steps``.
     """
     result = lanczos(matrix_vector_product, rng_key, order, dim=dim)
-    if not _is_tracer(result.num_steps) and int(result.num_steps) < order:
-        warnings.warn(
-            f"Lanczos broke down after {int(result.num_steps)} of {order} steps (the Krylov "
-            "space is invariant); tridiag is zero past that block, so its eigenvalues include "
-            "padding zeros with zero weight. Use jax_spectral.lanczos for num_steps.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    warn_if_broke_down(
+        result, order, "tridiag is zero past that block, so its eigenvalues include padding "
+        "zeros with zero weight; jax_spectral.lanczos gives num_steps"
+    )  # fmt: skip
     return result.tridiag, result.basis

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from .validate import count
+
 PyTree = Any
 
 __all__ = [
@@ -86,8 +88,7 @@ def check_operator(obj: Any) -> Any:
             f"expected an operator (an object with matvec and dim), got {type(obj).__name__}."
         )
     dim = obj.dim
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-        raise ValueError(f"the operator's dim must be a positive int, got {dim!r}.")
+    count("the operator's dim", dim)
     dtype = dtype_of(obj)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"the operator's dtype must be real floating, got {dtype}.")
@@ -535,8 +536,7 @@ def as_operator(
         stored = layout(like)
     if dim is None:
         raise ValueError("as_operator needs dim= (or like=params) for the vector length.")
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-        raise ValueError(f"dim must be a positive int, got {dim!r}.")
+    dim = count("dim", dim)
     dtype = np.dtype(jnp.zeros(()).dtype if dtype is None else dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be real floating, got {dtype}.")

@@ -6,11 +6,12 @@ given ``path``, saves it (PNG, PDF or any format matplotlib knows from the suffi
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .validate import write_atomic
 
 __all__ = ["plot_densities", "plot_density", "plot_eigenvalues"]
 
@@ -26,11 +27,7 @@ def _pyplot():
 
 def _finish(fig, path: str | Path | None):
     if path is not None:
-        path = Path(path)
-        # Written next to its final name, then renamed: never a half-written figure.
-        tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-        fig.savefig(tmp, bbox_inches="tight", dpi=150)
-        os.replace(tmp, path)
+        write_atomic(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight", dpi=150))
     return fig
 
 

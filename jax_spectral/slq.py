@@ -48,6 +48,7 @@ from .lanczos import (
 )
 from .linop import as_argument, check_operator, dtype_of, is_traceable, matmat
 from .progress import Progress, ProgressArg
+from .validate import count
 
 __all__ = ["SLQResult", "SpectralDensity", "slq", "spectral_density"]
 
@@ -160,9 +161,7 @@ def slq(
     back each step. For SLQ on models whose bases do not fit the accelerator. It runs
     from the host loop; the results equal the ``"device"`` run to rounding.
     """
-    for name, value in (("num_probes", num_probes), ("order", order)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    num_probes, order = count("num_probes", num_probes), count("order", order)
     if basis_memory not in ("device", "host"):
         raise ValueError(f"basis_memory must be 'device' or 'host', got {basis_memory!r}.")
     on_host = basis_memory == "host"
@@ -263,12 +262,7 @@ def spectral_density(
     (as :func:`jax_spectral.eigv_to_density` does), so all probes share one bandwidth.
     """
     if grids is None:
-        if (
-            isinstance(grid_len, bool)
-            or not isinstance(grid_len, (int, np.integer))
-            or grid_len < 2
-        ):
-            raise ValueError(f"grid_len must be an int >= 2, got {grid_len!r}.")
+        grid_len = count("grid_len", grid_len, 2)
         used = np.asarray(result.nodes)[np.asarray(result.weights) > 0]
         if used.size == 0 or not np.all(np.isfinite(used)):
             raise ValueError("no finite node has positive weight; there is no density to draw.")

@@ -28,6 +28,7 @@ import numpy as np
 
 from .linop import check_operator, dtype_of, is_operator, matmat
 from .progress import Progress, ProgressArg
+from .validate import count
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
 
@@ -48,9 +49,9 @@ def _resolve(matvec: Callable | Any, dim: int | None) -> tuple[Callable, int, An
         return matvec.matvec, int(matvec.dim), dtype_of(matvec), matvec
     if not callable(matvec):
         raise TypeError(f"matvec must be callable or an operator, got {type(matvec)}.")
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-        raise ValueError(f"give dim=, a positive int, for a matvec function; got {dim!r}.")
-    return matvec, int(dim), jnp.zeros(()).dtype, None
+    if dim is None:
+        raise ValueError("give dim=, a positive int, for a matvec function.")
+    return matvec, count("dim", dim), jnp.zeros(()).dtype, None
 
 
 def products(
@@ -77,12 +78,6 @@ def _rademacher(key: jax.Array, shape: tuple[int, int], dtype) -> jax.Array:
     return jax.random.rademacher(key, shape, dtype=dtype)
 
 
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-    return int(value)
-
-
 def _estimate(samples: np.ndarray, offset: float, num_matvecs: int) -> TraceEstimate:
     n = samples.shape[0]
     stderr = float(np.std(samples, ddof=1) / np.sqrt(n)) if n > 1 else float("inf")
@@ -107,8 +102,8 @@ def hutchinson(
     Raises ``ValueError`` for ``num_probes < 1`` or a missing ``dim``, ``FloatingPointError``
     for a non-finite product.
     """
-    num_probes = _check_count("num_probes", num_probes, 1)
-    chunk = _check_count("chunk", chunk, 1)
+    num_probes = count("num_probes", num_probes, 1)
+    chunk = count("chunk", chunk, 1)
     fn, dim, dtype, operator = _resolve(matvec, dim)
     probes = _rademacher(key, (num_probes, dim), jnp.promote_types(dtype, jnp.float32))
     with Progress(progress, num_probes, "hutchinson", unit="product") as bar:
@@ -132,8 +127,8 @@ def hutchpp(
     Raises ``ValueError`` for ``num_matvecs < 6`` or a missing ``dim``,
     ``FloatingPointError`` for a non-finite product.
     """
-    num_matvecs = _check_count("num_matvecs", num_matvecs, 6)
-    chunk = _check_count("chunk", chunk, 1)
+    num_matvecs = count("num_matvecs", num_matvecs, 6)
+    chunk = count("chunk", chunk, 1)
     fn, dim, dtype, operator = _resolve(matvec, dim)
     k = num_matvecs // 3
     work = jnp.promote_types(dtype, jnp.float32)

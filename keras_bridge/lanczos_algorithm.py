@@ -13,7 +13,6 @@ original, the recurrence runs in float64 on float32 products.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +20,8 @@ import jax
 import numpy as np
 
 from jax_spectral import hessian_operator, lanczos
+from jax_spectral.lanczos import warn_if_broke_down
+from jax_spectral.validate import count
 
 from .closure import pure_loss, trainable_values
 
@@ -42,15 +43,7 @@ def _run(matvec, dim, dtype, order, random_seed, progress, recurrence_dtype):
         matvec, None, order, v0=v0, loop="host", progress=progress,
         recurrence_dtype=recurrence_dtype,
     )  # fmt: skip
-    steps = int(result.num_steps)
-    if steps < order:
-        warnings.warn(
-            f"Lanczos broke down after {steps} of {order} steps (the Krylov space is "
-            "invariant, e.g. order exceeds the dimension or the number of distinct "
-            "eigenvalues); V and T are zero past that block.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    warn_if_broke_down(result, order, "V and T are zero past that block")
     return np.asarray(result.basis, np.float64).T, np.asarray(result.tridiag, np.float64)
 
 
@@ -93,9 +86,7 @@ def lanczos_algorithm(
         and rows and columns of ``T`` from ``k`` on are zero, with a ``RuntimeWarning``.
     """
     del only_gpu
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
-        raise ValueError(f"dim must be a positive int, got {dim!r}.")
-    dim = int(dim)
+    dim = count("dim", dim)
 
     def matvec(v):
         w = np.asarray(mvp_fn(np.asarray(v, np.float32).reshape(dim, 1)))
