@@ -11,6 +11,16 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_ignore_collect(collection_path, config):
+    """With slow tests deselected (plain ``pytest``), a test file marked slow as a whole
+    (``pytestmark = pytest.mark.slow`` on a line of its own) is not even imported: its
+    imports (TensorFlow, Keras) would take seconds, and the fast suite runs without them."""
+    if config.option.markexpr != "not slow" or collection_path.suffix != ".py":
+        return None
+    lines = collection_path.read_text().splitlines()
+    return True if any(ln.startswith("pytestmark = pytest.mark.slow") for ln in lines) else None
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     """Drop JAX's compiled programs after each test file.

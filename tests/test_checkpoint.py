@@ -25,6 +25,7 @@ def _state_meta(folder):
 
 @pytest.mark.parametrize("kind, loop", [("lanczos", "scan"), ("lanczos", "host"),
                                         ("slq", "scan"), ("slq", "host")])  # fmt: skip
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_identical_tridiagonal(kind, loop, tmp_path):
     folder = tmp_path / "ckpt"
     killed = subprocess.run(
@@ -190,6 +191,7 @@ def test_a_stream_checkpoint_covers_every_batch(tmp_path):
     assert int(resumed.num_steps) == ORDER
 
 
+@pytest.mark.slow
 def test_a_second_run_on_a_busy_folder_is_refused(tmp_path):
     """Two processes on one folder wrote the same temporary names (one died with a raw
     FileNotFoundError in 8 of 13 tries); the second is now refused at once, naming the

@@ -14,6 +14,8 @@ from jax.flatten_util import ravel_pytree
 from jax_spectral import datasets
 from jax_spectral.cli import main
 
+pytestmark = pytest.mark.slow  # Keras models through the command line (TensorFlow)
+
 keras = pytest.importorskip("keras")
 
 

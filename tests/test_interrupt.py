@@ -15,6 +15,9 @@ from interrupt_worker import ORDER, run
 from jax_spectral import Interrupted
 from jax_spectral.interrupt import watch
 
+pytestmark = pytest.mark.slow  # SIGINT to subprocesses
+
+
 WORKER = Path(__file__).with_name("interrupt_worker.py")
 
 

@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow  # TensorFlow's own tapes are the reference
+
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 

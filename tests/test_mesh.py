@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # subprocesses with 4 forced devices
+
+
 WORKER = Path(__file__).with_name("mesh_worker.py")
 
 

@@ -8,6 +8,9 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
+pytestmark = pytest.mark.slow  # executes both notebooks (TensorFlow, Jupyter kernels)
+
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 

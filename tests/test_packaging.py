@@ -18,6 +18,7 @@ from jax_spectral.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_import_is_light():
     heavy = "('keras', 'tensorflow', 'matplotlib', 'flax')"
     code = f"import sys, jax_spectral; print(sorted(m for m in {heavy} if m in sys.modules))"
@@ -34,14 +35,38 @@ def test_public_names_and_version():
     assert isinstance(jax_spectral.__version__, str) and jax_spectral.__version__
 
 
-@pytest.mark.filterwarnings("ignore:loss_function returned an array:UserWarning")
-def test_readme_code_runs_as_written():  # the README's Keras example shows that warning
-    text = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+def _code_blocks(name):
+    return re.findall(r"```python\n(.*?)```", (ROOT / name).read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/guide.md"])
+def test_documented_code_runs_as_written(name):
+    """Each page's examples run in order, in one namespace (the Keras ones in the slow
+    suite: they need TensorFlow)."""
+    blocks = _code_blocks(name)
     assert len(blocks) >= 2
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+        if "tensorflow" not in block:
+            exec(compile(block, name, "exec"), namespace)  # noqa: S102
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:loss_function returned an array:UserWarning")
+@pytest.mark.parametrize("name", ["README.md", "docs/guide.md"])
+def test_documented_keras_code_runs_as_written(name):  # the guide's example shows that warning
+    blocks = _code_blocks(name)
+    assert any("tensorflow" in block for block in blocks)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, name, "exec"), namespace)  # noqa: S102
+
+
+def test_readme_is_short_and_links_resolve():
+    text = (ROOT / "README.md").read_text()
+    assert len(text.encode()) <= 6500
+    for target in re.findall(r"\]\(([^)#:]+)\)", text):  # relative links only
+        assert (ROOT / target).exists(), target
 
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
@@ -61,6 +86,7 @@ def test_license_and_citation():
     assert "Hessian Eigenvalue Density" in citation and "family-names: Ghorbani" in citation
 
 
+@pytest.mark.slow
 def test_demo_in_process(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path), "--order", "30", "--train-steps", "50"]
     assert main(argv + ["--num-probes", "3"]) == 0
@@ -84,6 +110,7 @@ def test_demo_in_process(tmp_path, capsys):
                                  "trace": "done", "figure": "done"}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_rerun_replaces_every_output_and_records_adjustments(tmp_path, capsys, monkeypatch):
     """An earlier run's files went unreplaced when a stage was skipped (a png beside new
     npz and json); settings changed without a word (--trace-matvecs 3 became 6)."""
@@ -107,6 +134,7 @@ def test_a_rerun_replaces_every_output_and_records_adjustments(tmp_path, capsys,
     assert summary["status"]["figure"] == "not drawn (test)" and summary["status"]["complete"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_demo_writes_what_finished(tmp_path):
     """SIGINT during SLQ: exit 130 within seconds, one line on stderr besides the progress
     bars, the density of the finished steps written and marked interrupted (the run went
@@ -149,6 +177,7 @@ def test_ctrl_c_in_the_demo_writes_what_finished(tmp_path):
     assert np.sum(saved["density"]) * (saved["grid"][1] - saved["grid"][0]) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_demo_as_a_subprocess(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "jax_spectral", "demo", "--out", str(tmp_path), "--order", "10",
@@ -193,6 +222,7 @@ def test_unwritable_out_is_refused_before_any_work(tmp_path, capsys):
         assert len(err.err.strip().splitlines()) == 1 and str(out) in err.err
 
 
+@pytest.mark.slow
 def test_without_matplotlib_the_demo_writes_its_data_and_says_so(tmp_path, capsys, monkeypatch):
     """The figure's ImportError was caught around an import that never raises, so a
     missing matplotlib ended the run (exit 1) after the density was written."""

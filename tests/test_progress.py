@@ -9,6 +9,9 @@ import pytest
 
 pty = pytest.importorskip("pty")
 
+pytestmark = pytest.mark.slow  # a subprocess on a pseudo-terminal
+
+
 CODE = """
 import sys, jax, jax.numpy as jnp
 from jax_spectral import lanczos
