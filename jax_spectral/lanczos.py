@@ -271,23 +271,38 @@ def _trace_error(fn: Callable, template: PyTree | None, dim: int, dtype: Any) ->
     return None
 
 
+def compiled_steps(product, step_fn, state, start, stop):
+    """Steps ``start .. stop - 1`` as one compiled ``while`` loop: ``step_fn(state, step,
+    product(state, step))``, ending early once every recurrence in ``state`` has stopped
+    (breakdown or a non-finite product). Bounds may be traced, so one program serves
+    segments of any length. The loop shared by ``lanczos`` (one recurrence) and ``slq``
+    (a batch). The product is not wrapped in a ``lax.cond`` to skip it after a stop: the
+    loop's condition does that, and a ``cond`` around the product slowed every step
+    (``benchmarks/bench_lanczos_core.py`` measures it)."""
+
+    def going(carry):
+        step, state = carry
+        return (step < stop) & ~jnp.all(state.stopped)
+
+    def body(carry):
+        step, state = carry
+        return step + 1, step_fn(state, step, product(state, step))
+
+    return jax.lax.while_loop(going, body, (jnp.asarray(start, jnp.int32), state))[1]
+
+
 def _steps(matvec, state, start, stop, *, reorthogonalize, tol, basis_sharding=None):
-    """Steps ``start .. stop - 1`` of :func:`lanczos_step` as one compiled loop (a
-    ``lax.scan`` for Python-int bounds, a while loop for traced ones, so that one program
-    serves segments of any length); after a stop the product is skipped with ``lax.cond``."""
-    step_fn = functools.partial(lanczos_step, reorthogonalize=reorthogonalize, tol=tol)
+    """One recurrence's steps ``start .. stop - 1`` (:func:`compiled_steps`)."""
 
-    def body(step, state):
+    def product(state, step):
         v = state.basis[step]
-        w = jax.lax.cond(
-            state.stopped, lambda: jnp.zeros_like(v), lambda: matvec(v).astype(v.dtype)
-        )
-        state = step_fn(state, step, w)
-        if basis_sharding is not None:
-            state = _constrain(state, basis_sharding)
-        return state
+        return matvec(v).astype(v.dtype)
 
-    return jax.lax.fori_loop(start, stop, body, state)
+    def step_fn(state, step, w):
+        state = lanczos_step(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
+        return state if basis_sharding is None else _constrain(state, basis_sharding)
+
+    return compiled_steps(product, step_fn, state, start, stop)
 
 
 @functools.partial(

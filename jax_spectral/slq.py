@@ -38,6 +38,7 @@ from .density import eigv_to_density, tridiag_to_eigv
 from .lanczos import (
     LanczosResult,
     _default_tol,
+    compiled_steps,
     host_loop,
     init_state,
     interrupted,
@@ -94,8 +95,8 @@ def _matmat(operator, vectors):
 
 @functools.partial(jax.jit, static_argnames=("reorthogonalize", "tol"), donate_argnames=("state",))
 def _scan_slq(operator, state, start, stop, *, reorthogonalize, tol):
-    """Steps ``start .. stop - 1`` for all probes, as one compiled loop (traced bounds:
-    one compilation for every segment).
+    """Steps ``start .. stop - 1`` for all probes, as one compiled loop that ends when
+    every probe has stopped (traced bounds: one compilation for every segment).
 
     The operator is a pytree argument: its arrays are inputs, not compiled-in constants.
     """
@@ -104,11 +105,10 @@ def _scan_slq(operator, state, start, stop, *, reorthogonalize, tol):
         in_axes=(0, None, 0),
     )
 
-    def body(step, state):
-        products = _matmat(operator, state.basis[:, step]).astype(state.basis.dtype)
-        return step_fn(state, step, products)
+    def product(state, step):
+        return _matmat(operator, state.basis[:, step]).astype(state.basis.dtype)
 
-    return jax.lax.fori_loop(start, stop, body, state)
+    return compiled_steps(product, step_fn, state, start, stop)
 
 
 def _host_slq(operator, state, start, stop, reorthogonalize, tol, bar, watch, compute=None):

@@ -211,6 +211,7 @@ def test_ggn_is_positive_semidefinite():
     assert hv[0] < -1e-4 * hv[-1]  # the Hessian of the same model is indefinite here
 
 
+@pytest.mark.slow
 def test_algorithms_run_unchanged_on_every_operator(mlp):
     params, x, y = mlp
     H = js.hessian_operator(mlp_loss, params, (x, y), batch_size=7)

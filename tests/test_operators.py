@@ -237,6 +237,7 @@ def test_a_stream_that_reads_other_samples_on_a_later_pass_is_refused():
         lanczos(op, jax.random.key(2), 8)
 
 
+@pytest.mark.slow
 def test_a_tf_data_stream_shuffled_before_take_is_refused():
     tf = pytest.importorskip("tensorflow")
     params, x, y = _stream_problem()

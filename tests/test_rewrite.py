@@ -206,6 +206,7 @@ def _cnn_problem():
     return loss, params, (images, labels)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_operator_with_the_rewrite_matches_the_dense_hessian(backend):
     loss, params, data = _cnn_problem()
