@@ -27,6 +27,7 @@ from .hvp import full_hessian as full_hessian
 from .hvp import hvp as hvp
 from .interrupt import Interrupted as Interrupted
 from .lanczos import LanczosResult as LanczosResult
+from .lanczos import NonFiniteError as NonFiniteError
 from .lanczos import lanczos as lanczos
 from .lanczos import lanczos_alg as lanczos_alg
 from .lanczos import ritz as ritz
@@ -58,6 +59,7 @@ __all__ = [
     "Interrupted",
     "LinearOperator",
     "LanczosResult",
+    "NonFiniteError",
     "SLQResult",
     "SpectralDensity",
     "TraceEstimate",

@@ -69,7 +69,15 @@ from .validate import count
 
 PyTree = Any
 
-__all__ = ["LanczosResult", "lanczos", "lanczos_alg", "lanczos_step", "ritz", "warn_if_zero"]
+__all__ = [
+    "LanczosResult",
+    "NonFiniteError",
+    "lanczos",
+    "lanczos_alg",
+    "lanczos_step",
+    "ritz",
+    "warn_if_zero",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -575,9 +583,10 @@ def lanczos(
         unknown ``loop``.
     TypeError
         ``order`` is not an int; ``matvec`` is neither callable nor an operator.
-    FloatingPointError
-        A product was NaN or Inf (outside ``jit``/``vmap``); the message names the step and
-        the exception's ``result`` attribute holds the result up to that step.
+    NonFiniteError
+        A product was NaN or Inf (outside ``jit``/``vmap``; a ``FloatingPointError``); the
+        message names the step, and the exception's ``step`` and ``result`` attributes
+        hold it and the result whose steps before it are valid.
     jax_spectral.Interrupted
         Ctrl-C (a ``KeyboardInterrupt``): the run stopped at the end of the step or
         segment in progress (a second Ctrl-C abandons a host loop's product in progress);
@@ -766,17 +775,42 @@ def lanczos(
         raise interrupted("lanczos", steps, order, result, checkpoint)
     if not _is_tracer(result.num_steps):
         warn_if_zero(result)
-    if not _is_tracer(result.nonfinite_step) and int(result.nonfinite_step) >= 0:
-        step = int(result.nonfinite_step)
-        err = FloatingPointError(
-            f"Lanczos step {step} (0-based): the matrix-vector product contained NaN or Inf "
-            "(for a Hessian operator: the loss or the HVP was non-finite). The first "
-            f"{step} steps are valid and kept in this exception's 'result' attribute. Check "
-            "the loss for overflow or log(0), the data for NaN, or use float64."
-        )
-        err.result = result
-        raise err
+    if not _is_tracer(result.nonfinite_step):
+        check_finite(result, "Lanczos")
     return result
+
+
+class NonFiniteError(FloatingPointError):
+    """A matrix-vector product contained NaN or Inf.
+
+    Raised by every algorithm (``lanczos``, ``slq``, ``eigenpairs``, ``hutchinson``,
+    ``hutchpp``) outside ``jit``/``vmap``. ``step`` is the first Lanczos step (0-based)
+    whose product was non-finite, and ``result`` the run's result, whose steps before
+    ``step`` are valid (both ``None`` where there is no recurrence, as in trace
+    estimates). A ``FloatingPointError``, as before it had a type of its own.
+    """
+
+    def __init__(self, message: str, result: Any = None, step: int | None = None):
+        super().__init__(message)
+        self.result = result
+        self.step = step
+
+
+def check_finite(result: LanczosResult, what: str) -> None:
+    """Raise :class:`NonFiniteError` if any recurrence in ``result`` met a non-finite
+    product, naming the first such step."""
+    bad = np.asarray(result.nonfinite_step)
+    if not np.any(bad >= 0):
+        return
+    step = int(bad[bad >= 0].min())
+    raise NonFiniteError(
+        f"{what} step {step} (0-based): a matrix-vector product contained NaN or Inf (for "
+        "a curvature operator: the loss or its product was non-finite). The steps before it "
+        "are valid and kept in this exception's 'result' attribute. Check the loss for "
+        "overflow or log(0), the data for NaN, or use float64.",
+        result=result,
+        step=step,
+    )
 
 
 _OPERATOR_METHODS = ("matvec", "__call__", "matvec_tree")

@@ -51,12 +51,10 @@ def plot_density(
     ``note`` (the settings: kernel variance, probes, steps) is written under the axes;
     the legend sits outside them, off the data.
     """
+    from .slq import SpectralDensity
+
     plt = _pyplot()
-    if hasattr(density, "grid"):
-        grid, values, stderr = density.grid, density.density, density.stderr
-    else:
-        values, grid = density
-        stderr = None
+    grid, values, stderr = SpectralDensity.of(density)
     grid, values = np.asarray(grid), np.asarray(values)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     if ylim is None:
@@ -108,14 +106,16 @@ def plot_densities(
     path: str | Path | None = None,
 ):
     """Several densities (``{name: SpectralDensity}``, e.g. one per layer), one semilogy
-    panel each, stacked, each with its own eigenvalue axis and limits from its data."""
+    panel each (a ``SpectralDensity`` or a ``(density, grids)`` pair), stacked, each with its own eigenvalue axis and limits from its data."""
     plt = _pyplot()
     n = len(densities)
     if n == 0:
         raise ValueError("no densities to plot.")
     fig, axes = plt.subplots(n, 1, figsize=(6.4, 1.9 * n + 0.8), squeeze=False)
+    from .slq import SpectralDensity
+
     for ax, (name, density) in zip(axes[:, 0], densities.items(), strict=True):
-        grid, values = np.asarray(density.grid), np.asarray(density.density)
+        grid, values, _ = SpectralDensity.of(density)
         top = float(np.max(values)) if values.size else 1.0
         floor = 1e-10
         ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.1)

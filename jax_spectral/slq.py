@@ -38,6 +38,7 @@ from .density import eigv_to_density, tridiag_to_eigv
 from .lanczos import (
     LanczosResult,
     _default_tol,
+    check_finite,
     compiled_steps,
     host_loop,
     init_state,
@@ -69,7 +70,32 @@ class SpectralDensity(NamedTuple):
 
     grid: np.ndarray  # shape=(grid_len,)
     density: np.ndarray  # shape=(grid_len,); mean over probes, integrates to one
-    stderr: np.ndarray  # shape=(grid_len,); standard error of the mean per grid point
+    stderr: np.ndarray | None  # shape=(grid_len,); standard error of the mean per point
+
+    @classmethod
+    def of(cls, density: Any) -> SpectralDensity:
+        """``density`` as a :class:`SpectralDensity`: one already, or the original
+        package's ``(density, grids)`` pair from :func:`jax_spectral.tridiag_to_density`
+        (no standard error). The pair's order is checked, since both are arrays of one
+        length: its grid must increase strictly, its density be non-negative."""
+        if isinstance(density, cls):
+            return density
+        try:
+            values, grid = density
+            values, grid = np.asarray(values, np.float64), np.asarray(grid, np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(
+                "expected a SpectralDensity or the pair (density, grids) that "
+                f"tridiag_to_density returns, got {type(density).__name__}."
+            ) from None
+        increasing = grid.ndim == 1 and grid.size > 1 and np.all(np.diff(grid) > 0)
+        if not increasing or values.shape != grid.shape or np.any(values < 0):
+            raise ValueError(
+                "a (density, grids) pair needs a strictly increasing 1-D grid second and a "
+                "non-negative density of the same length first (tridiag_to_density's order); "
+                "a SpectralDensity(grid, density, stderr) names its fields."
+            )
+        return cls(grid, values, None)
 
 
 @functools.lru_cache(maxsize=32)
@@ -218,12 +244,7 @@ def slq(
         steps = int(np.max(result.num_steps))
         raise interrupted(f"SLQ ({num_probes} probes)", steps, order, partial, checkpoint)
     warn_if_zero(result)
-    bad = np.asarray(result.nonfinite_step)
-    if np.any(bad >= 0):
-        step = int(bad[bad >= 0].min())
-        raise FloatingPointError(
-            f"SLQ step {step} (0-based): a matrix-vector product contained NaN or Inf."
-        )
+    check_finite(result, "SLQ")
     return _quadrature(result, order)
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .lanczos import NonFiniteError
 from .linop import check_operator, dtype_of, is_operator, matmat
 from .progress import Progress, ProgressArg
 from .validate import count
@@ -70,7 +71,7 @@ def products(
             bar.update(part.shape[0])
     result = np.concatenate(out)
     if not np.all(np.isfinite(result)):
-        raise FloatingPointError("a matrix-vector product contained NaN or Inf.")
+        raise NonFiniteError("a matrix-vector product contained NaN or Inf.")
     return result
 
 

@@ -11,6 +11,15 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """The fast suite (plain ``pytest``) compiles with most of XLA's optimisations off:
+    its programs are small and compiling them is most of its time (a quarter less with
+    them off); the results are the same computations, rounded alike. The slow suite and
+    its subprocesses compile as users do."""
+    if config.option.markexpr == "not slow":
+        jax.config.update("jax_disable_most_optimizations", True)
+
+
 def pytest_ignore_collect(collection_path, config):
     """With slow tests deselected (plain ``pytest``), a test file marked slow as a whole
     (``pytestmark = pytest.mark.slow`` on a line of its own) is not even imported: its

@@ -133,6 +133,7 @@ def test_mc_fisher_approaches_the_ggn(mlp):
     assert 4 <= one / many <= 16, (one, many)  # sqrt(64) = 8 expected
 
 
+@pytest.mark.slow
 def test_mc_fisher_is_one_matrix_for_any_batching_and_order(mlp):
     params, x, y = mlp
     key = jax.random.key(3)

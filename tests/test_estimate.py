@@ -16,6 +16,7 @@ def _operator():
     return hessian_operator(mlp_loss, params, (x, y), batch_size=8)
 
 
+@pytest.mark.slow
 def test_estimate_matches_the_bases_that_runs_allocate():
     op = _operator()
     one = estimate(op, order=12)

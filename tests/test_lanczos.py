@@ -109,6 +109,7 @@ def test_gauss_quadrature_is_exact_to_degree_2m_minus_1(x64):
         power = a @ power
 
 
+@pytest.mark.slow
 def test_digits_mlp_top_ritz_values_match_dense_eigh(digits_dense):
     """A 2,410-parameter MLP trained on digits: top 5 at order 80 vs float64 eigh."""
     loss, params, (x, y), dense = digits_dense
@@ -152,6 +153,7 @@ def test_zero_operator_breaks_down_at_the_first_step():
     assert np.all(np.asarray(res.tridiag) == 0)
 
 
+@pytest.mark.slow
 def test_an_underflowing_loss_is_not_a_silent_zero_spectrum():
     """A float32 loss scaled by 1e-38: every HVP underflows to exactly zero."""
     from jax_spectral import slq
@@ -507,6 +509,7 @@ def test_float64_recurrence_products_run_as_without_it():
     assert res.tridiag.dtype == np.float32 and isinstance(res.tridiag, jax.Array)
 
 
+@pytest.mark.slow
 def test_float64_recurrence_equals_the_same_run_with_x64_on():
     data = classification_data(jax.random.key(1), 50, 4, 3)
     op = hessian_operator(mlp_loss, init_mlp(jax.random.key(0), [4, 6, 3]), data, batch_size=16)
@@ -522,6 +525,7 @@ def test_float64_recurrence_equals_the_same_run_with_x64_on():
     np.testing.assert_allclose(local.tridiag, default.tridiag, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_float64_recurrence_keeps_the_digits_basis_orthonormal(digits_dense):
     """Order 90 on the digits MLP: the float32 recurrence (reorthogonalised twice) keeps
     |V V^T - I| near float32 rounding; the float64 one near float64 rounding. Ritz values

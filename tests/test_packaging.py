@@ -39,7 +39,9 @@ def _code_blocks(name):
     return re.findall(r"```python\n(.*?)```", (ROOT / name).read_text(), flags=re.S)
 
 
-@pytest.mark.parametrize("name", ["README.md", "docs/guide.md"])
+@pytest.mark.parametrize(
+    "name", ["README.md", pytest.param("docs/guide.md", marks=pytest.mark.slow)]
+)
 def test_documented_code_runs_as_written(name):
     """Each page's examples run in order, in one namespace (the Keras ones in the slow
     suite: they need TensorFlow)."""

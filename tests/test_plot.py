@@ -74,3 +74,19 @@ def test_the_density_figure_shows_whole_peaks_and_its_settings(tmp_path):
     assert any("sigma^2 = 0.001" in t.get_text() for t in ax.texts)
     fig.savefig(tmp_path / "f.png", bbox_inches="tight")  # the note and legend fit the file
     matplotlib.pyplot.close("all")
+
+
+def test_the_original_pair_is_checked_not_guessed(tmp_path):
+    """plot_density took any pair as (density, grid): a (grid, density) pair was drawn
+    with the axes swapped, without a word."""
+    from jax_spectral import SpectralDensity
+
+    density, grid = tridiag_to_density(np.diag([1.0, 2.0, 4.0])[None], 1e-3, 300)
+    as_type = SpectralDensity.of((density, grid))
+    assert np.array_equal(as_type.grid, grid) and as_type.stderr is None
+    with pytest.raises(ValueError, match="strictly increasing 1-D grid second"):
+        plot_density((grid, density))
+    with pytest.raises(TypeError, match="expected a SpectralDensity"):
+        plot_density(3.0)
+    plot_density((density, grid), path=tmp_path / "pair.png")  # the original order draws
+    assert (tmp_path / "pair.png").exists()

@@ -224,6 +224,7 @@ def test_operator_with_the_rewrite_matches_the_dense_hessian(backend):
     _close(op.matmat(np.stack([v, 2 * v])), np.stack([stock.matvec(v), 2 * stock.matvec(v)]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_host_loop_and_stream_with_the_rewrite(backend):
     loss, params, data = _cnn_problem()

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import classification_data, counted_batches, init_mlp, mlp_loss
 
+import jax_spectral as js
 from jax_spectral import eigv_to_density, hessian_operator, lanczos
 from jax_spectral.slq import slq, spectral_density
 
@@ -122,8 +123,11 @@ def test_errors():
         slq(op, jax.random.key(0), num_probes=0, order=3)
     with pytest.raises(ValueError, match="order must be a positive int"):
         slq(op, jax.random.key(0), num_probes=2, order=0)
-    with pytest.raises(FloatingPointError, match="SLQ step 0"):
+    with pytest.raises(js.NonFiniteError, match="SLQ step 0") as info:
         slq(DenseOperator(np.full((3, 3), np.nan)), jax.random.key(0), num_probes=2, order=2)
+    # one exception type for every algorithm, with the step and the partial result
+    assert isinstance(info.value, FloatingPointError) and info.value.step == 0
+    assert np.asarray(info.value.result.num_steps).tolist() == [0, 0]
 
 
 @pytest.mark.parametrize("loop", ["scan", "host"])

@@ -39,6 +39,7 @@ def test_hutchpp_beats_hutchinson_at_equal_matvecs_and_both_cover_the_truth():
     assert np.mean(errors_pp) < 0.2 * np.mean(errors_h)
 
 
+@pytest.mark.slow
 def test_trace_of_a_dataset_hessian(x64):
     params = init_mlp(jax.random.key(0), [4, 6, 3], jnp.float64)
     batch = classification_data(jax.random.key(1), 30, 4, 3, jnp.float64)
