@@ -118,7 +118,7 @@ def main():
         / np.abs(np.asarray(alphas)).max()
     )
     base = statistics.median(times["hand-written lax.scan"])
-    print(f"\n| run | median ms | / hand-written |\n|---|---|---|")
+    print("\n| run | median ms | / hand-written |\n|---|---|---|")
     for name, values in times.items():
         med = statistics.median(values)
         print(f"| {name} | {1e3 * med:.1f} | {med / base:.2f} |")

@@ -105,8 +105,9 @@ def plot_densities(
     note: str | None = None,
     path: str | Path | None = None,
 ):
-    """Several densities (``{name: SpectralDensity}``, e.g. one per layer), one semilogy
-    panel each (a ``SpectralDensity`` or a ``(density, grids)`` pair), stacked, each with its own eigenvalue axis and limits from its data."""
+    """Several densities (``{name: density}``, e.g. one per layer; each a
+    ``SpectralDensity`` or a ``(density, grids)`` pair), one semilogy panel each, stacked,
+    each with its own eigenvalue axis and limits from its data."""
     plt = _pyplot()
     n = len(densities)
     if n == 0:
