@@ -96,20 +96,27 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         folders = (f"{root}/{n}" for n in itertools.count())  # a fresh folder per run
         for name, fn in runs.items():
-            t = _alternating({
-                "plain": fn, "saved": lambda fn=fn: fn(checkpoint=next(folders)),
-            })  # fmt: skip
-            print(f"{name:<22}{t['plain']:>11.4f}{t['saved']:>14.4f}"
-                  f"{t['saved'] / t['plain'] - 1:>10.1%}")  # fmt: skip
+            t = _alternating(
+                {
+                    "plain": fn,
+                    "saved": lambda fn=fn: fn(checkpoint=next(folders)),
+                }
+            )
+            print(
+                f"{name:<22}{t['plain']:>11.4f}{t['saved']:>14.4f}"
+                f"{t['saved'] / t['plain'] - 1:>10.1%}"
+            )
 
         scanned = runs["lanczos, order 90"]
         saved = lambda: scanned(checkpoint=next(folders))  # noqa: E731
-        t = _alternating({
-            "plain run": scanned,
-            "9 segments, nothing saved": _patched(saved, save=_saving_nothing),
-            "+ copies to the host": _patched(saved, _write=_copying_only),
-            "+ writes (everything)": saved,
-        })  # fmt: skip
+        t = _alternating(
+            {
+                "plain run": scanned,
+                "9 segments, nothing saved": _patched(saved, save=_saving_nothing),
+                "+ copies to the host": _patched(saved, _write=_copying_only),
+                "+ writes (everything)": saved,
+            }
+        )
         print("\nbreakdown, scanned lanczos, order 90, every 10")
         for name, seconds in t.items():
             print(f"  {name:<28}{seconds:>9.4f} s{seconds / t['plain run'] - 1:>+9.1%}")

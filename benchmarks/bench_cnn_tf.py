@@ -62,8 +62,10 @@ def _tf_model(params):
     names = ["Conv_0", "Conv_1", "Conv_2", "Conv_3", "Dense_0", "Dense_1"]
     variables = []
     for name in names:
-        variables += [tf.Variable(np.asarray(params[name]["kernel"])),
-                      tf.Variable(np.asarray(params[name]["bias"]))]  # fmt: skip
+        variables += [
+            tf.Variable(np.asarray(params[name]["kernel"])),
+            tf.Variable(np.asarray(params[name]["bias"])),
+        ]
 
     def logits(x):
         h = x
@@ -224,20 +226,28 @@ def main():
     mine_grad = rows[f"JAX gradient ({best})"]
     mine_hvp = rows[f"JAX HVP ({best}, loop={ops[best].loop})"]
     stock_hvp = rows[f"JAX HVP (stock, loop={plain.loop})"]
-    ratios = [(f"JAX HVP: stock / {label}", stock_hvp / rows[f"JAX HVP ({label}, loop={op.loop})"])
-              for label, op in ops.items() if label != "stock"]  # fmt: skip
+    ratios = [
+        (f"JAX HVP: stock / {label}", stock_hvp / rows[f"JAX HVP ({label}, loop={op.loop})"])
+        for label, op in ops.items()
+        if label != "stock"
+    ]
     if tf is not None:
         ratios += [
             (f"JAX gradient ({best}) / TF gradient", mine_grad / rows["TF gradient"]),
-            (f"JAX HVP ({best}) / TF HVP (nested tapes)",
-             mine_hvp / rows["TF HVP (nested tapes)"]),
-            (f"JAX HVP ({best}) / TF HVP (fwd-over-rev)",
-             mine_hvp / rows["TF HVP (forward-over-reverse)"]),
-        ]  # fmt: skip
+            (f"JAX HVP ({best}) / TF HVP (nested tapes)", mine_hvp / rows["TF HVP (nested tapes)"]),
+            (
+                f"JAX HVP ({best}) / TF HVP (fwd-over-rev)",
+                mine_hvp / rows["TF HVP (forward-over-reverse)"],
+            ),
+        ]
         in_loop = rows.get(f"JAX HVP ({best}), a pass in a loop of {LOOP_PASSES}")
         if in_loop is not None:
-            ratios.append((f"JAX HVP ({best}) in a loop / TF HVP (nested tapes)",
-                           in_loop / rows["TF HVP (nested tapes)"]))  # fmt: skip
+            ratios.append(
+                (
+                    f"JAX HVP ({best}) in a loop / TF HVP (nested tapes)",
+                    in_loop / rows["TF HVP (nested tapes)"],
+                )
+            )
     print(f"\n{'ratio':<48}")
     for label, ratio in ratios:
         print(f"{label:<48}{ratio:>10.2f}")

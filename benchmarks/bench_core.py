@@ -190,8 +190,10 @@ def bench_list(loss, params, data, batch_size, order, repeats, rounds):
     from a callable (host loop): Lanczos / (m x HVP pass) for each."""
     x, y = data
     batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-    print(f"\n## list of {len(batches)} in-memory batches of {batch_size} (last "
-          f"{len(batches[-1][0])}), m = {order}")  # fmt: skip
+    print(
+        f"\n## list of {len(batches)} in-memory batches of {batch_size} (last "
+        f"{len(batches[-1][0])}), m = {order}"
+    )
     print(f"{'data':<28}{'loop':>6}{'HVP pass':>12}{'Lanczos':>12}{'Lanczos/(m x pass)':>20}")
     for label, source in (
         ("list [(x, y), ...]", batches),
@@ -235,9 +237,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="CNN Lanczos/passes rounds")
     parser.add_argument("--skip-scan-cnn", action="store_true", help="skip the slow CNN scan pass")
     parser.add_argument(
-        "--only-new", action="store_true",
+        "--only-new",
+        action="store_true",
         help="only the list-of-batches and recurrence-dtype sections",
-    )  # fmt: skip
+    )
     args = parser.parse_args()
 
     print("# jax-spectral core benchmark")
@@ -249,16 +252,33 @@ def main():
     if args.model in ("mlp", "both"):
         loss, params, data = digits_problem()
         if not args.only_new:
-            bench("digits MLP, 1,797 samples, batch 512", loss, params, data, 512, 80,
-                  args.repeats, rounds=5, skip_scan=False)  # fmt: skip
+            bench(
+                "digits MLP, 1,797 samples, batch 512",
+                loss,
+                params,
+                data,
+                512,
+                80,
+                args.repeats,
+                rounds=5,
+                skip_scan=False,
+            )
         bench_list(loss, params, data, 256, 80, args.repeats, rounds=5)
         bench_recurrence(loss, params, data, 512, 80, rounds=5)
     if args.model in ("cnn", "both"):
         loss, params, data = cifar_problem()
         if not args.only_new:
-            bench("CIFAR CNN, 256 images, batch 128", loss, params, data, 128, 20,
-                  max(1, args.repeats // 2), rounds=args.rounds,
-                  skip_scan=args.skip_scan_cnn)  # fmt: skip
+            bench(
+                "CIFAR CNN, 256 images, batch 128",
+                loss,
+                params,
+                data,
+                128,
+                20,
+                max(1, args.repeats // 2),
+                rounds=args.rounds,
+                skip_scan=args.skip_scan_cnn,
+            )
         bench_recurrence(loss, params, data, 128, 20, rounds=args.rounds)
 
 

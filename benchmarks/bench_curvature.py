@@ -82,10 +82,15 @@ def compare(name, apply, loss, params, data, batch_size, rounds):
             model, "softmax_cross_entropy", params, data, batch_size=batch_size
         ),
         "MC Fisher (1 draw)": fisher_operator(
-            model, "softmax_cross_entropy", params, data, batch_size=batch_size, kind="mc",
+            model,
+            "softmax_cross_entropy",
+            params,
+            data,
+            batch_size=batch_size,
+            kind="mc",
             key=jax.random.key(1),
         ),
-    }  # fmt: skip
+    }
     v = jax.random.normal(jax.random.key(0), (ops["Hessian"].dim,), jnp.float32)
     for op in ops.values():
         jax.block_until_ready(op.matvec(v))  # compile and warm up
@@ -95,8 +100,10 @@ def compare(name, apply, loss, params, data, batch_size, rounds):
             times[label].append(timed(lambda op=op: op.matvec(v)))
     hessian = statistics.median(times["Hessian"])
     loop = ops["Hessian"].loop
-    print(f"\n## {name}: {ops['Hessian'].dim:,} parameters, loop={loop}, rewrite="
-          f"{ops['Hessian'].rewrite}; medians of {rounds} alternated rounds")  # fmt: skip
+    print(
+        f"\n## {name}: {ops['Hessian'].dim:,} parameters, loop={loop}, rewrite="
+        f"{ops['Hessian'].rewrite}; medians of {rounds} alternated rounds"
+    )
     print(f"{'product pass':<22}{'seconds':>10}{'/ Hessian':>11}")
     for label in ops:
         seconds = statistics.median(times[label])
@@ -106,8 +113,11 @@ def compare(name, apply, loss, params, data, batch_size, rounds):
 def compare_ref(ref, model, rounds):
     tree = Path(f"/tmp/jax-spectral-ref-{ref}")
     if not tree.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref],
-                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), ref],
+            check=True,
+            capture_output=True,
+        )
     script = str(Path(__file__).resolve())
     results = {"before": [], "after": []}
     for _ in range(rounds):
@@ -116,13 +126,19 @@ def compare_ref(ref, model, rounds):
             repeats = "200" if model == "mlp" else "5"  # an MLP pass is about a millisecond
             out = subprocess.run(
                 [sys.executable, script, "--hessian-only", model, "--rounds", repeats],
-                env=env, capture_output=True, text=True, check=True, cwd=path,
-            )  # fmt: skip
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=path,
+            )
             results[label].append(float(out.stdout.strip().splitlines()[-1]))
     before, after = (statistics.median(results[k]) for k in ("before", "after"))
     print(f"\n## Hessian product, {model}: {ref} (before) against this tree (after)")
-    print(f"before {before:.4f} s, after {after:.4f} s, after / before {after / before:.3f} "
-          f"(medians of {rounds} alternated processes, each its passes' median)")  # fmt: skip
+    print(
+        f"before {before:.4f} s, after {after:.4f} s, after / before {after / before:.3f} "
+        f"(medians of {rounds} alternated processes, each its passes' median)"
+    )
 
 
 def main():
@@ -135,8 +151,10 @@ def main():
     if args.hessian_only:
         return hessian_only(args.hessian_only, args.rounds)
     machine = platform.processor() or platform.machine()
-    print(f"# bench_curvature: {machine}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
-          f"backend {jax.default_backend()}")  # fmt: skip
+    print(
+        f"# bench_curvature: {machine}, {os.cpu_count()} CPUs, jax {jax.__version__}, "
+        f"backend {jax.default_backend()}"
+    )
     for name, (apply, loss, params, data, batch_size) in problems(args.model).items():
         compare(name, apply, loss, params, data, batch_size, args.rounds)
     if args.ref:

@@ -122,8 +122,10 @@ def main():
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs; python "
         f"{platform.python_version()}; jax {jax.__version__}; keras {keras.__version__}"
     )
-    print(f"model: CIFAR CNN, {num_params:,} parameters; 256 images in batches of 128; "
-          f"order {args.order}")  # fmt: skip
+    print(
+        f"model: CIFAR CNN, {num_params:,} parameters; 256 images in batches of 128; "
+        f"order {args.order}"
+    )
 
     def keras_loss(model, inputs):
         xb, yb = inputs
@@ -156,8 +158,10 @@ def main():
         env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
         done = subprocess.run(
             [sys.executable, "-c", TF_SCRIPT, str(path), str(Path(tmp) / "data.npz")],
-            capture_output=True, text=True, env=env,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if done.returncode != 0:
             print(done.stderr[-3000:])
             raise SystemExit("the TensorFlow run failed")

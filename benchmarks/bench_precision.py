@@ -33,9 +33,11 @@ def digits_dense():
         op64 = hessian_operator(loss, p64, (x.astype(np.float64), y), batch_size=512)
         eye = np.eye(op64.dim)
         dense = np.concatenate(
-            [np.asarray(jax.vmap(op64.matvec)(jnp.asarray(eye[i : i + 256])))
-             for i in range(0, op64.dim, 256)]
-        )  # fmt: skip
+            [
+                np.asarray(jax.vmap(op64.matvec)(jnp.asarray(eye[i : i + 256])))
+                for i in range(0, op64.dim, 256)
+            ]
+        )
     return hessian_operator(loss, params, (x, y), batch_size=512), (dense + dense.T) / 2
 
 

@@ -147,11 +147,15 @@ def _describe_value(digest, value: Any, walk: _Walk | None = None, depth: int = 
     elif hasattr(value, "__code__") or hasattr(value, "__func__"):  # functions, methods
         digest.update(_describe_function(value).encode())
         function = getattr(value, "__func__", value)
-        cells = [c.cell_contents for c in (getattr(function, "__closure__", None) or ())
-                 if _filled(c)]  # fmt: skip
-        for part in (cells, getattr(function, "__defaults__", None),
-                     getattr(function, "__kwdefaults__", None),
-                     getattr(value, "__self__", None)):  # fmt: skip
+        cells = [
+            c.cell_contents for c in (getattr(function, "__closure__", None) or ()) if _filled(c)
+        ]
+        for part in (
+            cells,
+            getattr(function, "__defaults__", None),
+            getattr(function, "__kwdefaults__", None),
+            getattr(value, "__self__", None),
+        ):
             inner(part)
     elif hasattr(value, "__array__") and not isinstance(value, type):  # tf.Tensor, torch
         try:
@@ -451,13 +455,21 @@ class Checkpointer:
             # SHA-256 check, so resuming reports the checkpoint corrupt instead of misusing it.
             write_atomic(self.folder / name, lambda tmp: tmp.write_bytes(data))
             self.segments.append(
-                {"file": name, "start": start, "stop": stop,
-                 "sha256": hashlib.sha256(data).hexdigest()}
-            )  # fmt: skip
+                {
+                    "file": name,
+                    "start": start,
+                    "stop": stop,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                }
+            )
         meta = {
-            "format": _FORMAT, "settings": self.settings, "identity": self.identity,
-            "next_step": int(next_step), "done": bool(done), "segments": list(self.segments),
-        }  # fmt: skip
+            "format": _FORMAT,
+            "settings": self.settings,
+            "identity": self.identity,
+            "next_step": int(next_step),
+            "done": bool(done),
+            "segments": list(self.segments),
+        }
         buffer = io.BytesIO()
         np.savez(buffer, meta=np.array(json.dumps(meta)), **small)
         write_atomic(self.state_file, lambda tmp: tmp.write_bytes(buffer.getvalue()), durable=True)
@@ -494,8 +506,11 @@ class Checkpointer:
         for segment in meta["segments"]:
             name, start, stop = segment.get("file"), segment.get("start"), segment.get("stop")
             named = _SEGMENT_NAME.fullmatch(name) if isinstance(name, str) else None
-            if not (named and (int(named[1]), int(named[2])) == (start, stop)
-                    and 0 <= start < stop <= rows):  # fmt: skip
+            if not (
+                named
+                and (int(named[1]), int(named[2])) == (start, stop)
+                and 0 <= start < stop <= rows
+            ):
                 raise ValueError(
                     f"the checkpoint in {where} is corrupt: a basis segment is recorded as "
                     f"{name!r}, rows {start!r} to {stop!r} (expected basis-SSSSSS-EEEEEE.npy "

@@ -98,9 +98,11 @@ def _analysis_options(parser: argparse.ArgumentParser, *, out: str, order: int, 
         "--trace-matvecs", type=_positive_int, default=99, help="Hutch++ products (99)"
     )
     parser.add_argument(
-        "--sigma-squared", type=_positive_float, default=1e-5,
+        "--sigma-squared",
+        type=_positive_float,
+        default=1e-5,
         help="kernel variance of the density, relative to the spectrum's width (1e-5)",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
     parser.add_argument(
         "--batch-size", type=_positive_int, default=batch, help=f"HVP batch size ({batch})"
@@ -112,11 +114,13 @@ def _analysis_options(parser: argparse.ArgumentParser, *, out: str, order: int, 
         help="also a density of each layer's block (the other weights fixed): layers.png",
     )
     parser.add_argument(
-        "--curvature", choices=list(CURVATURES), default="hessian",
+        "--curvature",
+        choices=list(CURVATURES),
+        default="hessian",
         help="the matrix: the loss's Hessian (default), the generalised Gauss-Newton "
         "J^T H_L J (H_L: the loss's Hessian in the model's outputs), or the empirical Fisher "
         "(per-sample gradients)",
-    )  # fmt: skip
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -139,22 +143,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     keras.add_argument("model", help="a model saved with model.save('model.keras')")
     keras.add_argument(
-        "--unsafe-load", action="store_true",
+        "--unsafe-load",
+        action="store_true",
         help="run Python code stored in the model file (Lambda layers; Keras's "
         "safe_mode=False): only for a file you trust. Off by default",
-    )  # fmt: skip
+    )
     keras.add_argument(
-        "--data", default="digits",
+        "--data",
+        default="digits",
         help="'digits' (scikit-learn's bundled 1,797 8x8 images as 64 features, pixel / 16, "
         "so in [0, 1]; labels 0-9; default), a .npz file with arrays x and y, or tfds:NAME "
         "(a tensorflow-datasets dataset prepared under --data-dir; never downloaded)",
-    )  # fmt: skip
+    )
     keras.add_argument("--data-dir", help="tensorflow-datasets data_dir for tfds:NAME")
     keras.add_argument("--split", help="tfds split (train)")
     keras.add_argument(
-        "--keys", type=_key_pair, help="names of inputs and targets: npz arrays (x,y) or "
+        "--keys",
+        type=_key_pair,
+        help="names of inputs and targets: npz arrays (x,y) or "
         "tfds features (the dataset's supervised pair, else image,label)",
-    )  # fmt: skip
+    )
     keras.add_argument("--limit", type=_positive_int, help="use only the first N samples")
     keras.add_argument(
         "--scale", type=_finite_float, default=1.0, help="multiply the inputs by this (1.0)"
@@ -175,9 +183,13 @@ def _versions(**extra: str) -> dict:
     from . import __version__
 
     return {
-        "jax_spectral": __version__, "jax": jax.__version__, "python": platform.python_version(),
-        "platform": platform.platform(), "backend": jax.default_backend(), **extra,
-    }  # fmt: skip
+        "jax_spectral": __version__,
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "backend": jax.default_backend(),
+        **extra,
+    }
 
 
 def _save_npz(out: Path, **arrays: Any) -> None:
@@ -204,8 +216,9 @@ def _adjust(summary: dict, note: str) -> None:
     summary.setdefault("adjustments", []).append(note)
 
 
-def _layer_densities(blocks, key, order, num_probes, sigma_squared, progress, out, arrays,
-                     summary) -> dict:  # fmt: skip
+def _layer_densities(
+    blocks, key, order, num_probes, sigma_squared, progress, out, arrays, summary
+) -> dict:
     """An SLQ density of each block operator (at most ``order`` steps, its size), saved in
     spectrum.npz as ``layer{i}_grid``/``layer{i}_density`` and listed in spectrum.json."""
     import jax
@@ -216,14 +229,26 @@ def _layer_densities(blocks, key, order, num_probes, sigma_squared, progress, ou
     layers, entries = {}, []
     for i, (name, block) in enumerate(blocks.items()):
         steps = min(order, block.dim)
-        result = slq(block, jax.random.fold_in(key, i + 1), num_probes=num_probes, order=steps,
-                     progress=progress)  # fmt: skip
+        result = slq(
+            block,
+            jax.random.fold_in(key, i + 1),
+            num_probes=num_probes,
+            order=steps,
+            progress=progress,
+        )
         layers[name] = spectral_density(result, sigma_squared=sigma_squared)
-        arrays.update({f"layer{i}_grid": layers[name].grid,
-                       f"layer{i}_density": layers[name].density})  # fmt: skip
+        arrays.update(
+            {f"layer{i}_grid": layers[name].grid, f"layer{i}_density": layers[name].density}
+        )
         nodes = np.asarray(result.nodes)[np.asarray(result.weights) > 0]
-        entries.append({"name": name, "num_params": int(block.dim), "order": steps,
-                        "extreme_nodes": [float(nodes.min()), float(nodes.max())]})  # fmt: skip
+        entries.append(
+            {
+                "name": name,
+                "num_params": int(block.dim),
+                "order": steps,
+                "extreme_nodes": [float(nodes.min()), float(nodes.max())],
+            }
+        )
     summary["layers"] = entries
     _save_npz(out, **arrays)
     _save_json(out, summary)
@@ -234,8 +259,9 @@ def _draw_layers(out: Path, layers: dict, title: str, note: str) -> str:
     from .plot import plot_densities
 
     try:
-        fig = plot_densities(layers, path=out / "layers.png", title=title + ", per layer",
-                             note=note)  # fmt: skip
+        fig = plot_densities(
+            layers, path=out / "layers.png", title=title + ", per layer", note=note
+        )
     except ImportError:
         return "not drawn (pip install 'jax-spectral[plot]' for layers.png)"
     import matplotlib.pyplot as plt
@@ -249,8 +275,9 @@ def _draw(out: Path, dens: Any, outliers: Any, title: str, note: str) -> str:
     from .plot import plot_density  # imports matplotlib only when called
 
     try:
-        fig = plot_density(dens, outliers=outliers, path=out / "density.png", title=title,
-                           note=note)  # fmt: skip
+        fig = plot_density(
+            dens, outliers=outliers, path=out / "density.png", title=title, note=note
+        )
     except ImportError:  # matplotlib is missing: the npz and json still hold everything
         return "not drawn (pip install 'jax-spectral[plot]' for density.png)"
     import matplotlib.pyplot as plt
@@ -296,8 +323,11 @@ def analyse(
         order = dim
     eig_order = min(dim, max(4 * top, 80))
     if eig_order != order:
-        _adjust(summary, f"the top {top} eigenpairs use {eig_order} Lanczos steps, not "
-                f"--order {order} (max(4 x --top, 80), at most the parameter count)")  # fmt: skip
+        _adjust(
+            summary,
+            f"the top {top} eigenpairs use {eig_order} Lanczos steps, not "
+            f"--order {order} (max(4 x --top, 80), at most the parameter count)",
+        )
     if trace_matvecs < 6:
         _adjust(summary, f"--trace-matvecs {trace_matvecs} is below Hutch++'s minimum: using 6")
         trace_matvecs = 6
@@ -326,15 +356,20 @@ def analyse(
         (out / name).unlink(missing_ok=True)
     key_slq, key_eig, key_trace = jax.random.split(key, 3)
     settings = summary.setdefault("settings", {})
-    settings.update(order=order, num_probes=num_probes, sigma_squared=sigma_squared,
-                    top=top, eig_order=eig_order, trace_matvecs=trace_matvecs)  # fmt: skip
+    settings.update(
+        order=order,
+        num_probes=num_probes,
+        sigma_squared=sigma_squared,
+        top=top,
+        eig_order=eig_order,
+        trace_matvecs=trace_matvecs,
+    )
     stages = _STAGES + (("layers",) if blocks else ())
     status = summary["status"] = {"complete": False, **dict.fromkeys(stages, "not run")}
     stage = "density"
     try:
         try:
-            result = slq(operator, key_slq, num_probes=num_probes, order=order,
-                         progress=progress)  # fmt: skip
+            result = slq(operator, key_slq, num_probes=num_probes, order=order, progress=progress)
             status["density"] = "done"
         except Interrupted as stop:
             if stop.result is None:
@@ -343,17 +378,22 @@ def analyse(
             status["density"] = f"interrupted after {stop.steps} of {order} steps"
         dens = spectral_density(result, sigma_squared=sigma_squared)
         arrays = dict(
-            grid=dens.grid, density=dens.density, stderr=dens.stderr,
-            tridiags=np.asarray(result.lanczos.tridiag), nodes=result.nodes,
+            grid=dens.grid,
+            density=dens.density,
+            stderr=dens.stderr,
+            tridiags=np.asarray(result.lanczos.tridiag),
+            nodes=result.nodes,
             weights=result.weights,
-        )  # fmt: skip
+        )
         _save_npz(out, **arrays)
         summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
         _save_json(out, summary)
         stage = "figure"
         steps = int(np.max(result.lanczos.num_steps))
-        note = (f"sigma^2 = {sigma_squared:g} (relative), {num_probes} probes x {steps} "
-                f"Lanczos steps, {operator.num_samples or 'all'} samples")  # fmt: skip
+        note = (
+            f"sigma^2 = {sigma_squared:g} (relative), {num_probes} probes x {steps} "
+            f"Lanczos steps, {operator.num_samples or 'all'} samples"
+        )
         figure = _draw(out, dens, None, title, note)
         status["figure"] = "density only" if figure.endswith(".png") else figure
         _save_json(out, summary)
@@ -368,8 +408,11 @@ def analyse(
         except ValueError as err:  # fewer distinct eigenvalues than --top (density saved)
             raise InputError(f"--top {top}: {err}") from None
         status["top_eigenvalues"] = "done"
-        summary.update(top_eigenvalues=pairs.values.tolist(), residuals=pairs.residuals.tolist(),
-                       converged=pairs.converged.tolist())  # fmt: skip
+        summary.update(
+            top_eigenvalues=pairs.values.tolist(),
+            residuals=pairs.residuals.tolist(),
+            converged=pairs.converged.tolist(),
+        )
         arrays.update(top_eigenvalues=pairs.values, residuals=pairs.residuals)
         _save_npz(out, **arrays)
         _save_json(out, summary)
@@ -381,8 +424,9 @@ def analyse(
         if blocks:
             stage = "layers"
             _save_json(out, summary)
-            layers = _layer_densities(blocks, key_trace, order, num_probes, sigma_squared,
-                                      progress, out, arrays, summary)  # fmt: skip
+            layers = _layer_densities(
+                blocks, key_trace, order, num_probes, sigma_squared, progress, out, arrays, summary
+            )
             status["layers"] = "done"
             drawn = _draw_layers(out, layers, title, note)
             if not drawn.endswith(".png"):
@@ -459,9 +503,15 @@ def run_demo(
     )
     model_fn = functools.partial(_flax_apply, model.apply)
     build = functools.partial(
-        _curvature_operator, curvature, loss, model_fn, "softmax_cross_entropy", params,
-        (X, y), batch_size=batch_size,
-    )  # fmt: skip
+        _curvature_operator,
+        curvature,
+        loss,
+        model_fn,
+        "softmax_cross_entropy",
+        params,
+        (X, y),
+        batch_size=batch_size,
+    )
     operator = build()
     blocks = {}
     if per_layer:
@@ -471,17 +521,31 @@ def run_demo(
         "num_params": int(num_params),
         "num_samples": len(X),
         "train_accuracy": accuracy,
-        "settings": {"seed": seed, "batch_size": batch_size, "train_steps": train_steps,
-                     "reduce": "mean", "loop": operator.loop, "curvature": curvature},
+        "settings": {
+            "seed": seed,
+            "batch_size": batch_size,
+            "train_steps": train_steps,
+            "reduce": "mean",
+            "loop": operator.loop,
+            "curvature": curvature,
+        },
         "versions": _versions(),
-    }  # fmt: skip
+    }
     return analyse(
-        operator, out=out, key=key, order=order, num_probes=num_probes, top=top,
-        trace_matvecs=trace_matvecs, sigma_squared=sigma_squared, progress=progress,
+        operator,
+        out=out,
+        key=key,
+        order=order,
+        num_probes=num_probes,
+        top=top,
+        trace_matvecs=trace_matvecs,
+        sigma_squared=sigma_squared,
+        progress=progress,
         title=f"{CURVATURES[curvature]} density, digits MLP ({num_probes} probes)",
-        summary=summary, blocks=blocks,
+        summary=summary,
+        blocks=blocks,
         started=started,
-    )  # fmt: skip
+    )
 
 
 def _flax_apply(apply, params, x):
@@ -516,9 +580,10 @@ def run_keras(args: argparse.Namespace) -> dict:
 
     tfds = args.data.startswith("tfds:")
     for option, value, allowed in (
-        ("--split", args.split, tfds), ("--data-dir", args.data_dir, tfds),
+        ("--split", args.split, tfds),
+        ("--data-dir", args.data_dir, tfds),
         ("--keys", args.keys, args.data != "digits"),
-    ):  # fmt: skip
+    ):
         if value is not None and not allowed:
             raise InputError(f"{option} does not apply to --data {args.data}.")
     if args.from_logits and args.loss is None:
@@ -526,9 +591,12 @@ def run_keras(args: argparse.Namespace) -> dict:
     try:
         model = loading.load_model(args.model, safe_mode=not args.unsafe_load)
         x, y = datasets.load_arrays(
-            args.data, data_dir=args.data_dir, split=args.split or "train", keys=args.keys,
+            args.data,
+            data_dir=args.data_dir,
+            split=args.split or "train",
+            keys=args.keys,
             limit=args.limit,
-        )  # fmt: skip
+        )
         given = x.shape[1:]
         x = loading.shape_inputs(model, x) * args.scale
         compiled = getattr(model, "loss", None)
@@ -544,9 +612,16 @@ def run_keras(args: argparse.Namespace) -> dict:
     loss = pure_loss(model, loss_fn)
     try:
         build = functools.partial(
-            _curvature_operator, args.curvature, loss, pure_model(model) if out_loss else None,
-            out_loss, params, (x, y), batch_size=args.batch_size, reduce=args.reduce,
-        )  # fmt: skip
+            _curvature_operator,
+            args.curvature,
+            loss,
+            pure_model(model) if out_loss else None,
+            out_loss,
+            params,
+            (x, y),
+            batch_size=args.batch_size,
+            reduce=args.reduce,
+        )
         operator = build()
         blocks = {}
         if args.per_layer:
@@ -558,8 +633,11 @@ def run_keras(args: argparse.Namespace) -> dict:
     name = Path(args.model).name
     notes: dict = {}
     if x.shape[1:] != given:
-        _adjust(notes, f"the data's samples of shape {given} are reshaped to the model's "
-                f"input shape {x.shape[1:]}")  # fmt: skip
+        _adjust(
+            notes,
+            f"the data's samples of shape {given} are reshaped to the model's "
+            f"input shape {x.shape[1:]}",
+        )
     print(
         f"loaded {name}: {operator.dim:,} trainable parameters; data {args.data}: "
         f"{len(x)} samples of shape {x.shape[1:]}, batches of {args.batch_size} "
@@ -576,23 +654,37 @@ def run_keras(args: argparse.Namespace) -> dict:
         "num_params": int(operator.dim),
         "num_samples": len(x),
         "data": args.data,
-        "settings": {"seed": args.seed, "batch_size": args.batch_size, "reduce": args.reduce,
-                     "loss": args.loss or "compiled", "from_logits": args.from_logits,
-                     "split": args.split, "limit": args.limit,
-                     "scale": args.scale, "loop": operator.loop,
-                     "curvature": args.curvature},
+        "settings": {
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "reduce": args.reduce,
+            "loss": args.loss or "compiled",
+            "from_logits": args.from_logits,
+            "split": args.split,
+            "limit": args.limit,
+            "scale": args.scale,
+            "loop": operator.loop,
+            "curvature": args.curvature,
+        },
         "versions": _versions(keras=keras.__version__),
         **quality,
         **notes,
-    }  # fmt: skip
+    }
     return analyse(
-        operator, out=args.out, key=jax.random.key(args.seed), order=args.order,
-        num_probes=args.num_probes, top=args.top, trace_matvecs=args.trace_matvecs,
-        sigma_squared=args.sigma_squared, progress=not args.quiet,
+        operator,
+        out=args.out,
+        key=jax.random.key(args.seed),
+        order=args.order,
+        num_probes=args.num_probes,
+        top=args.top,
+        trace_matvecs=args.trace_matvecs,
+        sigma_squared=args.sigma_squared,
+        progress=not args.quiet,
         title=f"{CURVATURES[args.curvature]} density, {name} ({args.num_probes} probes)",
-        summary=summary, blocks=blocks,
+        summary=summary,
+        blocks=blocks,
         started=started,
-    )  # fmt: skip
+    )
 
 
 def _fit_on(model: Any, loss: Any, params: Any, x: Any, y: Any, batch_size: int) -> dict:
@@ -660,11 +752,19 @@ def main(argv: list[str] | None = None) -> int:
         _check_out(args.out)
         if args.command == "demo":
             run_demo(
-                args.out, order=args.order, seed=args.seed, batch_size=args.batch_size,
-                train_steps=args.train_steps, num_probes=args.num_probes, top=args.top,
-                trace_matvecs=args.trace_matvecs, sigma_squared=args.sigma_squared,
-                progress=not args.quiet, curvature=args.curvature, per_layer=args.per_layer,
-            )  # fmt: skip
+                args.out,
+                order=args.order,
+                seed=args.seed,
+                batch_size=args.batch_size,
+                train_steps=args.train_steps,
+                num_probes=args.num_probes,
+                top=args.top,
+                trace_matvecs=args.trace_matvecs,
+                sigma_squared=args.sigma_squared,
+                progress=not args.quiet,
+                curvature=args.curvature,
+                per_layer=args.per_layer,
+            )
         else:
             run_keras(args)
     except (InputError, FloatingPointError) as err:

@@ -128,11 +128,14 @@ def estimate(
     else:
         per_device = total
     return CostEstimate(
-        passes=int(order), hvps=int(order) * int(num_probes), basis_bytes=total,
-        basis_bytes_per_device=per_device, devices=devices,
+        passes=int(order),
+        hvps=int(order) * int(num_probes),
+        basis_bytes=total,
+        basis_bytes_per_device=per_device,
+        devices=devices,
         free_bytes=free_device_bytes(jax.devices("cpu")[0] if on_host else None),
         dtype=recurrence.name,
-    )  # fmt: skip
+    )
 
 
 def check_fits(cost: CostEstimate, *, num_probes: int = 1, on_host: bool = False) -> None:

@@ -113,16 +113,25 @@ def _output_operator(model, loss, params, data, kind, mc_samples, options) -> Cu
         raise TypeError(f"model must be callable, model(params, inputs), got {type(model)}.")
     check_hashable(model, "model")
     unknown = set(options) - {
-        "reduce", "batch_size", "loop", "mesh", "data_axis", "rewrite", "wrt",
-    }  # fmt: skip
+        "reduce",
+        "batch_size",
+        "loop",
+        "mesh",
+        "data_axis",
+        "rewrite",
+        "wrt",
+    }
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}.")
     reduce = options.get("reduce", "mean")
     product = OutputProduct(model, output_loss(loss, reduce), kind, mc_samples)
     return build_operator(
-        product, params, data, check_batch=lambda p, b: _check_output_batch(product, p, b),
+        product,
+        params,
+        data,
+        check_batch=lambda p, b: _check_output_batch(product, p, b),
         **options,
-    )  # fmt: skip
+    )
 
 
 def _check_output_batch(product: OutputProduct, params: PyTree, batch: Any) -> None:

@@ -155,8 +155,10 @@ def stack_batches(batches: Any) -> SplitArrays | None:
     full = batches if sizes[-1] == size else batches[:-1]
     if any(_signature(b) != _signature(full[0]) for b in full[1:]):
         return None
-    nbytes = sum(int(np.prod(np.shape(x))) * getattr(getattr(x, "dtype", None), "itemsize", 8)
-                 for x in jax.tree_util.tree_leaves(batches))  # fmt: skip
+    nbytes = sum(
+        int(np.prod(np.shape(x))) * getattr(getattr(x, "dtype", None), "itemsize", 8)
+        for x in jax.tree_util.tree_leaves(batches)
+    )
     from .costs import free_device_bytes
 
     free = free_device_bytes()

@@ -114,9 +114,12 @@ def prepare_tfds_digits(data_dir: str, name: str = "digits_local") -> str:
     tfds.disable_progress_bar()
     try:
         tfds.dataset_builders.store_as_tfds_dataset(
-            name=name, version="1.0.0", features=features, split_datasets=splits,
+            name=name,
+            version="1.0.0",
+            features=features,
+            split_datasets=splits,
             data_dir=str(data_dir),
-        )  # fmt: skip
+        )
     finally:
         tfds.enable_progress_bar()
     return name
@@ -129,8 +132,10 @@ def _load_npz(path: str, keys: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]
             f"no data file {path!r} (expected 'digits', 'tfds:NAME' or an .npz file)."
         )
     if not zipfile.is_zipfile(file):
-        raise ValueError(f"{path}: not an .npz file (one is a zip archive written by "
-                         "numpy.savez, with arrays x and y).")  # fmt: skip
+        raise ValueError(
+            f"{path}: not an .npz file (one is a zip archive written by "
+            "numpy.savez, with arrays x and y)."
+        )
     try:
         with np.load(file, allow_pickle=False) as arrays:
             found = list(arrays.keys())
@@ -158,9 +163,13 @@ def _load_tfds(name, data_dir, split, keys, limit):
         ) from err
     try:
         dataset, info = tfds.load(
-            name, split=split, data_dir=data_dir, download=False, with_info=True,
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=False,
+            with_info=True,
             shuffle_files=False,
-        )  # fmt: skip
+        )
     except ModuleNotFoundError as err:  # tfds imports parts of its dependencies lazily
         raise ImportError(
             f"tensorflow-datasets needs {err.name}: pip install 'jax-spectral[tfds]'"

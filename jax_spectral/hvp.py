@@ -68,8 +68,9 @@ def check_like(template: PyTree, tree: PyTree, what: str = "v") -> None:
             f"{what} must have the same pytree structure as params; got params {t_def} and "
             f"{what} {v_def}."
         )
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(template),
-                            jax.tree_util.tree_leaves(tree), strict=True):  # fmt: skip
+    for (path, a), b in zip(
+        jax.tree_util.tree_leaves_with_path(template), jax.tree_util.tree_leaves(tree), strict=True
+    ):
         if np.shape(a) != np.shape(b):
             raise ValueError(
                 f"{what}{jax.tree_util.keystr(path)} has shape {np.shape(b)}, but the params "

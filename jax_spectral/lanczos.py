@@ -317,16 +317,22 @@ def _steps(matvec, state, start, stop, *, reorthogonalize, tol, basis_sharding=N
     jax.jit,
     static_argnames=("fn", "order", "reorthogonalize", "tol", "basis_sharding", "products"),
 )
-def _scan_lanczos(fn, operand, template, v0, *, order, reorthogonalize, tol,
-                  basis_sharding=None, products=None):  # fmt: skip
+def _scan_lanczos(
+    fn, operand, template, v0, *, order, reorthogonalize, tol, basis_sharding=None, products=None
+):
     """The whole recurrence as one program: for ``lanczos`` under the caller's ``jit``."""
     state = init_state(v0, order)
     if basis_sharding is not None:
         state = _constrain(state, basis_sharding)
     state = _steps(
-        _flat_matvec(fn, operand, template, products), state, 0, order,
-        reorthogonalize=reorthogonalize, tol=tol, basis_sharding=basis_sharding,
-    )  # fmt: skip
+        _flat_matvec(fn, operand, template, products),
+        state,
+        0,
+        order,
+        reorthogonalize=reorthogonalize,
+        tol=tol,
+        basis_sharding=basis_sharding,
+    )
     result = pack_result(state)
     if basis_sharding is not None:
         result = result._replace(
@@ -345,13 +351,29 @@ def _constrain(state, basis_sharding):
     static_argnames=("fn", "reorthogonalize", "tol", "products", "basis_sharding"),
     donate_argnames=("state",),
 )
-def _scan_segment(fn, operand, template, state, start, stop, *, reorthogonalize, tol,
-                  products=None, basis_sharding=None):  # fmt: skip
+def _scan_segment(
+    fn,
+    operand,
+    template,
+    state,
+    start,
+    stop,
+    *,
+    reorthogonalize,
+    tol,
+    products=None,
+    basis_sharding=None,
+):
     """Steps ``start .. stop - 1`` (traced bounds: one compilation for every segment)."""
     return _steps(
-        _flat_matvec(fn, operand, template, products), state, start, stop,
-        reorthogonalize=reorthogonalize, tol=tol, basis_sharding=basis_sharding,
-    )  # fmt: skip
+        _flat_matvec(fn, operand, template, products),
+        state,
+        start,
+        stop,
+        reorthogonalize=reorthogonalize,
+        tol=tol,
+        basis_sharding=basis_sharding,
+    )
 
 
 _init_jit = jax.jit(init_state, static_argnums=1)
@@ -394,8 +416,7 @@ def _host_steps(matvec, state, start, stop, *, reorthogonalize, tol, bar, watch)
         alpha, beta = float(state.alphas[step]), float(state.betas[step])
         return {"alpha": f"{alpha:.4g}", "beta": f"{beta:.4g}"}
 
-    return host_loop(product, step_fn, state, start, stop, bar=bar, watch=watch,
-                     describe=describe)  # fmt: skip
+    return host_loop(product, step_fn, state, start, stop, bar=bar, watch=watch, describe=describe)
 
 
 # A scanned run is cut into segments of about this many seconds (measured as it runs): the
@@ -403,8 +424,7 @@ def _host_steps(matvec, state, start, stop, *, reorthogonalize, tol, bar, watch)
 SEGMENT_SECONDS = 0.5
 
 
-def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10,
-              resume=False):  # fmt: skip
+def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10, resume=False):
     """Drive a recurrence to ``order`` steps: the one loop behind ``lanczos`` and ``slq``.
 
     ``advance(state, start, stop, watch) -> (state, reached)`` runs steps ``start ..
@@ -460,8 +480,10 @@ def interrupted(what: str, steps: int, order: int, result: Any, checkpoint: Any)
     return Interrupted(
         f"{what} stopped by Ctrl-C after {steps} of {order} steps{where}; the finished "
         "steps are in this exception's 'result' attribute.",
-        result=result, steps=steps, total=order,
-    )  # fmt: skip
+        result=result,
+        steps=steps,
+        total=order,
+    )
 
 
 def _is_tracer(x: Any) -> bool:
@@ -716,12 +738,21 @@ def lanczos(
 
         checkpointer = Checkpointer(
             checkpoint,
-            settings={"kind": "lanczos", "order": order, "dim": dim, "dtype": str(wide),
-                      "reorthogonalize": reorthogonalize, "tol": tol, "loop": loop},
-            identity={"operator and data": fingerprint(operand if operand is not None else fn),
-                      "start vector": fingerprint(v0)},
+            settings={
+                "kind": "lanczos",
+                "order": order,
+                "dim": dim,
+                "dtype": str(wide),
+                "reorthogonalize": reorthogonalize,
+                "tol": tol,
+                "loop": loop,
+            },
+            identity={
+                "operator and data": fingerprint(operand if operand is not None else fn),
+                "start vector": fingerprint(v0),
+            },
             rows_axis=0,
-        )  # fmt: skip
+        )
 
     if x64_off:  # arrays of the operand made now, not as float64 inside the x64 context
         operand, template = jax.tree_util.tree_map(jnp.asarray, (operand, template))
@@ -730,25 +761,47 @@ def lanczos(
         v0 = v0.astype(wide)
         if traced:
             result = _scan_lanczos(
-                fn, operand, template, v0, order=order, reorthogonalize=reorthogonalize,
-                tol=tol, basis_sharding=basis_sharding, products=products,
-            )  # fmt: skip
+                fn,
+                operand,
+                template,
+                v0,
+                order=order,
+                reorthogonalize=reorthogonalize,
+                tol=tol,
+                basis_sharding=basis_sharding,
+                products=products,
+            )
             stopped_early = False
         else:
             if loop == "host":
                 flat = _flat_matvec(fn, operand, template, products)
 
                 def advance(state, start, stop, watch):
-                    return _host_steps(flat, state, start, stop, reorthogonalize=reorthogonalize,
-                                       tol=tol, bar=bar, watch=watch)  # fmt: skip
+                    return _host_steps(
+                        flat,
+                        state,
+                        start,
+                        stop,
+                        reorthogonalize=reorthogonalize,
+                        tol=tol,
+                        bar=bar,
+                        watch=watch,
+                    )
             else:
 
                 def advance(state, start, stop, watch):
                     state = _scan_segment(
-                        fn, operand, template, state, jnp.int32(start), jnp.int32(stop),
-                        reorthogonalize=reorthogonalize, tol=tol, products=products,
+                        fn,
+                        operand,
+                        template,
+                        state,
+                        jnp.int32(start),
+                        jnp.int32(stop),
+                        reorthogonalize=reorthogonalize,
+                        tol=tol,
+                        products=products,
                         basis_sharding=basis_sharding,
-                    )  # fmt: skip
+                    )
                     return state, stop
 
             state = _init_jit(v0, order)
@@ -757,14 +810,21 @@ def lanczos(
                     basis_sharding.mesh, jax.sharding.PartitionSpec()
                 )
                 state = jax.device_put(
-                    state, state._replace(basis=basis_sharding, **dict.fromkeys(
-                        state._fields[1:], replicated))
-                )  # fmt: skip
+                    state,
+                    state._replace(
+                        basis=basis_sharding, **dict.fromkeys(state._fields[1:], replicated)
+                    ),
+                )
             state, stopped_early = run_steps(
-                advance, state, order, bar=bar, synced=loop == "host",
+                advance,
+                state,
+                order,
+                bar=bar,
+                synced=loop == "host",
                 checkpointer=checkpointer,
-                every=checkpoint_every, resume=resume,
-            )  # fmt: skip
+                every=checkpoint_every,
+                resume=resume,
+            )
             result = _pack_jit(state)
             if basis_sharding is not None:
                 result = result._replace(basis=jax.device_put(result.basis, basis_sharding))
@@ -933,7 +993,9 @@ def lanczos_alg(
     """
     result = lanczos(matrix_vector_product, rng_key, order, dim=dim)
     warn_if_broke_down(
-        result, order, "tridiag is zero past that block, so its eigenvalues include padding "
-        "zeros with zero weight; jax_spectral.lanczos gives num_steps"
-    )  # fmt: skip
+        result,
+        order,
+        "tridiag is zero past that block, so its eigenvalues include padding "
+        "zeros with zero weight; jax_spectral.lanczos gives num_steps",
+    )
     return result.tridiag, result.basis

@@ -151,21 +151,28 @@ class _Library:
 
     def strided(self, dims, strides) -> _P:
         return self.create(
-            "dnnl_memory_desc_create_with_strides", len(dims), _Dims(*dims), _F32,
+            "dnnl_memory_desc_create_with_strides",
+            len(dims),
+            _Dims(*dims),
+            _F32,
             _Dims(*strides),
-        )  # fmt: skip
+        )
 
     def any_format(self, dims) -> _P:
-        return self.create("dnnl_memory_desc_create_with_tag", len(dims), _Dims(*dims), _F32,
-                           _FORMAT_ANY)  # fmt: skip
+        return self.create(
+            "dnnl_memory_desc_create_with_tag", len(dims), _Dims(*dims), _F32, _FORMAT_ANY
+        )
 
     def queried(self, descriptor: _P, what: int) -> _P:
         return _P(self.lib.dnnl_primitive_desc_query_md(descriptor, what, 0))
 
     def implementation(self, descriptor: _P) -> str:
         name = ctypes.c_char_p()
-        self.check(self.lib.dnnl_primitive_desc_query(descriptor, _QUERY_IMPLEMENTATION, 0,
-                                                      ctypes.byref(name)))  # fmt: skip
+        self.check(
+            self.lib.dnnl_primitive_desc_query(
+                descriptor, _QUERY_IMPLEMENTATION, 0, ctypes.byref(name)
+            )
+        )
         return (name.value or b"").decode()
 
     def reorder(self, source: _P, target: _P) -> _P:
@@ -176,8 +183,10 @@ class _Library:
 
     def execute(self, primitive: _P, args: list[tuple[int, _P, int]]) -> None:
         """Run ``primitive`` on ``(argument kind, memory descriptor, address)`` triples."""
-        memories = [self.create("dnnl_memory_create", md, self.engine, _P(address))
-                    for _, md, address in args]  # fmt: skip
+        memories = [
+            self.create("dnnl_memory_create", md, self.engine, _P(address))
+            for _, md, address in args
+        ]
         try:
             pairs = zip(args, memories, strict=True)
             packed = (_Arg * len(args))(*(_Arg(k, m) for (k, _, _), m in pairs))
@@ -281,22 +290,47 @@ class _Geometry:
         inner = [math.prod(window[d + 1 :]) * c * o for d in range(rank)]
         self.w_md = lib.strided(w_dims, (1, o, *inner))
         geometry = (
-            _Dims(*strides), _Dims(*(d - 1 for d in dilation)),
-            _Dims(*(lo for lo, _ in padding)), _Dims(*(hi for _, hi in padding)),
-        )  # fmt: skip
+            _Dims(*strides),
+            _Dims(*(d - 1 for d in dilation)),
+            _Dims(*(lo for lo, _ in padding)),
+            _Dims(*(hi for _, hi in padding)),
+        )
         w_any = lib.any_format(w_dims)
         forward = lib.create(
-            "dnnl_convolution_forward_primitive_desc_create", lib.engine, _FORWARD_TRAINING,
-            _DIRECT, self.x_md, w_any, None, self.y_md, *geometry, None,
-        )  # fmt: skip
+            "dnnl_convolution_forward_primitive_desc_create",
+            lib.engine,
+            _FORWARD_TRAINING,
+            _DIRECT,
+            self.x_md,
+            w_any,
+            None,
+            self.y_md,
+            *geometry,
+            None,
+        )
         backward_data = lib.create(
-            "dnnl_convolution_backward_data_primitive_desc_create", lib.engine, _DIRECT,
-            self.x_md, w_any, self.y_md, *geometry, forward, None,
-        )  # fmt: skip
+            "dnnl_convolution_backward_data_primitive_desc_create",
+            lib.engine,
+            _DIRECT,
+            self.x_md,
+            w_any,
+            self.y_md,
+            *geometry,
+            forward,
+            None,
+        )
         backward_weights = lib.create(
-            "dnnl_convolution_backward_weights_primitive_desc_create", lib.engine, _DIRECT,
-            self.x_md, w_any, None, self.y_md, *geometry, forward, None,
-        )  # fmt: skip
+            "dnnl_convolution_backward_weights_primitive_desc_create",
+            lib.engine,
+            _DIRECT,
+            self.x_md,
+            w_any,
+            None,
+            self.y_md,
+            *geometry,
+            forward,
+            None,
+        )
         self.kernels, self.implementations = {}, {}
         for name, descriptor, query in (
             ("forward", forward, _QUERY_WEIGHTS),
@@ -311,8 +345,11 @@ class _Geometry:
             self.implementations[name] = implementation
             chosen = lib.queried(descriptor, query)
             packed = np.empty(lib.lib.dnnl_memory_desc_get_size(chosen) // 4 + 1, np.float32)
-            reorder = (lib.reorder(chosen, self.w_md) if name == "kernel_grad"
-                       else lib.reorder(self.w_md, chosen))  # fmt: skip
+            reorder = (
+                lib.reorder(chosen, self.w_md)
+                if name == "kernel_grad"
+                else lib.reorder(self.w_md, chosen)
+            )
             primitive = lib.create("dnnl_primitive_create", descriptor)
             self.kernels[name] = (primitive, chosen, packed, reorder)
 
@@ -323,8 +360,14 @@ class _Geometry:
         lib, scratch = self.library, packed.ctypes.data
         with lib.lock:  # one stream, and the packed weights are reused
             if name == "kernel_grad":
-                lib.execute(primitive, [(_SRC, self.x_md, a), (_DIFF_DST, self.y_md, b),
-                                        (_DIFF_WEIGHTS, chosen, scratch)])  # fmt: skip
+                lib.execute(
+                    primitive,
+                    [
+                        (_SRC, self.x_md, a),
+                        (_DIFF_DST, self.y_md, b),
+                        (_DIFF_WEIGHTS, chosen, scratch),
+                    ],
+                )
                 lib.execute(reorder, [(_SRC, chosen, scratch), (_DST, self.w_md, out)])
                 return
             lib.execute(reorder, [(_SRC, self.w_md, b), (_DST, chosen, scratch)])
@@ -335,8 +378,9 @@ class _Geometry:
             lib.execute(primitive, [*args, (_WEIGHTS, chosen, scratch)])
 
     def output_shape(self, name: str) -> tuple[int, ...]:
-        return {"forward": self.y_shape, "input_grad": self.x_shape,
-                "kernel_grad": self.w_shape}[name]  # fmt: skip
+        return {"forward": self.y_shape, "input_grad": self.x_shape, "kernel_grad": self.w_shape}[
+            name
+        ]
 
     def apply(self, name: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """:meth:`run` on NumPy arrays (for tests and benchmarks)."""
@@ -385,14 +429,19 @@ def supports(x_shape, w_shape, strides, padding, dilation, dtype) -> bool:
         and all(s > 0 for s in (*x_shape, *w_shape))
         and all(
             s > 0 for s in _out_spatial(x_shape[1:-1], w_shape[:rank], strides, padding, dilation)
-        )  # fmt: skip
+        )
         and _geometry(*_key(x_shape, w_shape, strides, padding, dilation)) is not None
     )
 
 
 def _key(x_shape, w_shape, strides, padding, dilation):
-    return (tuple(x_shape), tuple(w_shape), tuple(strides),
-            tuple(tuple(p) for p in padding), tuple(dilation))  # fmt: skip
+    return (
+        tuple(x_shape),
+        tuple(w_shape),
+        tuple(strides),
+        tuple(tuple(p) for p in padding),
+        tuple(dilation),
+    )
 
 
 # -- XLA FFI handlers ---------------------------------------------------------------------
@@ -406,19 +455,28 @@ class _ExtensionBase(ctypes.Structure):
 
 
 _ExtensionBase._fields_ = [
-    ("struct_size", ctypes.c_size_t), ("type", ctypes.c_int),
+    ("struct_size", ctypes.c_size_t),
+    ("type", ctypes.c_int),
     ("next", ctypes.POINTER(_ExtensionBase)),
-]  # fmt: skip
+]
 
 
 class _ApiVersion(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", _P),
-                ("major_version", ctypes.c_int), ("minor_version", ctypes.c_int)]  # fmt: skip
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _P),
+        ("major_version", ctypes.c_int),
+        ("minor_version", ctypes.c_int),
+    ]
 
 
 class _Metadata(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("api_version", _ApiVersion),
-                ("traits", ctypes.c_uint32), ("state_type_id", ctypes.c_int64)]  # fmt: skip
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("api_version", _ApiVersion),
+        ("traits", ctypes.c_uint32),
+        ("state_type_id", ctypes.c_int64),
+    ]
 
 
 class _MetadataExtension(ctypes.Structure):
@@ -426,21 +484,36 @@ class _MetadataExtension(ctypes.Structure):
 
 
 class _Buffer(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", _P),
-                ("dtype", ctypes.c_int), ("data", _P), ("rank", ctypes.c_int64),
-                ("dims", ctypes.POINTER(ctypes.c_int64))]  # fmt: skip
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _P),
+        ("dtype", ctypes.c_int),
+        ("data", _P),
+        ("rank", ctypes.c_int64),
+        ("dims", ctypes.POINTER(ctypes.c_int64)),
+    ]
 
 
 class _List(ctypes.Structure):  # XLA_FFI_Args and XLA_FFI_Rets
-    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", _P),
-                ("size", ctypes.c_int64), ("types", _P),
-                ("items", ctypes.POINTER(ctypes.POINTER(_Buffer)))]  # fmt: skip
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", _P),
+        ("size", ctypes.c_int64),
+        ("types", _P),
+        ("items", ctypes.POINTER(ctypes.POINTER(_Buffer))),
+    ]
 
 
 class _CallFrame(ctypes.Structure):
-    _fields_ = [("struct_size", ctypes.c_size_t),
-                ("extension_start", ctypes.POINTER(_ExtensionBase)), ("api", _P),
-                ("ctx", _P), ("stage", ctypes.c_int), ("args", _List), ("rets", _List)]  # fmt: skip
+    _fields_ = [
+        ("struct_size", ctypes.c_size_t),
+        ("extension_start", ctypes.POINTER(_ExtensionBase)),
+        ("api", _P),
+        ("ctx", _P),
+        ("stage", ctypes.c_int),
+        ("args", _List),
+        ("rets", _List),
+    ]
 
 
 _HANDLER = ctypes.CFUNCTYPE(_P, ctypes.POINTER(_CallFrame))
@@ -489,8 +562,9 @@ def _register(geometry: _Geometry, kernel: str, key: tuple[str, str]) -> None:
         if frame.extension_start and frame.extension_start.contents.type == (
             _METADATA_EXTENSION
         ):  # XLA asks which FFI version the handler speaks
-            extension = ctypes.cast(frame.extension_start,
-                                    ctypes.POINTER(_MetadataExtension)).contents  # fmt: skip
+            extension = ctypes.cast(
+                frame.extension_start, ctypes.POINTER(_MetadataExtension)
+            ).contents
             metadata = extension.metadata.contents
             metadata.api_version.major_version = major
             metadata.api_version.minor_version = minor
@@ -547,10 +621,12 @@ def conv(x, w, strides, padding, dilation):
 
 
 def _params(x_shape, w_shape, strides, padding, dilation):
-    x_shape, w_shape, strides, padding, dilation = _key(x_shape, w_shape, strides, padding,
-                                                        dilation)  # fmt: skip
-    return dict(x_shape=x_shape, w_shape=w_shape, strides=strides, padding=padding,
-                dilation=dilation)  # fmt: skip
+    x_shape, w_shape, strides, padding, dilation = _key(
+        x_shape, w_shape, strides, padding, dilation
+    )
+    return dict(
+        x_shape=x_shape, w_shape=w_shape, strides=strides, padding=padding, dilation=dilation
+    )
 
 
 def _y_shape(x_shape, w_shape, strides, padding, dilation):
@@ -633,8 +709,7 @@ _FOLDABLE = frozenset({conv_p, input_grad_p})  # their first operand carries the
 def _batcher(primitive):
     def rule(args, dims, **params):
         size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
-        args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims,
-                                                                          strict=True)]  # fmt: skip
+        args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims, strict=True)]
         mapped = [d is not None for d in dims]
         if primitive in _FOLDABLE and mapped == [True, False]:
             a = args[0]

@@ -28,10 +28,10 @@ On CPU (``rewrite="auto"``) the products evaluate the loss through
 :func:`jax_spectral.rewrite.cpu_friendly`: float32 convolutions through oneDNN's kernels
 where the optional ``onednn-cpu-gomp`` package is installed (``rewrite="onednn"``), else
 as chunked patch matrix products (``rewrite="patches"``); non-overlapping max pooling as
-strided-slice selections. HVPs of the original package's CIFAR CNN are 4x faster with
-oneDNN and 2.7x with patches, equal to float32 rounding, and fast inside ``lax.scan`` too,
-so such models get the scanned loop. Convolutions the rewrite does not cover (grouped,
-transposed) stay XLA's, and keep the host loop on CPU. ``loss`` itself is kept as given.
+strided-slice selections: equal to float32 rounding, much faster for convnets on CPU, and
+fast inside ``lax.scan`` too (``docs/benchmarks.md``), so such models get the scanned
+loop. Convolutions the rewrite does not cover (grouped, transposed) stay XLA's, and keep
+the host loop on CPU. ``loss`` itself is kept as given.
 
 Non-finite values
 -----------------
@@ -90,8 +90,9 @@ def _accumulate(kernel, params, batch, v, acc, loss_sum, weight):
     value, out = kernel(params, batch, v)
     # The sums are kept in at least float32 (``acc``'s dtype): a bf16 sum over many batches
     # loses the small terms (10% of |Hv| over 1,024 batches).
-    acc = jax.tree_util.tree_map(lambda a, h: a + weight.astype(a.dtype) * h.astype(a.dtype),
-                                 acc, out)  # fmt: skip
+    acc = jax.tree_util.tree_map(
+        lambda a, h: a + weight.astype(a.dtype) * h.astype(a.dtype), acc, out
+    )
     return acc, loss_sum + value.astype(loss_sum.dtype)
 
 
@@ -361,8 +362,12 @@ class CurvatureOperator(OperatorAlgebra):
         if self.remainder is not None:
             acc, loss_sum = _visit(
                 functools.partial(_batch_step, kernel, self.params, self.remainder),
-                tangent, acc, loss_sum, w_rest, many,
-            )  # fmt: skip
+                tangent,
+                acc,
+                loss_sum,
+                w_rest,
+                many,
+            )
         return _finish(acc, loss_sum, 1.0, self.dtype, many)
 
     def _stream_matvec(self, tangent: PyTree, many: bool = False) -> jax.Array:
@@ -379,8 +384,12 @@ class CurvatureOperator(OperatorAlgebra):
             weight = jnp.asarray(n if self.reduce == "mean" else 1, self._sum_dtype)
             acc, loss_sum = _visit(
                 functools.partial(_batch_step, self._kernel, self.params, batch),
-                tangent, acc, loss_sum, weight, many,
-            )  # fmt: skip
+                tangent,
+                acc,
+                loss_sum,
+                weight,
+                many,
+            )
             content.add(batch)
         self._check_pass(content.finish())
         scale = 1.0 / content.num_samples if self.reduce == "mean" else 1.0
@@ -645,7 +654,7 @@ def hessian_operator(
         :func:`jax_spectral.rewrite.cpu_friendly`, with oneDNN's convolutions where oneDNN
         is installed and no ``mesh`` is given (stored as ``"onednn"``), else patch matrix
         products (stored as ``"patches"``); max pooling as strided-slice selections. Equal
-        to float32 rounding; CNN HVPs on CPU 4x (oneDNN) or 2.7x (patches) faster.
+        to float32 rounding, and faster for convnets on CPU (``docs/benchmarks.md``).
         ``"onednn"`` or ``"patches"``: that choice explicitly; ``"none"``: as written;
         ``"auto"``: ``"cpu"`` when JAX's default backend is the CPU, else ``"none"``.
     wrt:
@@ -680,9 +689,17 @@ def hessian_operator(
     """
     check_hashable(loss, "loss")  # the compiled products take it as a static argument
     return build_operator(
-        HessianProduct(loss), params, data, reduce=reduce, batch_size=batch_size, loop=loop,
-        mesh=mesh, data_axis=data_axis, rewrite=rewrite, wrt=wrt,
-    )  # fmt: skip
+        HessianProduct(loss),
+        params,
+        data,
+        reduce=reduce,
+        batch_size=batch_size,
+        loop=loop,
+        mesh=mesh,
+        data_axis=data_axis,
+        rewrite=rewrite,
+        wrt=wrt,
+    )
 
 
 HessianOperator = CurvatureOperator  # the name under which the Hessian operator shipped
@@ -759,9 +776,19 @@ def build_operator(
         first = first_batch(stacked, remainder)
         check_batch(params, first)
         operator = CurvatureOperator(
-            params, stacked, remainder, product, reduce, loop, split.num_samples,
-            split.batch_size, None, layout, rewrite, select,
-        )  # fmt: skip
+            params,
+            stacked,
+            remainder,
+            product,
+            reduce,
+            loop,
+            split.num_samples,
+            split.batch_size,
+            None,
+            layout,
+            rewrite,
+            select,
+        )
         if loop == "auto":
             loop = _choose_loop(operator.product_loss, params, first)
             operator = dataclasses.replace(operator, loop=loop)
@@ -784,9 +811,19 @@ def build_operator(
     batch_size_of(first)  # a clear error now for a batch without a sample axis
     check_batch(params, first)
     return CurvatureOperator(
-        params, None, None, product, reduce, "host", None, None, stream, layout, rewrite,
+        params,
+        None,
+        None,
+        product,
+        reduce,
+        "host",
+        None,
+        None,
+        stream,
+        layout,
+        rewrite,
         select,
-    )  # fmt: skip
+    )
 
 
 def _block(params: PyTree, select: tuple | None) -> PyTree:

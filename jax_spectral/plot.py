@@ -75,9 +75,15 @@ def plot_density(
         ax.set_title(title)
     if note:
         ax.annotate(
-            note, xy=(0, 0), xycoords="axes fraction", xytext=(0, -32),
-            textcoords="offset points", va="top", fontsize="small", color="0.3",
-        )  # fmt: skip
+            note,
+            xy=(0, 0),
+            xycoords="axes fraction",
+            xytext=(0, -32),
+            textcoords="offset points",
+            va="top",
+            fontsize="small",
+            color="0.3",
+        )
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
     return _finish(fig, path)
 
@@ -128,8 +134,14 @@ def plot_densities(
         fig.suptitle(title)
     if note:
         axes[-1, 0].annotate(
-            note, xy=(0, 0), xycoords="axes fraction", xytext=(0, -32),
-            textcoords="offset points", va="top", fontsize="small", color="0.3",
-        )  # fmt: skip
+            note,
+            xy=(0, 0),
+            xycoords="axes fraction",
+            xytext=(0, -32),
+            textcoords="offset points",
+            va="top",
+            fontsize="small",
+            color="0.3",
+        )
     fig.tight_layout()
     return _finish(fig, path)

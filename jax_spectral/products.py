@@ -121,8 +121,9 @@ class OutputLoss:
         if self.name == "custom":
 
             def one(o, t):
-                return jax.grad(lambda o1: self.fn(o1[None], jax.tree_util.tree_map(
-                    lambda a: a[None], t)))(o)  # fmt: skip
+                return jax.grad(
+                    lambda o1: self.fn(o1[None], jax.tree_util.tree_map(lambda a: a[None], t))
+                )(o)
 
             return jax.vmap(one)(outputs, targets)
         return jax.vmap(jax.grad(lambda o, t: self.per_sample(o[None], t[None])[0]))(

@@ -43,9 +43,13 @@ class Progress:
             # A terminal that reports zero columns (some pseudo-terminals) would get no bar.
             width = _stderr_columns()
             self._bar = tqdm(
-                total=self.total, desc=desc, unit=unit, file=sys.stderr,
-                dynamic_ncols=width != 0, ncols=100 if width == 0 else None,
-            )  # fmt: skip
+                total=self.total,
+                desc=desc,
+                unit=unit,
+                file=sys.stderr,
+                dynamic_ncols=width != 0,
+                ncols=100 if width == 0 else None,
+            )
 
     @property
     def enabled(self) -> bool:

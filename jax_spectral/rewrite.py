@@ -24,10 +24,9 @@ patches take about ``PATCH_BYTES``; each chunk's patches are recomputed in the b
 pass (``jax.checkpoint``) rather than stored: a whole batch's patch matrix is the image
 data times the window size (9x for 3x3) and would not stay in cache.
 
-Measured on the original package's CIFAR CNN on a 2-core CPU
-(``benchmarks/bench_cnn_tf.py``): HVPs 4x faster with oneDNN and 2.7x with patches, and
-fast inside ``lax.scan`` too, where XLA's own convolution gradients are 20x slower still
-(jax-ml/jax#12868).
+``benchmarks/bench_cnn_tf.py`` measures it on the original package's CIFAR CNN
+(``docs/benchmarks.md``): HVPs several times faster, and fast inside ``lax.scan`` too,
+where XLA's own convolution gradients are slower still (jax-ml/jax#12868).
 
 The results are the same sums in another order: equal to the stock ones to float32
 rounding (tests compare values, gradients and HVPs). Pooling sends the derivative to the
@@ -121,9 +120,11 @@ def patch_conv(
             columns.append(lax.slice(images, start, limit, (1, *strides, 1)))
         patches = columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=-1)
         product = jnp.matmul(
-            patches.reshape(-1, kernel.shape[0]), kernel,
-            precision=precision, preferred_element_type=preferred_element_type,
-        )  # fmt: skip
+            patches.reshape(-1, kernel.shape[0]),
+            kernel,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
         return product.reshape(images.shape[0], *out, outputs)
 
     batch = x.shape[0]
@@ -146,8 +147,7 @@ def reshape_max_pool(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
     out = [n // k for n, k in zip(x.shape, window, strict=True)]
     best = None
     for offset in itertools.product(*(range(k) for k in window)):
-        part = x[tuple(slice(o, o + n * k, k) for o, n, k in zip(offset, out, window,
-                                                                 strict=True))]  # fmt: skip
+        part = x[tuple(slice(o, o + n * k, k) for o, n, k in zip(offset, out, window, strict=True))]
         if best is None:
             best = part
             continue

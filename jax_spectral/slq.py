@@ -11,9 +11,8 @@ every probe:
   ``lax.scan`` inside ``jit``; for a host-driven operator (streams, or convolutional models
   on CPU) the same step runs from a Python loop.
 
-The scan is over steps with the probes inside it, not a ``vmap`` of the single-probe scan:
-measured on the digits MLP (``benchmarks/bench_slq.py``), vmapping the scanned
-recurrence over keys cost 0.90 of separate runs at 10 probes, this structure 0.53.
+The scan is over steps with the probes inside it, not a ``vmap`` of the single-probe scan,
+which cost more (``benchmarks/bench_slq.py``, ``docs/benchmarks.md``).
 
 Either way probe ``i`` gives the same tridiagonal as ``lanczos(op, keys[i], m)`` run alone,
 with ``keys = jax.random.split(key, n)``.
@@ -147,12 +146,14 @@ def _host_slq(operator, state, start, stop, reorthogonalize, tol, bar, watch, co
         if compute is None:
             products = _matmat(operator, vectors)
         else:
-            products = jax.device_put(_matmat(operator, jax.device_put(vectors, compute)),
-                                      vectors.sharding)  # fmt: skip
+            products = jax.device_put(
+                _matmat(operator, jax.device_put(vectors, compute)), vectors.sharding
+            )
         return products.astype(state.basis.dtype)
 
-    return host_loop(product, _many_step(reorthogonalize, tol), state, start, stop, bar=bar,
-                     watch=watch)  # fmt: skip
+    return host_loop(
+        product, _many_step(reorthogonalize, tol), state, start, stop, bar=bar, watch=watch
+    )
 
 
 def slq(
@@ -193,8 +194,11 @@ def slq(
     on_host = basis_memory == "host"
     operator = as_argument(check_operator(operator))
     dtype = jnp.promote_types(dtype_of(operator), jnp.float32)
-    check_fits(estimate(operator, order=order, num_probes=num_probes, on_host=on_host),
-               num_probes=num_probes, on_host=on_host)  # fmt: skip
+    check_fits(
+        estimate(operator, order=order, num_probes=num_probes, on_host=on_host),
+        num_probes=num_probes,
+        on_host=on_host,
+    )
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
     tol = _default_tol(dtype)
     traceable = is_traceable(operator) and not on_host
@@ -207,37 +211,62 @@ def slq(
 
         checkpointer = Checkpointer(
             checkpoint,
-            settings={"kind": "slq", "order": order, "num_probes": num_probes,
-                      "dim": int(operator.dim), "dtype": str(dtype),
-                      "reorthogonalize": reorthogonalize, "tol": tol,
-                      "loop": "scan" if traceable else "host",
-                      "basis_memory": basis_memory},
-            identity={"operator and data": fingerprint(operator),
-                      "start vector": fingerprint(starts)},
+            settings={
+                "kind": "slq",
+                "order": order,
+                "num_probes": num_probes,
+                "dim": int(operator.dim),
+                "dtype": str(dtype),
+                "reorthogonalize": reorthogonalize,
+                "tol": tol,
+                "loop": "scan" if traceable else "host",
+                "basis_memory": basis_memory,
+            },
+            identity={
+                "operator and data": fingerprint(operator),
+                "start vector": fingerprint(starts),
+            },
             rows_axis=1,
-        )  # fmt: skip
+        )
     with Progress(progress, order, f"SLQ ({num_probes} probes)") as bar:
         if traceable:
 
             def advance(state, start, stop, watch):
                 state = _scan_slq(
-                    operator, state, jnp.int32(start), jnp.int32(stop),
-                    reorthogonalize=reorthogonalize, tol=tol,
-                )  # fmt: skip
+                    operator,
+                    state,
+                    jnp.int32(start),
+                    jnp.int32(stop),
+                    reorthogonalize=reorthogonalize,
+                    tol=tol,
+                )
                 return state, stop
         else:
 
             def advance(state, start, stop, watch):
                 return _host_slq(
-                    operator, state, start, stop, reorthogonalize, tol, bar, watch,
+                    operator,
+                    state,
+                    start,
+                    stop,
+                    reorthogonalize,
+                    tol,
+                    bar,
+                    watch,
                     compute=compute,
-                )  # fmt: skip
+                )
 
         state = _init_many(starts, order)  # on the host's CPU device with basis_memory="host"
         state, stopped_early = run_steps(
-            advance, state, order, bar=bar, synced=not traceable, checkpointer=checkpointer,
-            every=checkpoint_every, resume=resume,
-        )  # fmt: skip
+            advance,
+            state,
+            order,
+            bar=bar,
+            synced=not traceable,
+            checkpointer=checkpointer,
+            every=checkpoint_every,
+            resume=resume,
+        )
         result = _pack_many(state)
     if stopped_early:
         partial = _quadrature(result, order) if int(np.max(result.num_steps)) > 0 else None

@@ -36,8 +36,9 @@ def count(name: str, value: Any, minimum: int = 1) -> int:
     return int(value)
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any], *,
-                 durable: bool = False) -> None:  # fmt: skip
+def write_atomic(
+    path: str | os.PathLike, write: Callable[[Path], Any], *, durable: bool = False
+) -> None:
     """Create the file ``path`` by ``write(tmp)`` under a temporary name in the same folder,
     then rename it into place (atomic on POSIX): readers and a killed process never see a
     half-written file. ``durable`` also flushes the bytes to the disk (fsync) before the

@@ -258,10 +258,15 @@ def _apply_layer(nn, kind, s, name, args, modules, train):
     if kind == "conv":
         conv = sub(
             lambda: nn.Conv(
-                s["features"], s["kernel_size"], s["strides"], s["padding"],
-                kernel_dilation=s["dilation"], use_bias=s["bias"], name=name,
+                s["features"],
+                s["kernel_size"],
+                s["strides"],
+                s["padding"],
+                kernel_dilation=s["dilation"],
+                use_bias=s["bias"],
+                name=name,
             )
-        )  # fmt: skip
+        )
         return s["act"](conv(x))
     if kind == "pool":
         if s["max"]:
@@ -274,10 +279,14 @@ def _apply_layer(nn, kind, s, name, args, modules, train):
     if kind == "batchnorm":
         norm = sub(
             lambda: nn.BatchNorm(
-                use_running_average=not train, epsilon=s["epsilon"], use_scale=s["scale"],
-                use_bias=s["center"], use_fast_variance=False, name=name,
+                use_running_average=not train,
+                epsilon=s["epsilon"],
+                use_scale=s["scale"],
+                use_bias=s["center"],
+                use_fast_variance=False,
+                name=name,
             )
-        )  # fmt: skip
+        )
         return norm(x)
     if kind == "layernorm":
         norm = sub(

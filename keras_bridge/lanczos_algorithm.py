@@ -40,9 +40,14 @@ def _run(matvec, dim, dtype, order, random_seed, progress, recurrence_dtype):
     key = jax.random.key(random_seed)
     v0 = jax.random.uniform(key, (dim,), dtype, minval=-1.0, maxval=1.0)
     result = lanczos(
-        matvec, None, order, v0=v0, loop="host", progress=progress,
+        matvec,
+        None,
+        order,
+        v0=v0,
+        loop="host",
+        progress=progress,
         recurrence_dtype=recurrence_dtype,
-    )  # fmt: skip
+    )
     warn_if_broke_down(result, order, "V and T are zero past that block")
     return np.asarray(result.basis, np.float64).T, np.asarray(result.tridiag, np.float64)
 

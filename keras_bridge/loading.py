@@ -38,8 +38,10 @@ def load_model(path: str | Path, *, safe_mode: bool = True) -> Any:
     if file.suffix not in (".keras", ".h5", ".hdf5"):
         raise ValueError(f"{path}: expected a Keras model saved as .keras (or .h5).")
     if file.suffix == ".keras" and not zipfile.is_zipfile(file):
-        raise ValueError(f"{path}: not a Keras archive (a .keras file is a zip written by "
-                         "model.save); was another file renamed?")  # fmt: skip
+        raise ValueError(
+            f"{path}: not a Keras archive (a .keras file is a zip written by "
+            "model.save); was another file renamed?"
+        )
     if file.suffix != ".keras" and file.read_bytes()[:8] != b"\x89HDF\r\n\x1a\n":
         raise ValueError(f"{path}: not an HDF5 file, as a {file.suffix} model must be.")
     try:

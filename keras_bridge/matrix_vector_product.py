@@ -46,9 +46,11 @@ def model_hessian_vector_product(
     if not isinstance(reduce_op, str) or reduce_op.upper() not in _REDUCE_OPS:
         raise ValueError(f"reduce_op must be 'MEAN' or 'SUM', but got {reduce_op!r}.")
     operator = hessian_operator(
-        _loss_of(model, loss_function), trainable_values(model), dataset,
+        _loss_of(model, loss_function),
+        trainable_values(model),
+        dataset,
         reduce=_REDUCE_OPS[reduce_op.upper()],
-    )  # fmt: skip
+    )
     v = np.asarray(v)
     if v.size != operator.dim or v.ndim > 2 or (v.ndim == 2 and v.shape[1] != 1):
         raise ValueError(

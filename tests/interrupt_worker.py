@@ -47,10 +47,18 @@ if __name__ == "__main__":
         run(kind, loop, folder, progress=report)
     except Interrupted as stop:
         result = stop.result if kind == "lanczos" else stop.result.lanczos
-        print("result " + json.dumps({
-            "steps": stop.steps, "total": stop.total, "message": str(stop),
-            "num_steps": np.asarray(result.num_steps).tolist(),
-            "tridiag": np.asarray(result.tridiag).tolist(),
-        }), flush=True)  # fmt: skip
+        print(
+            "result "
+            + json.dumps(
+                {
+                    "steps": stop.steps,
+                    "total": stop.total,
+                    "message": str(stop),
+                    "num_steps": np.asarray(result.num_steps).tolist(),
+                    "tridiag": np.asarray(result.tridiag).tolist(),
+                }
+            ),
+            flush=True,
+        )
         sys.exit(130)
     sys.exit(3)  # ran to the end: the interrupt was not seen

@@ -50,24 +50,37 @@ def main():
 
     stacked = jax.tree_util.tree_leaves(four.stacked)[0]
     ones = np.ones(one.dim, dtype)
-    print(json.dumps({
-        "dim": one.dim,
-        "tridiag_rel": rel(sharded.tridiag, single.tridiag),
-        "eig_rel": rel(np.linalg.eigvalsh(np.asarray(sharded.tridiag, np.float64)),
-                       np.linalg.eigvalsh(np.asarray(single.tridiag, np.float64))),
-        "slq_rel": rel(probes_four, probes_one),
-        "matvec_rel": rel(four.matvec(ones), one.matvec(ones)),
-        "data_shards": sorted({tuple(s.data.shape) for s in stacked.addressable_shards}),
-        "data_devices": len({s.device for s in stacked.addressable_shards}),
-        "basis_spec": str(sharded.basis.sharding.spec),
-        "basis_shards": sorted({tuple(s.data.shape) for s in sharded.basis.addressable_shards}),
-        "basis_bytes_per_device": max(s.data.nbytes for s in sharded.basis.addressable_shards),
-        "basis_bytes": int(sharded.basis.nbytes),
-        "estimate_per_device": estimate(four, order=order,
-                                        basis_sharding=basis_sharding).basis_bytes_per_device,
-        "explicit_refused": _explicit_refused(params, x, y),
-        "progress_last": {name: calls[-1] if calls else None for name, calls in reports.items()},
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "dim": one.dim,
+                "tridiag_rel": rel(sharded.tridiag, single.tridiag),
+                "eig_rel": rel(
+                    np.linalg.eigvalsh(np.asarray(sharded.tridiag, np.float64)),
+                    np.linalg.eigvalsh(np.asarray(single.tridiag, np.float64)),
+                ),
+                "slq_rel": rel(probes_four, probes_one),
+                "matvec_rel": rel(four.matvec(ones), one.matvec(ones)),
+                "data_shards": sorted({tuple(s.data.shape) for s in stacked.addressable_shards}),
+                "data_devices": len({s.device for s in stacked.addressable_shards}),
+                "basis_spec": str(sharded.basis.sharding.spec),
+                "basis_shards": sorted(
+                    {tuple(s.data.shape) for s in sharded.basis.addressable_shards}
+                ),
+                "basis_bytes_per_device": max(
+                    s.data.nbytes for s in sharded.basis.addressable_shards
+                ),
+                "basis_bytes": int(sharded.basis.nbytes),
+                "estimate_per_device": estimate(
+                    four, order=order, basis_sharding=basis_sharding
+                ).basis_bytes_per_device,
+                "explicit_refused": _explicit_refused(params, x, y),
+                "progress_last": {
+                    name: calls[-1] if calls else None for name, calls in reports.items()
+                },
+            }
+        )
+    )
 
 
 def _explicit_refused(params, x, y):

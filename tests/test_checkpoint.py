@@ -23,15 +23,18 @@ def _state_meta(folder):
         return json.loads(str(saved["meta"]))
 
 
-@pytest.mark.parametrize("kind, loop", [("lanczos", "scan"), ("lanczos", "host"),
-                                        ("slq", "scan"), ("slq", "host")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, loop", [("lanczos", "scan"), ("lanczos", "host"), ("slq", "scan"), ("slq", "host")]
+)
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_identical_tridiagonal(kind, loop, tmp_path):
     folder = tmp_path / "ckpt"
     killed = subprocess.run(
         [sys.executable, str(WORKER), str(folder), kind, loop, "13"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert killed.returncode == -9, killed.stderr  # SIGKILL, mid-run
     meta = _state_meta(folder)
     # The checkpoint after step 10 may still have been in flight (written in the background):
@@ -136,11 +139,11 @@ def test_a_different_loss_is_refused_even_when_its_code_is_the_same(tmp_path):
         return hessian_operator(loss, op.params, (x, y), batch_size=10, loop="scan")
 
     folder = tmp_path / "ckpt"
-    lanczos(make(functools.partial(scaled, factor=1.0)), jax.random.key(2), ORDER,
-            checkpoint=folder)  # fmt: skip
+    lanczos(
+        make(functools.partial(scaled, factor=1.0)), jax.random.key(2), ORDER, checkpoint=folder
+    )
     factor = jnp.asarray(100.0)
-    for other in (functools.partial(scaled, factor=100.0),
-                  lambda p, b: factor * mlp_loss(p, b)):  # fmt: skip
+    for other in (functools.partial(scaled, factor=100.0), lambda p, b: factor * mlp_loss(p, b)):
         with pytest.raises(ValueError, match="operator and data"):
             lanczos(make(other), jax.random.key(2), ORDER, checkpoint=folder, resume=True)
 
@@ -186,8 +189,9 @@ def test_a_stream_checkpoint_covers_every_batch(tmp_path):
     with pytest.raises(ValueError, match="operator and data"):
         lanczos(stream(later, y), jax.random.key(2), ORDER, checkpoint=folder, resume=True)
     # The same batches in another order are the same operator, and resume.
-    resumed = lanczos(stream(x, y, [3, 1, 0, 2]), jax.random.key(2), ORDER,
-                      checkpoint=folder, resume=True)  # fmt: skip
+    resumed = lanczos(
+        stream(x, y, [3, 1, 0, 2]), jax.random.key(2), ORDER, checkpoint=folder, resume=True
+    )
     assert int(resumed.num_steps) == ORDER
 
 
@@ -200,8 +204,12 @@ def test_a_second_run_on_a_busy_folder_is_refused(tmp_path):
 
     folder = tmp_path / "ckpt"
     worker = Path(__file__).with_name("interrupt_worker.py")
-    first = subprocess.Popen([sys.executable, str(worker), "lanczos", "scan", str(folder)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, str(worker), "lanczos", "scan", str(folder)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in first.stdout:
             if line.startswith("step "):  # running, and holding the folder

@@ -67,8 +67,22 @@ def _loss_and_accuracy(path):
 
 
 def _run(saved_model, out, *extra):
-    argv = ["keras", str(saved_model), "--out", str(out), "--order", "40", "--num-probes", "2",
-            "--top", "3", "--trace-matvecs", "60", "--quiet", *extra]  # fmt: skip
+    argv = [
+        "keras",
+        str(saved_model),
+        "--out",
+        str(out),
+        "--order",
+        "40",
+        "--num-probes",
+        "2",
+        "--top",
+        "3",
+        "--trace-matvecs",
+        "60",
+        "--quiet",
+        *extra,
+    ]
     assert main(argv) == 0
     return json.loads((out / "spectrum.json").read_text()), np.load(out / "spectrum.npz")
 
@@ -97,24 +111,50 @@ def test_npz_and_local_tfds_data_give_the_same_spectrum(saved_model, tmp_path):
     x, y = datasets.load_digits()
     images = np.rint(x * 16).astype(np.uint8).reshape(-1, 8, 8, 1)  # the raw 0..16 pixels
     np.savez(tmp_path / "digits.npz", inputs=images, labels=y)
-    from_npz, _ = _run(saved_model, tmp_path / "npz", "--data", str(tmp_path / "digits.npz"),
-                       "--keys", "inputs,labels", "--scale", "0.0625")  # fmt: skip
+    from_npz, _ = _run(
+        saved_model,
+        tmp_path / "npz",
+        "--data",
+        str(tmp_path / "digits.npz"),
+        "--keys",
+        "inputs,labels",
+        "--scale",
+        "0.0625",
+    )
 
     # The same images as a tensorflow-datasets dataset prepared locally: no download.
     datasets.prepare_tfds_digits(str(tmp_path / "tfds"))
-    from_tfds, _ = _run(saved_model, tmp_path / "tfds_out", "--data", "tfds:digits_local",
-                        "--data-dir", str(tmp_path / "tfds"), "--split", "train+test",
-                        "--scale", "0.0625")  # fmt: skip
+    from_tfds, _ = _run(
+        saved_model,
+        tmp_path / "tfds_out",
+        "--data",
+        "tfds:digits_local",
+        "--data-dir",
+        str(tmp_path / "tfds"),
+        "--split",
+        "train+test",
+        "--scale",
+        "0.0625",
+    )
     for other in (from_npz, from_tfds):
         assert other["num_samples"] == 1797
         np.testing.assert_allclose(
             other["top_eigenvalues"], reference["top_eigenvalues"], rtol=1e-4
         )
-    limited, _ = _run(saved_model, tmp_path / "limited", "--data", "tfds:digits_local",
-                      "--data-dir", str(tmp_path / "tfds"), "--limit", "100")  # fmt: skip
+    limited, _ = _run(
+        saved_model,
+        tmp_path / "limited",
+        "--data",
+        "tfds:digits_local",
+        "--data-dir",
+        str(tmp_path / "tfds"),
+        "--limit",
+        "100",
+    )
     assert limited["num_samples"] == 100
-    x_test, y_test = datasets.load_arrays("tfds:digits_local", data_dir=str(tmp_path / "tfds"),
-                                          split="test")  # fmt: skip
+    x_test, y_test = datasets.load_arrays(
+        "tfds:digits_local", data_dir=str(tmp_path / "tfds"), split="test"
+    )
 
     # The same samples as the last 297 digits (tfds shuffles them when it writes the files).
     def rows(images, labels):
@@ -158,11 +198,11 @@ def _bad_cases(tmp_path, saved_model):
         "tfds mnist": (
             ["keras", m, "--data", "tfds:mnist", "--data-dir", str(tmp_path)],
             "could not find data",
-        ),  # fmt: skip  (registered: download=False holds)
+        ),  # registered: download=False holds
         "tfds": (
             ["keras", m, "--data", "tfds:absent", "--data-dir", str(tmp_path)],
             "never downloads",
-        ),  # fmt: skip
+        ),
         "out parent": (["keras", m, "--out", str(tmp_path / "a_file" / "x")], "cannot be written"),
         "top": (["keras", m, "--top", "700"], "--top 700 exceeds the model's 610 parameters"),
         "sigma": (["keras", m, "--sigma-squared", "-1"], "expected a positive number"),
@@ -189,14 +229,34 @@ def test_a_lambda_layer_runs_only_with_unsafe_load(tmp_path, capsys):
     runs the file's code, and without it the code does not run."""
     marker = tmp_path / "ran.txt"
     code = eval(f"lambda x: (__import__('pathlib').Path({str(marker)!r}).write_text('x'), x)[1]")
-    model = keras.Sequential([keras.Input((64,)), keras.layers.Lambda(code),
-                              keras.layers.Dense(10, activation="softmax")])  # fmt: skip
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Lambda(code),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
     model.compile("adam", "sparse_categorical_crossentropy")
     path = tmp_path / "lambda.keras"
     model.save(path)
     marker.unlink(missing_ok=True)  # building the model ran it here; only loading counts
-    argv = ["keras", str(path), "--out", str(tmp_path / "out"), "--order", "5", "--top", "1",
-            "--num-probes", "1", "--trace-matvecs", "6", "--limit", "50", "--quiet"]  # fmt: skip
+    argv = [
+        "keras",
+        str(path),
+        "--out",
+        str(tmp_path / "out"),
+        "--order",
+        "5",
+        "--top",
+        "1",
+        "--num-probes",
+        "1",
+        "--trace-matvecs",
+        "6",
+        "--limit",
+        "50",
+        "--quiet",
+    ]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "--unsafe-load" in err and "Lambda" in err and not marker.exists()
@@ -215,8 +275,11 @@ def test_a_renamed_text_file_is_named_as_such(tmp_path, capsys):
 def test_bad_file_as_a_subprocess(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "jax_spectral", "keras", str(tmp_path / "nope.keras")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2
     assert not (tmp_path / "jax-spectral-keras").exists()  # no folder for a failed run
     assert out.stderr.strip().splitlines() == [
@@ -244,7 +307,7 @@ def test_a_late_failure_keeps_the_density(saved_model, tmp_path, capsys):
         str(tmp_path / "out"),
         "--quiet",
     ]
-    assert main(argv) == 2  # fmt: skip
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--top 100" in err and "invariant subspace" in err
     saved = np.load(tmp_path / "out" / "spectrum.npz")
@@ -276,8 +339,9 @@ def _dense_curvatures(path):
     jac = jax.jacfwd(probabilities)(flat, x).reshape(out.size, -1)
     h_out = jax.hessian(loss_on)(out, y).reshape(out.size, out.size)
     ggn = np.asarray(jac.T @ h_out @ jac, np.float64)
-    grads = jax.vmap(jax.grad(lambda f, xi, yi: loss_on(probabilities(f, xi[None]), yi[None])),
-                     (None, 0, 0))(flat, x, y)  # fmt: skip
+    grads = jax.vmap(
+        jax.grad(lambda f, xi, yi: loss_on(probabilities(f, xi[None]), yi[None])), (None, 0, 0)
+    )(flat, x, y)
     fisher = np.asarray(grads.T @ grads, np.float64) / len(y)
     return [np.linalg.eigvalsh((m + m.T) / 2)[::-1] for m in (ggn, fisher)]
 

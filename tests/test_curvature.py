@@ -48,8 +48,9 @@ def test_ggn_equals_dense_mlp(mlp, reduce, named):
     loss = "softmax_cross_entropy" if named else ce(reduce)
     G = js.ggn_operator(mlp_apply, loss, params, (x, y), batch_size=7, reduce=reduce)
     assert G.kind == "ggn" and G.num_samples == 23  # 3 batches of 7 and one of 2
-    np.testing.assert_allclose(dense(G), dense_ggn(mlp_apply, ce(reduce), params, x, y),
-                               atol=1e-12, rtol=1e-10)  # fmt: skip
+    np.testing.assert_allclose(
+        dense(G), dense_ggn(mlp_apply, ce(reduce), params, x, y), atol=1e-12, rtol=1e-10
+    )
 
 
 def test_ggn_mse_equals_dense(mlp):
@@ -61,8 +62,9 @@ def test_ggn_mse_equals_dense(mlp):
 
 
 def cnn(params, x):
-    h = jax.lax.conv_general_dilated(x, params["k"], (1, 1), "SAME",
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+    h = jax.lax.conv_general_dilated(
+        x, params["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     h = jnp.tanh(h + params["c"])
     return h.reshape(h.shape[0], -1) @ params["w"]
 
@@ -83,8 +85,9 @@ def cnn_setup(dtype):
 def test_ggn_equals_dense_cnn(x64, reduce):
     params, x, y = cnn_setup(jnp.float64)
     G = js.ggn_operator(cnn, "softmax_cross_entropy", params, (x, y), batch_size=4, reduce=reduce)
-    np.testing.assert_allclose(dense(G), dense_ggn(cnn, ce(reduce), params, x, y),
-                               atol=1e-12, rtol=1e-10)  # fmt: skip
+    np.testing.assert_allclose(
+        dense(G), dense_ggn(cnn, ce(reduce), params, x, y), atol=1e-12, rtol=1e-10
+    )
 
 
 def test_ggn_cnn_float32_through_the_cpu_rewrite():
@@ -123,9 +126,16 @@ def test_mc_fisher_approaches_the_ggn(mlp):
     def error(samples):  # root mean square over keys of the relative Frobenius error
         errors = []
         for seed in range(6):
-            F = js.fisher_operator(mlp_apply, "softmax_cross_entropy", params, (x, y),
-                                   batch_size=7, kind="mc", key=jax.random.key(seed),
-                                   mc_samples=samples)  # fmt: skip
+            F = js.fisher_operator(
+                mlp_apply,
+                "softmax_cross_entropy",
+                params,
+                (x, y),
+                batch_size=7,
+                kind="mc",
+                key=jax.random.key(seed),
+                mc_samples=samples,
+            )
             errors.append(np.linalg.norm(dense(F) - G) / np.linalg.norm(G))
         return float(np.sqrt(np.mean(np.square(errors))))
 
@@ -139,8 +149,11 @@ def test_mc_fisher_is_one_matrix_for_any_batching_and_order(mlp):
     key = jax.random.key(3)
 
     def build(data, **kw):
-        return dense(js.fisher_operator(mlp_apply, "mse", params, data, kind="mc", key=key,
-                                        mc_samples=3, **kw))  # fmt: skip
+        return dense(
+            js.fisher_operator(
+                mlp_apply, "mse", params, data, kind="mc", key=key, mc_samples=3, **kw
+            )
+        )
 
     targets = jnp.asarray(np.random.default_rng(1).normal(size=(23, 3)))
     reference = build((x, targets), batch_size=7)
@@ -148,8 +161,11 @@ def test_mc_fisher_is_one_matrix_for_any_batching_and_order(mlp):
     xs, ts = np.asarray(x)[order], np.asarray(targets)[order]
     streamed = lambda: iter([(xs[i : i + 5], ts[i : i + 5]) for i in range(0, 23, 5)])  # noqa: E731
     np.testing.assert_allclose(build(streamed), reference, atol=1e-12, rtol=1e-10)
-    other_key = dense(js.fisher_operator(mlp_apply, "mse", params, (x, targets), kind="mc",
-                                         key=jax.random.key(4), mc_samples=3))  # fmt: skip
+    other_key = dense(
+        js.fisher_operator(
+            mlp_apply, "mse", params, (x, targets), kind="mc", key=jax.random.key(4), mc_samples=3
+        )
+    )
     assert np.abs(other_key - reference).max() > 1e-3  # the key matters
 
 
@@ -170,8 +186,10 @@ def test_hessian_block_equals_the_dense_sub_block(mlp):
     block = js.hessian_operator(mlp_loss, params, (x, y), wrt="layer1")
     tree = block.unravel(jnp.arange(block.dim, dtype=jnp.float64))
     assert tree["layer0"] == {"b": None, "w": None} and tree["layer1"]["w"].shape == (4, 3)
-    np.testing.assert_array_equal(block.ravel(tree), block.ravel(jax.tree_util.tree_map(
-        lambda a: a, {**params, "layer1": tree["layer1"]})))  # fmt: skip
+    np.testing.assert_array_equal(
+        block.ravel(tree),
+        block.ravel(jax.tree_util.tree_map(lambda a: a, {**params, "layer1": tree["layer1"]})),
+    )
 
 
 def test_blocks_per_layer_and_ggn_block(mlp):
@@ -179,8 +197,9 @@ def test_blocks_per_layer_and_ggn_block(mlp):
     blocks = js.layer_blocks(params)
     assert list(blocks) == ["['layer0']", "['layer1']"]
     G_full = dense(js.ggn_operator(mlp_apply, "softmax_cross_entropy", params, (x, y)))
-    G1 = js.ggn_operator(mlp_apply, "softmax_cross_entropy", params, (x, y),
-                         wrt=blocks["['layer1']"])  # fmt: skip
+    G1 = js.ggn_operator(
+        mlp_apply, "softmax_cross_entropy", params, (x, y), wrt=blocks["['layer1']"]
+    )
     n0 = params["layer0"]["w"].size + params["layer0"]["b"].size
     np.testing.assert_allclose(dense(G1), G_full[n0:, n0:], atol=1e-12)
 
@@ -275,8 +294,9 @@ def test_as_operator_takes_arrays_as_arguments():
 def test_bad_input_is_named(mlp):
     params, x, y = mlp
     with pytest.raises(ValueError, match="must return one array"):
-        js.ggn_operator(lambda p, x: {"logits": mlp_apply(p, x)}, "softmax_cross_entropy",
-                        params, (x, y))  # fmt: skip
+        js.ggn_operator(
+            lambda p, x: {"logits": mlp_apply(p, x)}, "softmax_cross_entropy", params, (x, y)
+        )
     with pytest.raises(ValueError, match="must return a scalar"):
         js.ggn_operator(mlp_apply, lambda o, t: o.sum(axis=1), params, (x, y))
     with pytest.raises(ValueError, match="integer labels"):
@@ -312,13 +332,26 @@ def test_bad_input_is_named(mlp):
 
 def test_checkpoints_tell_user_operators_apart(tmp_path):
     matrix = np.diag(np.arange(1.0, 9.0))
-    js.lanczos(Minimal(matrix), jax.random.key(0), 6, loop="host", checkpoint=tmp_path / "a",
-               checkpoint_every=2)  # fmt: skip
+    js.lanczos(
+        Minimal(matrix),
+        jax.random.key(0),
+        6,
+        loop="host",
+        checkpoint=tmp_path / "a",
+        checkpoint_every=2,
+    )
     with pytest.raises(ValueError, match="operator"):
-        js.lanczos(Minimal(2 * matrix), jax.random.key(0), 6, loop="host",
-                   checkpoint=tmp_path / "a", resume=True)  # fmt: skip
-    again = js.lanczos(Minimal(matrix), jax.random.key(0), 6, loop="host",
-                       checkpoint=tmp_path / "a", resume=True)  # fmt: skip
+        js.lanczos(
+            Minimal(2 * matrix),
+            jax.random.key(0),
+            6,
+            loop="host",
+            checkpoint=tmp_path / "a",
+            resume=True,
+        )
+    again = js.lanczos(
+        Minimal(matrix), jax.random.key(0), 6, loop="host", checkpoint=tmp_path / "a", resume=True
+    )
     assert int(again.num_steps) == 6
 
 
@@ -366,8 +399,9 @@ def test_mc_fisher_keys(mlp):
     targets = jnp.zeros((23, 3))
     with pytest.raises(TypeError, match="PRNG key"):
         js.fisher_operator(mlp_apply, "mse", params, (x, targets), kind="mc", key=0)
-    rbg = js.fisher_operator(mlp_apply, "mse", params, (x, targets), kind="mc",
-                             key=jax.random.key(0, impl="rbg"))  # fmt: skip
+    rbg = js.fisher_operator(
+        mlp_apply, "mse", params, (x, targets), kind="mc", key=jax.random.key(0, impl="rbg")
+    )
     assert np.all(np.isfinite(dense(rbg)))
     with pytest.raises(ValueError, match="batches \\(inputs, targets\\)"):
         js.ggn_operator(mlp_apply, "mse", params, (x, targets, jnp.ones(23)))
@@ -389,11 +423,13 @@ def test_user_operators_are_identified_by_their_content(tmp_path):
     assert js.ritz(js.lanczos(op, jax.random.key(0), 6))[0][-1] == pytest.approx(6, 1e-5)
     op.shift = 100.0  # changed in place: a new program, not the compiled old one
     assert js.ritz(js.lanczos(op, jax.random.key(0), 6))[0][-1] == pytest.approx(106, 1e-5)
-    js.lanczos(Shifted(matrix, 0.0), jax.random.key(0), 6, checkpoint=tmp_path / "s",
-               checkpoint_every=2)  # fmt: skip
+    js.lanczos(
+        Shifted(matrix, 0.0), jax.random.key(0), 6, checkpoint=tmp_path / "s", checkpoint_every=2
+    )
     with pytest.raises(ValueError, match="operator"):
-        js.lanczos(Shifted(matrix, 100.0), jax.random.key(0), 6, checkpoint=tmp_path / "s",
-                   resume=True)  # fmt: skip
+        js.lanczos(
+            Shifted(matrix, 100.0), jax.random.key(0), 6, checkpoint=tmp_path / "s", resume=True
+        )
     H = js.as_operator(lambda v, m: m @ v, jnp.asarray(matrix, jnp.float32), dim=6)
     from jax_spectral.checkpoint import fingerprint
 
@@ -436,11 +472,23 @@ def test_fingerprints_see_constants_library_functions_and_class_data(tmp_path):
     def double(v):
         return 2.0 * v
 
-    js.lanczos(lambda v: double(A @ v + v), jax.random.key(0), 3, dim=4,
-               checkpoint=tmp_path / "c", checkpoint_every=1)  # fmt: skip
+    js.lanczos(
+        lambda v: double(A @ v + v),
+        jax.random.key(0),
+        3,
+        dim=4,
+        checkpoint=tmp_path / "c",
+        checkpoint_every=1,
+    )
     with pytest.raises(ValueError, match="operator"):
-        js.lanczos(lambda v: 3.0 * (A @ v + v), jax.random.key(0), 3, dim=4,
-                   checkpoint=tmp_path / "c", resume=True)  # fmt: skip
+        js.lanczos(
+            lambda v: 3.0 * (A @ v + v),
+            jax.random.key(0),
+            3,
+            dim=4,
+            checkpoint=tmp_path / "c",
+            resume=True,
+        )
 
     class Scaled:
         scale = 1.0

@@ -189,9 +189,12 @@ def _eigenthings_density(nodes, weights, num_points=3000, padding=0.1):
 
 @pytest.mark.parametrize(
     "convention, reference",
-    [("pyhessian", _pyhessian_density), ("curvlinops", _curvlinops_density),
-     ("eigenthings", _eigenthings_density)],
-)  # fmt: skip
+    [
+        ("pyhessian", _pyhessian_density),
+        ("curvlinops", _curvlinops_density),
+        ("eigenthings", _eigenthings_density),
+    ],
+)
 def test_matching_sigma_squared_reproduces_other_tools_kernels(convention, reference):
     rng = np.random.default_rng(3)
     t = rng.standard_normal((3, 12, 12))

@@ -18,8 +18,10 @@ def _venv_with(extra: str, where: Path) -> Path:
     python = where / "bin" / "python"
     done = subprocess.run(
         [str(python), "-m", "pip", "install", "-q", "-e", f"{ROOT}[{extra}]"],
-        capture_output=True, text=True, timeout=1800,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return python
 
@@ -36,8 +38,9 @@ def test_the_keras_extra_runs_the_keras_section_and_command(tmp_path):
     header = re.search(r"^## Keras models \(`pip install -e \"\.\[keras\]\"`\)$", text, re.M)
     assert header, "the Keras section names its extra"
     section = text[header.end() :].split("\n## ", 1)[0]
-    (tmp_path / "snippet.py").write_text("\n".join(re.findall(r"```python\n(.*?)```", section,
-                                                              flags=re.S)))  # fmt: skip
+    (tmp_path / "snippet.py").write_text(
+        "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.S))
+    )
     run = dict(capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_env())
     done = subprocess.run([str(python), "snippet.py"], **run)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -49,8 +52,22 @@ def test_the_keras_extra_runs_the_keras_section_and_command(tmp_path):
     )
     done = subprocess.run([str(python), "-c", save], **run)
     assert done.returncode == 0, done.stderr[-3000:]
-    command = [str(python), "-m", "jax_spectral", "keras", "m.keras", "--order", "10",
-               "--top", "2", "--trace-matvecs", "6", "--quiet", "--out", "out"]  # fmt: skip
+    command = [
+        str(python),
+        "-m",
+        "jax_spectral",
+        "keras",
+        "m.keras",
+        "--order",
+        "10",
+        "--top",
+        "2",
+        "--trace-matvecs",
+        "6",
+        "--quiet",
+        "--out",
+        "out",
+    ]
     done = subprocess.run(command, **run)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "density.png").is_file()
@@ -58,9 +75,21 @@ def test_the_keras_extra_runs_the_keras_section_and_command(tmp_path):
 
 def test_the_demo_extra_runs_the_demo(tmp_path):
     python = _venv_with("demo", tmp_path / "venv")
-    command = [str(python), "-m", "jax_spectral", "demo", "--order", "10", "--train-steps",
-               "20", "--quiet", "--out", "out"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path,
-                          env=_env())  # fmt: skip
+    command = [
+        str(python),
+        "-m",
+        "jax_spectral",
+        "demo",
+        "--order",
+        "10",
+        "--train-steps",
+        "20",
+        "--quiet",
+        "--out",
+        "out",
+    ]
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_env()
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "density.png").is_file()

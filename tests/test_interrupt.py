@@ -27,8 +27,10 @@ def _interrupt(*args, after=4):
     and the longest time one step took."""
     child = subprocess.Popen(
         [sys.executable, str(WORKER), *map(str, args)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     times, result = [], None
     for line in child.stdout:
         if line.startswith("step "):
@@ -46,8 +48,9 @@ def _interrupt(*args, after=4):
     return result, code, child.stderr.read(), waited, per_step
 
 
-@pytest.mark.parametrize("kind, loop", [("lanczos", "scan"), ("lanczos", "host"),
-                                        ("slq", "scan"), ("slq", "host")])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, loop", [("lanczos", "scan"), ("lanczos", "host"), ("slq", "scan"), ("slq", "host")]
+)
 def test_ctrl_c_stops_within_a_step_and_keeps_the_finished_steps(kind, loop):
     result, code, err, waited, per_step = _interrupt(kind, loop)
     assert code == 130, err
@@ -77,8 +80,9 @@ def test_an_interrupted_checkpointed_run_resumes_to_the_uninterrupted_result(tmp
     resumed = run("lanczos", "scan", folder, resume=True, progress=lambda *s: seen.append(s[0]))
     assert seen[0] >= result["steps"]  # saved at the interrupt: nothing is computed again
     plain = run("lanczos", "scan")
-    np.testing.assert_allclose(np.asarray(resumed.tridiag), np.asarray(plain.tridiag),
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(resumed.tridiag), np.asarray(plain.tridiag), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_the_watch_turns_the_first_ctrl_c_into_a_flag_and_the_second_into_an_interrupt():

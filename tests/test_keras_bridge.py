@@ -53,8 +53,9 @@ def test_original_notebook_first_example_verbatim(capsys):
     np.testing.assert_allclose(np.asarray(H), want, rtol=0, atol=1e-6 * np.abs(want).max())
     # The same tensors from any re-iterable, and as integer inputs of the same values.
     with pytest.warns(UserWarning, match="differentiated as its sum"):
-        V2, T2 = approximate_hessian(linear_model, loss_fn, lambda: iter([(X, y)]), 16,
-                                     progress=False)  # fmt: skip
+        V2, T2 = approximate_hessian(
+            linear_model, loss_fn, lambda: iter([(X, y)]), 16, progress=False
+        )
     np.testing.assert_allclose(V2 @ T2 @ V2.T, want, rtol=0, atol=1e-6 * np.abs(want).max())
     Xi = tf.constant(np.random.default_rng(0).integers(-3, 4, (50, 16)), tf.int32)
     with pytest.warns(UserWarning, match="differentiated as its sum"):
@@ -195,8 +196,7 @@ def test_tf_data_dataset_gives_the_same_result_as_a_list():
     np.testing.assert_allclose(T3, T2, rtol=1e-5, atol=1e-6)
     # At full order the tf.data run is the Hessian itself (TensorFlow's tapes, float64).
     with pytest.warns(RuntimeWarning, match="broke down"):  # the Hessian is rank-deficient
-        V, T = approximate_hessian(model, loss_fn, dataset, order=31, random_seed=3,
-                                   progress=False)  # fmt: skip
+        V, T = approximate_hessian(model, loss_fn, dataset, order=31, random_seed=3, progress=False)
     want = _tf_dataset_hessian(model.get_weights(), batches, "MEAN")
     np.testing.assert_allclose(V @ T @ V.T, want, atol=2e-5 * np.abs(want).max())
 
@@ -211,8 +211,11 @@ def test_a_model_saved_under_tensorflow_loads_and_runs_under_jax(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     done = subprocess.run(
         [sys.executable, str(script), "--save", str(path)],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     model = keras.saving.load_model(path)
     X = np.random.default_rng(10).standard_normal((9, 4)).astype(np.float32)
@@ -398,8 +401,11 @@ def test_a_tensorflow_backend_process_gets_a_clear_error():
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
     done = subprocess.run(
         [sys.executable, str(script), "--bridge-error"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "needs the JAX backend of Keras, but Keras runs on 'tensorflow'" in done.stdout
     assert "KERAS_BACKEND=jax" in done.stdout
@@ -574,9 +580,11 @@ def test_to_flax_refuses_what_it_would_mistranslate_and_auto_falls_back():
             continue  # Dropout forced on: random, nothing to compare
         apply_fn, variables = to_flax(model)  # auto: through Keras itself
         np.testing.assert_allclose(
-            np.asarray(apply_fn(variables, x), np.float32), np.asarray(model(x), np.float32),
-            rtol=1e-5, atol=1e-6,
-        )  # fmt: skip
+            np.asarray(apply_fn(variables, x), np.float32),
+            np.asarray(model(x), np.float32),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     embed = keras.Sequential([keras.Input((2,)), keras.layers.Embedding(5, 3, mask_zero=True)])
     with pytest.raises(ValueError, match="mask_zero"):
         to_flax(embed, mode="module")
@@ -664,8 +672,9 @@ def test_pure_model_gives_the_ggn_and_fisher_of_a_keras_model(x64):
     out = logits(flat, x)
     jac = jax.jacfwd(logits)(flat, x).reshape(out.size, -1)
     ggn = jac.T @ jax.hessian(loss_on)(out, y).reshape(out.size, out.size) @ jac
-    grads = jax.vmap(jax.grad(lambda f, xi, yi: loss_on(logits(f, xi[None]), yi[None])),
-                     (None, 0, 0))(flat, x, y)  # fmt: skip
+    grads = jax.vmap(
+        jax.grad(lambda f, xi, yi: loss_on(logits(f, xi[None]), yi[None])), (None, 0, 0)
+    )(flat, x, y)
     eye = jnp.eye(flat.size)
     G = js.ggn_operator(model_fn, out_loss, params, (x, y), batch_size=4)
     np.testing.assert_allclose(jax.vmap(G.matvec)(eye), ggn, atol=1e-6)

@@ -333,14 +333,17 @@ def test_partial_and_bound_methods_pass_arrays_as_arguments():
     wrapped = jax.tree_util.Partial(apply, op)
     state = _init_jit(jnp.ones(op.dim), 5)
     for hlo in (
-        _scan_lanczos.lower(None, wrapped, None, jnp.ones(op.dim), order=5,
-                            reorthogonalize=True, tol=1e-5).as_text(),
-        _scan_segment.lower(None, wrapped, None, state, jnp.int32(0), jnp.int32(5),
-                            reorthogonalize=True, tol=1e-5).as_text(),
-    ):  # fmt: skip
+        _scan_lanczos.lower(
+            None, wrapped, None, jnp.ones(op.dim), order=5, reorthogonalize=True, tol=1e-5
+        ).as_text(),
+        _scan_segment.lower(
+            None, wrapped, None, state, jnp.int32(0), jnp.int32(5), reorthogonalize=True, tol=1e-5
+        ).as_text(),
+    ):
         assert len(hlo) < 200_000  # the 100,000 data floats are arguments, not constants
-    np.testing.assert_allclose(lanczos(wrapped, key, 5, dim=op.dim).tridiag, reference.tridiag,
-                               rtol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        lanczos(wrapped, key, 5, dim=op.dim).tridiag, reference.tridiag, rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("loop", ["host", "scan"])
@@ -369,9 +372,13 @@ def test_progress_stops_at_breakdown_and_rejects_junk():
     a = jnp.diag(jnp.array([1.0, 1.0, 2.0, 2.0]))  # two distinct eigenvalues
     seen = []
     result = lanczos(
-        lambda v: a @ v, jax.random.key(0), 4, dim=4, loop="host",
+        lambda v: a @ v,
+        jax.random.key(0),
+        4,
+        dim=4,
+        loop="host",
         progress=lambda *s: seen.append(s[:2]),
-    )  # fmt: skip
+    )
     assert int(result.num_steps) == 2 and seen[-1] == (4, 4)  # the bar completes
     with pytest.raises(TypeError, match="progress must be a bool or a callable"):
         lanczos(lambda v: a @ v, jax.random.key(0), 2, dim=4, progress="yes")
@@ -468,8 +475,9 @@ def test_float64_recurrence_on_float32_products_without_x64():
     assert not jax.config.jax_enable_x64
     q = jnp.diag(jnp.array([1.0, 2.0, 3.0]))
     for loop in ("scan", "host"):
-        res = lanczos(lambda v: q @ v, jax.random.key(0), 3, dim=3, loop=loop,
-                      recurrence_dtype="float64")  # fmt: skip
+        res = lanczos(
+            lambda v: q @ v, jax.random.key(0), 3, dim=3, loop=loop, recurrence_dtype="float64"
+        )
         assert isinstance(res.tridiag, np.ndarray) and res.tridiag.dtype == np.float64
         assert isinstance(res.basis, np.ndarray) and res.basis.dtype == np.float64
         v, t = res.basis.T, res.tridiag
@@ -501,8 +509,13 @@ def test_float64_recurrence_products_run_as_without_it():
         return m @ v
 
     seen.clear()
-    lanczos(jax.tree_util.Partial(scaled, np.diag(np.arange(1.0, 5.0))), jax.random.key(0), 4,
-            dim=4, recurrence_dtype="float64")  # fmt: skip
+    lanczos(
+        jax.tree_util.Partial(scaled, np.diag(np.arange(1.0, 5.0))),
+        jax.random.key(0),
+        4,
+        dim=4,
+        recurrence_dtype="float64",
+    )
     assert set(seen) == {(np.dtype(np.float32), np.dtype(np.float32))}
     # Without recurrence_dtype nothing is float64, even for a float64 NumPy start vector.
     res = lanczos(matvec, None, 4, v0=np.arange(1.0, 5.0))
@@ -517,8 +530,9 @@ def test_float64_recurrence_equals_the_same_run_with_x64_on():
     with jax.enable_x64(True):
         everywhere = lanczos(op, jax.random.key(2), 20, recurrence_dtype="float64")
         assert everywhere.tridiag.dtype == jnp.float64
-        np.testing.assert_allclose(local.tridiag, np.asarray(everywhere.tridiag), rtol=1e-12,
-                                   atol=1e-14)  # fmt: skip
+        np.testing.assert_allclose(
+            local.tridiag, np.asarray(everywhere.tridiag), rtol=1e-12, atol=1e-14
+        )
         np.testing.assert_allclose(local.basis, np.asarray(everywhere.basis), atol=1e-12)
     default = lanczos(op, jax.random.key(2), 20)  # the same start vector, float32
     assert default.tridiag.dtype == np.float32

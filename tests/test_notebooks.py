@@ -21,8 +21,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
         ("keras_example.ipynb", 3, ["keras", "tensorflow_datasets"], "train (1500, 8, 8, 1)"),
     ],
 )
-def test_notebook_runs_and_draws_its_figures(name, figures, needs, printed, tmp_path,
-                                             monkeypatch):  # fmt: skip
+def test_notebook_runs_and_draws_its_figures(name, figures, needs, printed, tmp_path, monkeypatch):
     for module in needs:
         pytest.importorskip(module)
     # The kernel inherits the environment: a file-only backend (test_plot sets MPLBACKEND=Agg)
@@ -32,9 +31,11 @@ def test_notebook_runs_and_draws_its_figures(name, figures, needs, printed, tmp_
     stored = [c for c in notebook.cells if c.cell_type == "code"]
     assert stored and not any(c.outputs for c in stored), "store notebooks with outputs cleared"
     client = nbclient.NotebookClient(
-        notebook, timeout=600, kernel_name="python3",
+        notebook,
+        timeout=600,
+        kernel_name="python3",
         resources={"metadata": {"path": str(tmp_path)}},
-    )  # fmt: skip
+    )
     started = time.perf_counter()
     client.execute()  # raises CellExecutionError, naming the cell, on any error
     # Timings are measured, not asserted (a busy machine is not a failure): shown with -s.

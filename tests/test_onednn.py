@@ -24,7 +24,7 @@ GEOMETRIES = {
     "1-D": ((2, 13, 3), (4, 3, 2), (3,), ((2, 1),), (1,)),
     "3-D": ((2, 5, 6, 7, 2), (2, 3, 2, 2, 3), (1, 1, 2), ((0, 0), (1, 1), (0, 1)), (1, 1, 1)),
     "1x1": ((3, 4, 4, 6), (1, 1, 6, 2), (1, 1), ((0, 0), (0, 0)), (1, 1)),
-}  # fmt: skip
+}
 
 
 def _dimension_numbers(rank):
@@ -34,9 +34,13 @@ def _dimension_numbers(rank):
 
 def _xla(x, w, strides, padding, dilation):
     return jax.lax.conv_general_dilated(
-        x, w, strides, padding, rhs_dilation=dilation,
+        x,
+        w,
+        strides,
+        padding,
+        rhs_dilation=dilation,
         dimension_numbers=_dimension_numbers(x.ndim - 2),
-    )  # fmt: skip
+    )
 
 
 def _mine(x, w, strides, padding, dilation):
@@ -48,8 +52,9 @@ def _random(shape, seed):
 
 
 def _close(actual, expected, rtol=2e-5):
-    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected),
-                    strict=True):  # fmt: skip
+    for a, e in zip(
+        jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected), strict=True
+    ):
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         assert a.shape == e.shape
         scale = np.max(np.abs(e))
@@ -168,8 +173,9 @@ def test_exit_waits_for_work_still_queued():
         raise SystemExit("stopped with work in flight")
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1, done.stderr
     assert "stopped with work in flight" in done.stderr
 
@@ -207,7 +213,8 @@ def test_turned_off_by_the_environment_the_rewrite_uses_patches():
         """
     )
     env = {**os.environ, "JAX_SPECTRAL_ONEDNN": "0", "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok")

@@ -197,8 +197,11 @@ def test_changing_dataset_between_passes_raises():
     sizes = iter([3, 3, 3, 3, 5])  # three calls at construction, then one per pass
     op = hessian_operator(loss, params, lambda: iter([(np.ones((next(sizes), 2)),)]))
     op.matvec(jnp.ones(2))
-    with pytest.raises(ValueError, match=r"read 5 samples in 1 batches, not the same samples "
-                       r"as the first pass \(3 in 1\)"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"read 5 samples in 1 batches, not the same samples "
+        r"as the first pass \(3 in 1\)",
+    ):
         op.matvec(jnp.ones(2))
 
 
@@ -257,8 +260,9 @@ def test_a_reshuffled_stream_with_a_per_sample_loss_gives_the_dataset_hessian():
     reshuffled = _passes(x, y, lambda k: np.random.default_rng(k).permutation(90), 16)
     got = lanczos(hessian_operator(mlp_loss, params, reshuffled), jax.random.key(2), 10)
     want = lanczos(hessian_operator(mlp_loss, params, (x, y)), jax.random.key(2), 10)
-    np.testing.assert_allclose(np.asarray(got.tridiag), np.asarray(want.tridiag),
-                               rtol=2e-4, atol=2e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(got.tridiag), np.asarray(want.tridiag), rtol=2e-4, atol=2e-5
+    )
     # The same batches in another order are the same sum, whatever the loss.
     batches = [(x[i : i + 16], y[i : i + 16]) for i in range(0, 90, 16)]
     order = iter(range(10**6))
@@ -524,8 +528,9 @@ def test_pytrees_of_another_structure_are_refused(problem):
             lanczos(op, None, 3, v0=bad)
         with pytest.raises(ValueError, match="same pytree structure as params"):
             lanczos(op.matvec_tree, None, 3, v0=bad)
-    np.testing.assert_allclose(op.matvec_tree(tree)["layer1"]["b"],
-                               op.unravel(op.matvec(v))["layer1"]["b"])  # fmt: skip
+    np.testing.assert_allclose(
+        op.matvec_tree(tree)["layer1"]["b"], op.unravel(op.matvec(v))["layer1"]["b"]
+    )
     with pytest.raises(ValueError, match="same pytree structure as params"):
         lanczos(lambda t: t, None, 3, like=params, v0={"w": v})
     assert int(lanczos(lambda t: t, None, 1, like=params, v0=v).num_steps) == 1  # flat v0

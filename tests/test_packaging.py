@@ -108,8 +108,13 @@ def test_demo_in_process(tmp_path, capsys):
     assert np.sort(saved["nodes"], axis=1)[:, -1].max() <= top[0] * (1 + 1e-5)
     assert summary["trace"] > 0 and summary["trace_stderr"] >= 0
     assert (tmp_path / "density.png").read_bytes().startswith(b"\x89PNG")
-    assert summary["status"] == {"complete": True, "density": "done", "top_eigenvalues": "done",
-                                 "trace": "done", "figure": "done"}  # fmt: skip
+    assert summary["status"] == {
+        "complete": True,
+        "density": "done",
+        "top_eigenvalues": "done",
+        "trace": "done",
+        "figure": "done",
+    }
 
 
 @pytest.mark.slow
@@ -121,8 +126,20 @@ def test_a_rerun_replaces_every_output_and_records_adjustments(tmp_path, capsys,
     (tmp_path / "density.png").write_text("an earlier run's figure")
     (tmp_path / "spectrum.json").write_text("{}")
     monkeypatch.setattr(cli, "_draw", lambda *a: "not drawn (test)")
-    argv = ["demo", "--out", str(tmp_path), "--order", "10", "--train-steps", "5",
-            "--trace-matvecs", "3", "--num-probes", "2", "--quiet"]  # fmt: skip
+    argv = [
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--order",
+        "10",
+        "--train-steps",
+        "5",
+        "--trace-matvecs",
+        "3",
+        "--num-probes",
+        "2",
+        "--quiet",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert not (tmp_path / "density.png").exists()
@@ -144,10 +161,21 @@ def test_ctrl_c_in_the_demo_writes_what_finished(tmp_path):
     import threading
 
     child = subprocess.Popen(
-        [sys.executable, "-m", "jax_spectral", "demo", "--out", str(tmp_path), "--order",
-         "2000", "--train-steps", "5"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jax_spectral",
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--order",
+            "2000",
+            "--train-steps",
+            "5",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     err, signalled = [], []
 
     def read():  # tqdm redraws with \r: signal once SLQ has done some steps (compiled)
@@ -182,10 +210,22 @@ def test_ctrl_c_in_the_demo_writes_what_finished(tmp_path):
 @pytest.mark.slow
 def test_demo_as_a_subprocess(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "jax_spectral", "demo", "--out", str(tmp_path), "--order", "10",
-         "--train-steps", "20"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "jax_spectral",
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--order",
+            "10",
+            "--train-steps",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "spectrum.npz").is_file() and (tmp_path / "spectrum.json").is_file()
 
@@ -235,8 +275,20 @@ def test_without_matplotlib_the_demo_writes_its_data_and_says_so(tmp_path, capsy
     # compiler in long test runs.)
     for name in ("matplotlib", "matplotlib.pyplot"):
         monkeypatch.setitem(sys.modules, name, None)
-    argv = ["demo", "--out", str(tmp_path), "--order", "10", "--train-steps", "5",
-            "--num-probes", "2", "--trace-matvecs", "6", "--quiet"]  # fmt: skip
+    argv = [
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--order",
+        "10",
+        "--train-steps",
+        "5",
+        "--num-probes",
+        "2",
+        "--trace-matvecs",
+        "6",
+        "--quiet",
+    ]
     assert main(argv) == 0
     summary = json.loads((tmp_path / "spectrum.json").read_text())
     assert summary["status"]["complete"] and "pip install" in summary["status"]["figure"]

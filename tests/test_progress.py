@@ -26,8 +26,9 @@ def _stderr_on_a_terminal(flag, columns=100):
     fcntl = pytest.importorskip("fcntl")
     termios = pytest.importorskip("termios")
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    proc = subprocess.Popen([sys.executable, "-c", CODE, flag], stdout=subprocess.PIPE,
-                            stderr=terminal)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CODE, flag], stdout=subprocess.PIPE, stderr=terminal
+    )
     os.close(terminal)
     chunks = []
     while True:

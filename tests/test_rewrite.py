@@ -18,25 +18,61 @@ ONEDNN = pytest.mark.skipif(not onednn.available(), reason="oneDNN is not instal
 BACKENDS = [pytest.param("onednn", marks=ONEDNN), "patches"]
 
 CONVOLUTIONS = {
-    "NHWC, VALID": dict(x=(4, 9, 9, 3), w=(3, 3, 3, 5), dn=("NHWC", "HWIO", "NHWC"),
-                        strides=(1, 1), padding="VALID", dilation=(1, 1)),
-    "strided, SAME": dict(x=(4, 9, 9, 3), w=(3, 3, 3, 5), dn=("NHWC", "HWIO", "NHWC"),
-                          strides=(2, 1), padding="SAME", dilation=(1, 1)),
-    "NCHW, dilated, uneven pads": dict(x=(4, 3, 9, 8), w=(5, 3, 3, 2),
-                                       dn=("NCHW", "OIHW", "NCHW"), strides=(1, 2),
-                                       padding=((1, 2), (0, 1)), dilation=(2, 1)),
-    "1-D": dict(x=(2, 11, 3), w=(4, 3, 6), dn=("NWC", "WIO", "NWC"), strides=(3,),
-                padding="SAME", dilation=(1,)),
-    "3-D": dict(x=(2, 5, 6, 7, 2), w=(2, 3, 2, 2, 4), dn=("NDHWC", "DHWIO", "NDHWC"),
-                strides=(1, 1, 2), padding="VALID", dilation=(1, 1, 1)),
-    "1x1 kernel": dict(x=(3, 4, 4, 6), w=(1, 1, 6, 2), dn=("NHWC", "HWIO", "NHWC"),
-                       strides=(1, 1), padding="VALID", dilation=(1, 1)),
-}  # fmt: skip
+    "NHWC, VALID": dict(
+        x=(4, 9, 9, 3),
+        w=(3, 3, 3, 5),
+        dn=("NHWC", "HWIO", "NHWC"),
+        strides=(1, 1),
+        padding="VALID",
+        dilation=(1, 1),
+    ),
+    "strided, SAME": dict(
+        x=(4, 9, 9, 3),
+        w=(3, 3, 3, 5),
+        dn=("NHWC", "HWIO", "NHWC"),
+        strides=(2, 1),
+        padding="SAME",
+        dilation=(1, 1),
+    ),
+    "NCHW, dilated, uneven pads": dict(
+        x=(4, 3, 9, 8),
+        w=(5, 3, 3, 2),
+        dn=("NCHW", "OIHW", "NCHW"),
+        strides=(1, 2),
+        padding=((1, 2), (0, 1)),
+        dilation=(2, 1),
+    ),
+    "1-D": dict(
+        x=(2, 11, 3),
+        w=(4, 3, 6),
+        dn=("NWC", "WIO", "NWC"),
+        strides=(3,),
+        padding="SAME",
+        dilation=(1,),
+    ),
+    "3-D": dict(
+        x=(2, 5, 6, 7, 2),
+        w=(2, 3, 2, 2, 4),
+        dn=("NDHWC", "DHWIO", "NDHWC"),
+        strides=(1, 1, 2),
+        padding="VALID",
+        dilation=(1, 1, 1),
+    ),
+    "1x1 kernel": dict(
+        x=(3, 4, 4, 6),
+        w=(1, 1, 6, 2),
+        dn=("NHWC", "HWIO", "NHWC"),
+        strides=(1, 1),
+        padding="VALID",
+        dilation=(1, 1),
+    ),
+}
 
 
 def _close(actual, expected, rtol=2e-5):
-    for a, e in zip(jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected),
-                    strict=True):  # fmt: skip
+    for a, e in zip(
+        jax.tree_util.tree_leaves(actual), jax.tree_util.tree_leaves(expected), strict=True
+    ):
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         scale = np.max(np.abs(e))
         assert scale > 0
@@ -64,9 +100,9 @@ def test_convolutions_equal_xla_in_value_gradient_and_hvp(case, backend, chunk_b
     x, w = _random(c["x"], 0), _random(c["w"], 1)
 
     def conv(x, w):
-        return jax.lax.conv_general_dilated(x, w, c["strides"], c["padding"],
-                                            rhs_dilation=c["dilation"],
-                                            dimension_numbers=c["dn"])  # fmt: skip
+        return jax.lax.conv_general_dilated(
+            x, w, c["strides"], c["padding"], rhs_dilation=c["dilation"], dimension_numbers=c["dn"]
+        )
 
     def loss(x, w):
         return jnp.sum(jnp.tanh(conv(x, w)) ** 2)
@@ -104,28 +140,48 @@ def test_max_pool_equals_reduce_window_and_sends_the_derivative_to_one_element()
     assert jnp.array_equal(jnp.isnan(pooled), jnp.isnan(nn.max_pool(with_nan, (2, 3), (2, 3))))
     big = lambda x: nn.max_pool(x, (4, 5), (4, 5))  # noqa: E731  (20 elements: XLA's)
     assert "reduce_window_max" in _primitives(cpu_friendly(big), x)
-    assert "reduce_window_max" not in _primitives(cpu_friendly(lambda x: nn.max_pool(
-        x, (4, 4), (4, 4))), x)  # fmt: skip
+    assert "reduce_window_max" not in _primitives(
+        cpu_friendly(lambda x: nn.max_pool(x, (4, 4), (4, 4))), x
+    )
 
 
 def test_what_is_not_rewritten_stays_and_still_agrees():
     x, w = _random((2, 6, 6, 4), 0), _random((3, 3, 2, 4), 1)
 
     def grouped(x, w):  # depthwise-style: feature_group_count 2
-        return jnp.sum(jax.lax.conv_general_dilated(
-            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=2) ** 2)  # fmt: skip
+        return jnp.sum(
+            jax.lax.conv_general_dilated(
+                x,
+                w,
+                (1, 1),
+                "SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                feature_group_count=2,
+            )
+            ** 2
+        )
 
     def transposed(x, w):  # input dilation
-        return jnp.sum(jax.lax.conv_general_dilated(
-            x, jnp.tile(w, (1, 1, 2, 1)), (1, 1), ((1, 1), (1, 1)), lhs_dilation=(2, 2),
-            dimension_numbers=("NHWC", "HWIO", "NHWC")) ** 2)  # fmt: skip
+        return jnp.sum(
+            jax.lax.conv_general_dilated(
+                x,
+                jnp.tile(w, (1, 1, 2, 1)),
+                (1, 1),
+                ((1, 1), (1, 1)),
+                lhs_dilation=(2, 2),
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            ** 2
+        )
 
     def overlapping_pool(x, w):
         return jnp.sum(nn.max_pool(x, (3, 3), (1, 1)) * w[0, 0, 0, 0])
 
-    for fn, kept in ((grouped, "conv_general_dilated"), (transposed, "conv_general_dilated"),
-                     (overlapping_pool, "reduce_window_max")):  # fmt: skip
+    for fn, kept in (
+        (grouped, "conv_general_dilated"),
+        (transposed, "conv_general_dilated"),
+        (overlapping_pool, "reduce_window_max"),
+    ):
         assert kept in _primitives(cpu_friendly(fn), x, w)
         _close(jax.grad(cpu_friendly(fn), (0, 1))(x, w), jax.grad(fn, (0, 1))(x, w))
 
@@ -143,8 +199,9 @@ def test_integer_pooling_and_empty_results_are_left_to_xla():
     assert cpu_friendly(lambda x: nn.max_pool(x, (2, 2), (2, 2)))(half).dtype == jnp.float16
 
     def empty(x, w):  # a dilated window larger than the input: XLA gives a (2, 0, 0, 2)
-        return jax.lax.conv_general_dilated(x, w, (2, 2), "VALID", rhs_dilation=(2, 2),
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))  # fmt: skip
+        return jax.lax.conv_general_dilated(
+            x, w, (2, 2), "VALID", rhs_dilation=(2, 2), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     x, w = _random((2, 4, 4, 3), 2), _random((3, 3, 3, 2), 3)
     assert cpu_friendly(empty)(x, w).shape == empty(x, w).shape == (2, 0, 0, 2)
@@ -160,8 +217,9 @@ def test_chunks_of_several_images(monkeypatch):
     assert rewrite_module._chunk_size(7, 5292) == 1  # a prime batch: one image a chunk
 
     def loss(x, w):
-        return jnp.sum(jnp.sin(jax.lax.conv_general_dilated(
-            x, w, (1, 1), "VALID", dimension_numbers=c["dn"])))  # fmt: skip
+        return jnp.sum(
+            jnp.sin(jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=c["dn"]))
+        )
 
     patched = cpu_friendly(loss, onednn=False)
     jaxpr = str(jax.make_jaxpr(patched)(x, w))
@@ -171,8 +229,11 @@ def test_chunks_of_several_images(monkeypatch):
 
 def test_nested_jit_is_inlined_and_the_wrapper_is_cached():
     x, w = _random((2, 5, 5, 3), 0), _random((3, 3, 3, 2), 1)
-    conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(
-        x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")))  # fmt: skip
+    conv = jax.jit(
+        lambda x, w: jax.lax.conv_general_dilated(
+            x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+    )
 
     def loss(x, w):
         return jnp.sum(conv(x, w) ** 2)
@@ -200,8 +261,9 @@ def _cnn_problem():
 
     def loss(params, batch):
         logits = model.apply({"params": params}, batch[0])
-        return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
-            logits, batch[1][:, None], -1)[:, 0])  # fmt: skip
+        return jnp.mean(
+            jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, batch[1][:, None], -1)[:, 0]
+        )
 
     return loss, params, (images, labels)
 
@@ -232,8 +294,10 @@ def test_host_loop_and_stream_with_the_rewrite(backend):
     batches = [(data[0][i : i + 4], data[1][i : i + 4]) for i in range(0, 10, 4)]
     v = np.random.default_rng(3).standard_normal(stock.dim).astype(np.float32)
     expected = stock.matvec(v)
-    for op in (hessian_operator(loss, params, data, batch_size=4, rewrite=backend, loop="host"),
-               hessian_operator(loss, params, lambda: iter(batches), rewrite=backend)):  # fmt: skip
+    for op in (
+        hessian_operator(loss, params, data, batch_size=4, rewrite=backend, loop="host"),
+        hessian_operator(loss, params, lambda: iter(batches), rewrite=backend),
+    ):
         assert op.loop == "host" and op.rewrite == backend
         _close(op.matvec(v), expected)
 
@@ -246,8 +310,7 @@ def test_checkpoint_fingerprint_sees_the_rewrite_only_where_it_changes_products(
     params = init_mlp(jax.random.key(0), [4, 5, 3])
     x, y = classification_data(jax.random.key(1), 20, 4, 3)
     settings = ("cpu", "patches", "none")
-    mlp = [hessian_operator(mlp_loss, params, (x, y), batch_size=8, rewrite=r)
-           for r in settings]  # fmt: skip
+    mlp = [hessian_operator(mlp_loss, params, (x, y), batch_size=8, rewrite=r) for r in settings]
     assert len({fingerprint(op) for op in mlp}) == 1  # no convolutions: the same products
     loss, params, data = _cnn_problem()
     cnn = [hessian_operator(loss, params, data, batch_size=4, rewrite=r) for r in settings]

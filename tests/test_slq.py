@@ -158,10 +158,14 @@ def test_breakdown_scan_and_host_agree_and_padding_has_no_weight():
 
     data = jnp.ones(12)
     results = {
-        loop: slq(hessian_operator(loss, jnp.zeros(8), data, batch_size=5, loop=loop),
-                  jax.random.key(0), num_probes=3, order=6)
+        loop: slq(
+            hessian_operator(loss, jnp.zeros(8), data, batch_size=5, loop=loop),
+            jax.random.key(0),
+            num_probes=3,
+            order=6,
+        )
         for loop in ("scan", "host")
-    }  # fmt: skip
+    }
     for result in results.values():
         np.testing.assert_array_equal(result.lanczos.num_steps, [3, 3, 3])
         np.testing.assert_allclose(result.nodes[:, :3], np.tile([1.0, 2.0, 5.0], (3, 1)), rtol=1e-5)
@@ -171,8 +175,9 @@ def test_breakdown_scan_and_host_agree_and_padding_has_no_weight():
         starts = np.asarray(result.lanczos.basis[:, 0], np.float64)
         mass = np.stack([np.sum(starts[:, d == lam] ** 2, axis=1) for lam in (1.0, 2.0, 5.0)], 1)
         np.testing.assert_allclose(result.weights[:, :3], mass, rtol=1e-4)
-    np.testing.assert_allclose(results["scan"].lanczos.tridiag, results["host"].lanczos.tridiag,
-                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        results["scan"].lanczos.tridiag, results["host"].lanczos.tridiag, rtol=1e-6, atol=1e-6
+    )
     density = spectral_density(results["scan"], sigma_squared=1e-3, grid_len=500)
     margin = 5 * np.sqrt(1e-3 * 4.0) * 1.1  # EDGE_WIDTHS kernel widths beyond 1 and 5
     assert density.grid[0] > 1 - margin > 0 and density.grid[-1] < 5 + margin  # not to zero
@@ -183,8 +188,9 @@ def test_bases_in_host_memory_give_the_same_tridiagonals(loop):
     op = _mlp_operator(loop)
     on_device = slq(op, jax.random.key(2), num_probes=3, order=10)
     on_host = slq(op, jax.random.key(2), num_probes=3, order=10, basis_memory="host")
-    np.testing.assert_allclose(on_host.lanczos.tridiag, on_device.lanczos.tridiag, rtol=1e-5,
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        on_host.lanczos.tridiag, on_device.lanczos.tridiag, rtol=1e-5, atol=1e-6
+    )
     assert on_host.lanczos.basis.devices() == {jax.devices("cpu")[0]}
     with pytest.raises(ValueError, match="basis_memory must be"):
         slq(op, jax.random.key(2), num_probes=3, order=10, basis_memory="disk")
@@ -197,8 +203,9 @@ def test_memory_error_suggests_host_memory_when_the_device_is_full(monkeypatch):
     x, y = classification_data(jax.random.key(1), 20, 5, 3)
     op = hessian_operator(mlp_loss, params, (x, y), batch_size=8)
     # The accelerator (the default device) is nearly full; the host has room.
-    monkeypatch.setattr(costs, "free_device_bytes",
-                        lambda device=None: 1000 if device is None else 10**9)  # fmt: skip
+    monkeypatch.setattr(
+        costs, "free_device_bytes", lambda device=None: 1000 if device is None else 10**9
+    )
     with pytest.raises(MemoryError, match="basis_memory='host'"):
         slq(op, jax.random.key(0), num_probes=4, order=10)
     slq(op, jax.random.key(0), num_probes=4, order=10, basis_memory="host")  # fits there

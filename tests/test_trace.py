@@ -75,8 +75,9 @@ def test_products_go_through_matmat_in_chunks_with_progress():
     dense = np.stack([np.asarray(op.matvec(e)) for e in np.eye(op.dim, dtype=np.float32)])
     seen = []
     reads.clear()
-    est = hutchinson(op, jax.random.key(2), num_probes=7, chunk=3,
-                     progress=lambda *s: seen.append(s[:2]))  # fmt: skip
+    est = hutchinson(
+        op, jax.random.key(2), num_probes=7, chunk=3, progress=lambda *s: seen.append(s[:2])
+    )
     assert len(reads) == 3 * 3  # ceil(7 / 3) passes over the three batches
     assert seen == [(3, 7), (6, 7), (7, 7)]
     z = np.asarray(jax.random.rademacher(jax.random.key(2), (7, op.dim), jnp.float32))
