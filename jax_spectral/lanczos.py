@@ -1,4 +1,4 @@
-"""The Lanczos algorithm with full reorthogonalisation, as one ``lax.scan``.
+"""The Lanczos algorithm with full reorthogonalisation, as compiled loops over steps.
 
 Given a symmetric operator ``A`` (``matvec(v) = A v``) and a unit start vector ``v_0``,
 ``m`` steps build an orthonormal basis ``V = [v_0 .. v_{m-1}]`` of the Krylov space and a
@@ -280,13 +280,22 @@ def _trace_error(fn: Callable, template: PyTree | None, dim: int, dtype: Any) ->
 
 
 def compiled_steps(product, step_fn, state, start, stop):
-    """Steps ``start .. stop - 1`` as one compiled ``while`` loop: ``step_fn(state, step,
-    product(state, step))``, ending early once every recurrence in ``state`` has stopped
-    (breakdown or a non-finite product). Bounds may be traced, so one program serves
-    segments of any length. The loop shared by ``lanczos`` (one recurrence) and ``slq``
-    (a batch). The product is not wrapped in a ``lax.cond`` to skip it after a stop: the
-    loop's condition does that, and a ``cond`` around the product slowed every step
+    """Steps ``start .. stop - 1`` as one compiled loop: ``step_fn(state, step,
+    product(state, step))``; the loop shared by ``lanczos`` (one recurrence) and ``slq`` (a
+    batch). With traced bounds (one program serves segments of any length) a ``while``
+    loop that ends early once every recurrence in ``state`` has stopped (breakdown or a
+    non-finite product); with Python-int bounds (a whole run under the caller's ``jit``) a
+    ``lax.scan``, which reverse-mode differentiation can go through. The product is not
+    wrapped in a ``lax.cond`` to skip it after a stop: that slowed every step
     (``benchmarks/bench_lanczos_core.py`` measures it)."""
+
+    if isinstance(start, int) and isinstance(stop, int):
+        # Static bounds (the whole run under the caller's jit): a scan, which reverse-mode
+        # differentiation can go through; products after a stop run and are ignored.
+        def scanned(state, step):
+            return step_fn(state, step, product(state, step)), None
+
+        return jax.lax.scan(scanned, state, jnp.arange(start, stop, dtype=jnp.int32))[0]
 
     def going(carry):
         step, state = carry
@@ -299,81 +308,43 @@ def compiled_steps(product, step_fn, state, start, stop):
     return jax.lax.while_loop(going, body, (jnp.asarray(start, jnp.int32), state))[1]
 
 
-def _steps(matvec, state, start, stop, *, reorthogonalize, tol, basis_sharding=None):
-    """One recurrence's steps ``start .. stop - 1`` (:func:`compiled_steps`)."""
+def _steps(matvec, state, start, stop, steps):
+    """One recurrence's steps ``start .. stop - 1`` (:func:`compiled_steps`), with the
+    settings ``steps`` (a :class:`_Steps`)."""
 
     def product(state, step):
         v = state.basis[step]
         return matvec(v).astype(v.dtype)
 
     def step_fn(state, step, w):
-        state = lanczos_step(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
-        return state if basis_sharding is None else _constrain(state, basis_sharding)
+        state = lanczos_step(state, step, w, reorthogonalize=steps.reorthogonalize, tol=steps.tol)
+        return _constrain(state, steps.basis_sharding)
 
     return compiled_steps(product, step_fn, state, start, stop)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("fn", "order", "reorthogonalize", "tol", "basis_sharding", "products"),
-)
-def _scan_lanczos(
-    fn, operand, template, v0, *, order, reorthogonalize, tol, basis_sharding=None, products=None
-):
+@functools.partial(jax.jit, static_argnames=("fn", "order", "steps"))
+def _scan_lanczos(fn, operand, template, v0, *, order, steps):
     """The whole recurrence as one program: for ``lanczos`` under the caller's ``jit``."""
-    state = init_state(v0, order)
-    if basis_sharding is not None:
-        state = _constrain(state, basis_sharding)
-    state = _steps(
-        _flat_matvec(fn, operand, template, products),
-        state,
-        0,
-        order,
-        reorthogonalize=reorthogonalize,
-        tol=tol,
-        basis_sharding=basis_sharding,
-    )
-    result = pack_result(state)
-    if basis_sharding is not None:
-        result = result._replace(
-            basis=jax.lax.with_sharding_constraint(result.basis, basis_sharding)
-        )
-    return result
+    state = _constrain(init_state(v0, order), steps.basis_sharding)
+    matvec = _flat_matvec(fn, operand, template, steps.products)
+    result = pack_result(_steps(matvec, state, 0, order, steps))
+    return _constrain(result, steps.basis_sharding)  # the basis stays where it was
 
 
 def _constrain(state, basis_sharding):
-    """Keep the basis laid out as ``basis_sharding`` (e.g. columns split over devices)."""
+    """Keep the basis of a state or result laid out as ``basis_sharding`` (e.g. columns
+    split over devices)."""
+    if basis_sharding is None:
+        return state
     return state._replace(basis=jax.lax.with_sharding_constraint(state.basis, basis_sharding))
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("fn", "reorthogonalize", "tol", "products", "basis_sharding"),
-    donate_argnames=("state",),
-)
-def _scan_segment(
-    fn,
-    operand,
-    template,
-    state,
-    start,
-    stop,
-    *,
-    reorthogonalize,
-    tol,
-    products=None,
-    basis_sharding=None,
-):
+@functools.partial(jax.jit, static_argnames=("fn", "steps"), donate_argnames=("state",))
+def _scan_segment(fn, operand, template, state, start, stop, *, steps):
     """Steps ``start .. stop - 1`` (traced bounds: one compilation for every segment)."""
-    return _steps(
-        _flat_matvec(fn, operand, template, products),
-        state,
-        start,
-        stop,
-        reorthogonalize=reorthogonalize,
-        tol=tol,
-        basis_sharding=basis_sharding,
-    )
+    matvec = _flat_matvec(fn, operand, template, steps.products)
+    return _steps(matvec, state, start, stop, steps)
 
 
 _init_jit = jax.jit(init_state, static_argnums=1)
@@ -403,14 +374,14 @@ def host_loop(product, step_fn, state, start, stop, *, bar, watch, describe=None
     return state, stop
 
 
-def _host_steps(matvec, state, start, stop, *, reorthogonalize, tol, bar, watch):
+def _host_steps(matvec, state, start, stop, *, steps, bar, watch):
     """One recurrence's steps from the host, with the latest alpha and beta on the bar."""
 
     def product(state, step):
         return jnp.asarray(matvec(state.basis[step]), state.basis.dtype)
 
     def step_fn(state, step, w):
-        return _step_jit(state, step, w, reorthogonalize=reorthogonalize, tol=tol)
+        return _step_jit(state, step, w, reorthogonalize=steps.reorthogonalize, tol=steps.tol)
 
     def describe(state, step):
         alpha, beta = float(state.alphas[step]), float(state.betas[step])
@@ -543,7 +514,8 @@ def lanczos(
         Full reorthogonalisation (two classical Gram-Schmidt passes per step).
     loop:
         ``"scan"``: the recurrence runs as compiled loops inside ``jit`` (compiles once per
-        shape; works under ``jit`` and ``vmap`` over keys, where it is one ``lax.scan``).
+        shape; works under ``jit`` and ``vmap`` over keys, where it is one ``lax.scan``,
+        which ``jax.grad`` can differentiate).
         Called eagerly, it runs in segments of about half a second each (timed as it
         runs: one step per segment when a step takes longer), so that Ctrl-C stops it
         within a segment. ``"host"``: a Python loop
@@ -623,8 +595,67 @@ def lanczos(
     array([1., 2., 3., 4., 5.], dtype=float32)
     """
     order = count("order", order)
+    problem = _resolve(matvec, dim=dim, v0=v0, like=like)
+    precision = _Precision.of(recurrence_dtype, problem.dtype)
+    v0 = _start_vector(problem, key)
+    loop, untraceable = _choose_loop(loop, problem)
+    tol = _default_tol(problem.dtype) if breakdown_tol is None else float(breakdown_tol)
+    steps = _Steps(reorthogonalize, tol, precision.products, basis_sharding)
+    traced = _is_tracer(v0) or any(map(_is_tracer, jax.tree_util.tree_leaves(problem.args)))
+    if traced:
+        _check_traceable_run(untraceable, loop, checkpoint, precision)
+    _check_placement(
+        problem.dim, order, precision.wide, basis_sharding, loop, checkpoint, traced=traced
+    )
+    checkpointer = None
+    if checkpoint is not None:
+        checkpointer = _checkpointer(checkpoint, problem, v0, order, precision, steps, loop)
+    if precision.x64_off:  # the operand's arrays made now, not as float64 in the x64 context
+        problem = problem._replace(args=jax.tree_util.tree_map(jnp.asarray, problem.args))
+    with Progress(progress if not traced else False, order, "lanczos") as bar, precision.scope():
+        v0 = v0.astype(precision.wide)
+        if traced:  # under the caller's jit/vmap: the whole recurrence as one program
+            result = _scan_lanczos(problem.fn, *problem.args, v0, order=order, steps=steps)
+            stopped_early = False
+        else:
+            result, stopped_early = _drive(
+                problem,
+                v0,
+                order,
+                steps,
+                loop,
+                bar=bar,
+                checkpointer=checkpointer,
+                every=checkpoint_every,
+                resume=resume,
+            )
+        if precision.x64_off:  # float64 JAX arrays would be truncated outside x64: NumPy
+            result = LanczosResult(*(np.asarray(field) for field in result))
+    if stopped_early:
+        raise interrupted("lanczos", int(result.num_steps), order, result, checkpoint)
+    if not _is_tracer(result.num_steps):
+        warn_if_zero(result)
+        check_finite(result, "Lanczos")
+    return result
 
-    operand, fn = None, None  # operand: a pytree passed as an argument; fn: static
+
+class _Problem(NamedTuple):
+    """What ``lanczos`` runs on: ``fn`` a static function, or ``args = (operand,
+    template)`` pytree arguments (an operator, or a ``Partial``; ``template``: the params
+    layout of a function on pytrees); the vector length, the products' dtype (at least
+    float32) and the flat start vector, if one was given."""
+
+    fn: Callable | None
+    args: tuple[Any, PyTree | None]
+    dim: int
+    dtype: np.dtype
+    v0: Any
+
+
+def _resolve(matvec: Any, *, dim: Any, v0: Any, like: PyTree | None) -> _Problem:
+    """Recognise ``matvec`` (an operator, a bound method of one, a ``Partial`` of arrays or
+    a plain function) and find the vector length and dtype."""
+    operand, fn = None, None
     owner = getattr(matvec, "__self__", None)
     if _is_operator(matvec):
         operand = as_argument(matvec)
@@ -636,59 +667,91 @@ def lanczos(
         fn = matvec
     else:
         raise TypeError(f"matvec must be callable or an operator, got {type(matvec)}.")
-
-    template = None
     if _is_operator(operand):
         check_operator(operand)
-        dim, dtype = operand.dim, dtype_of(operand)
         if v0 is not None and not _is_array_vector(v0):
             v0 = operand.ravel(v0)
-    else:
-        if like is None and v0 is not None and not _is_array_vector(v0):
-            like = v0  # a params-shaped (or any non-flat) start vector is the template
-        if like is not None:
-            template = like
-            flat_like = ravel_pytree(like)[0]
-            dim, dtype = flat_like.shape[0], flat_like.dtype
-            if v0 is not None and not _is_array_vector(v0):
-                from .hvp import check_like
+        return _Problem(None, (operand, None), operand.dim, _products_dtype(dtype_of(operand)), v0)
+    if like is None and v0 is not None and not _is_array_vector(v0):
+        like = v0  # a params-shaped (or any non-flat) start vector is the template
+    if like is not None:
+        flat_like = ravel_pytree(like)[0]
+        if v0 is not None and not _is_array_vector(v0):
+            from .hvp import check_like
 
-                check_like(like, v0, "v0")
-                v0 = ravel_pytree(v0)[0]
-        else:
-            if v0 is not None:
-                dim = v0.shape[0] if dim is None else dim
-            if dim is None:
-                raise ValueError(
-                    "lanczos cannot tell the vector length: give dim=, a start vector v0=, "
-                    "or like=params for a matvec on params-shaped pytrees."
-                )
-            dtype = v0.dtype if v0 is not None else jnp.zeros(()).dtype
-    dim = count("dim", dim)
-    # The products' dtype, at least float32 (float64 only under x64, as JAX would compute).
-    dtype = jnp.promote_types(jax.dtypes.canonicalize_dtype(dtype), jnp.float32)
-    wide = _recurrence_dtype(recurrence_dtype, dtype)
-    x64_off = wide == np.float64 and not jax.config.jax_enable_x64
-    products = None if wide == dtype else (np.dtype(dtype), x64_off)
+            check_like(like, v0, "v0")
+            v0 = ravel_pytree(v0)[0]
+        size = count("the template's size", flat_like.shape[0])
+        return _Problem(fn, (operand, like), size, _products_dtype(flat_like.dtype), v0)
+    if v0 is not None and dim is None:
+        dim = v0.shape[0]
+    if dim is None:
+        raise ValueError(
+            "lanczos cannot tell the vector length: give dim=, a start vector v0=, "
+            "or like=params for a matvec on params-shaped pytrees."
+        )
+    dtype = v0.dtype if v0 is not None else jnp.zeros(()).dtype
+    return _Problem(fn, (operand, None), count("dim", dim), _products_dtype(dtype), v0)
 
+
+def _products_dtype(dtype: Any) -> np.dtype:
+    """The products' dtype: at least float32 (float64 only under x64, as JAX computes)."""
+    return np.dtype(jnp.promote_types(jax.dtypes.canonicalize_dtype(dtype), jnp.float32))
+
+
+class _Precision(NamedTuple):
+    """The recurrence's dtype ``wide``; ``x64_off``: 64-bit types are enabled for the
+    recurrence only; ``products``: ``(dtype, x64_off)`` when the recurrence is wider than
+    the products (see :func:`_mixed_precision`), else ``None``."""
+
+    wide: np.dtype
+    x64_off: bool
+    products: tuple | None
+
+    @classmethod
+    def of(cls, requested: Any, dtype: np.dtype) -> _Precision:
+        wide = _recurrence_dtype(requested, dtype)
+        x64_off = wide == np.float64 and not jax.config.jax_enable_x64
+        return cls(wide, x64_off, None if wide == dtype else (np.dtype(dtype), x64_off))
+
+    def scope(self):
+        return jax.enable_x64(True) if self.x64_off else contextlib.nullcontext()
+
+
+class _Steps(NamedTuple):
+    """The recurrence's settings, static in every compiled program."""
+
+    reorthogonalize: bool
+    tol: float
+    products: tuple | None
+    basis_sharding: Any
+
+
+def _start_vector(problem: _Problem, key: Any) -> jax.Array:
+    """The given start vector, or a standard normal one from ``key``; checked."""
+    v0, dim = problem.v0, problem.dim
     if v0 is None:
         if key is None:
             raise ValueError("lanczos needs a PRNG key for its start vector, or an explicit v0.")
-        v0 = jax.random.normal(key, (dim,), dtype)
-    v0 = jnp.asarray(v0, dtype)  # widened for the recurrence below: the same start vector
+        v0 = jax.random.normal(key, (dim,), problem.dtype)
+    v0 = jnp.asarray(v0, problem.dtype)  # widened for the recurrence later: the same vector
     if v0.shape != (dim,):
         raise ValueError(f"the start vector has shape {v0.shape}, expected ({dim},).")
     if not _is_tracer(v0):
         norm = float(np.linalg.norm(np.asarray(v0, np.float64)))  # host: also under a jit
         if not (np.isfinite(norm) and norm > 0):
             raise ValueError(f"the start vector must be finite and non-zero; its norm is {norm}.")
+    return v0
 
+
+def _choose_loop(loop: str | None, problem: _Problem) -> tuple[str, Exception | None]:
+    """``(loop, untraceable)``: the loop to run (``None`` chooses), and why a plain
+    function cannot be traced (``None`` if it can or was not tried)."""
     if loop not in (None, "scan", "host"):
         raise ValueError(f"loop must be 'scan', 'host' or None, got {loop!r}.")
-    traceable = is_traceable(operand)
-    untraceable = None
-    if fn is not None and loop is None:
-        untraceable = _trace_error(fn, template, dim, dtype)
+    traceable, untraceable = is_traceable(problem.args[0]), None
+    if problem.fn is not None and loop is None:
+        untraceable = _trace_error(problem.fn, problem.args[1], problem.dim, problem.dtype)
         traceable = untraceable is None
     if loop is None:
         loop = "scan" if traceable else "host"
@@ -697,32 +760,34 @@ def lanczos(
             "this operator reads its data from the host and cannot run inside lax.scan; "
             "use loop='host' (the default for it)."
         )
-    tol = _default_tol(dtype) if breakdown_tol is None else float(breakdown_tol)
+    return loop, untraceable
 
-    traced = _is_tracer(v0) or any(
-        _is_tracer(leaf) for leaf in jax.tree_util.tree_leaves((operand, template))
-    )
-    if traced:
-        progress = False  # under the caller's jit/vmap: nothing to report to yet
-        if untraceable is not None:
-            raise ValueError(
-                "lanczos is being traced (jit or vmap) but its matvec cannot be traced, so it "
-                "could only run from a host loop (a function that reads data on the host "
-                "must be called outside jit); tracing it failed with "
-                f"{type(untraceable).__name__}: {_first_line(untraceable)}"
-            ) from untraceable
-        if loop == "host" or checkpoint is not None:
-            raise ValueError(
-                "host-driven or checkpointed Lanczos cannot run under jit or vmap; use a "
-                "traceable operator with loop='scan', or call lanczos outside the "
-                "transformation."
-            )
-        if x64_off:
-            raise ValueError(
-                "a float64 recurrence under jit or vmap needs jax_enable_x64 for the whole "
-                "program; call lanczos outside the transformation instead."
-            )
-    if not traced:  # refuse a basis that cannot fit before allocating it
+
+def _check_traceable_run(untraceable, loop, checkpoint, precision) -> None:
+    """Refuse what cannot run under the caller's ``jit``/``vmap``."""
+    if untraceable is not None:
+        raise ValueError(
+            "lanczos is being traced (jit or vmap) but its matvec cannot be traced, so it "
+            "could only run from a host loop (a function that reads data on the host "
+            "must be called outside jit); tracing it failed with "
+            f"{type(untraceable).__name__}: {_first_line(untraceable)}"
+        ) from untraceable
+    if loop == "host" or checkpoint is not None:
+        raise ValueError(
+            "host-driven or checkpointed Lanczos cannot run under jit or vmap; use a "
+            "traceable operator with loop='scan', or call lanczos outside the "
+            "transformation."
+        )
+    if precision.x64_off:
+        raise ValueError(
+            "a float64 recurrence under jit or vmap needs jax_enable_x64 for the whole "
+            "program; call lanczos outside the transformation instead."
+        )
+
+
+def _check_placement(dim, order, wide, basis_sharding, loop, checkpoint, *, traced) -> None:
+    """Refuse a basis that cannot fit (before allocating it) or cannot be sharded."""
+    if not traced:
         from .costs import check_fits, estimate
 
         check_fits(estimate(dim, order=order, dtype=wide, basis_sharding=basis_sharding))
@@ -732,112 +797,70 @@ def lanczos(
         from .operators import check_auto_mesh
 
         check_auto_mesh(basis_sharding.mesh)
-    checkpointer = None
-    if checkpoint is not None:
-        from .checkpoint import Checkpointer, fingerprint
 
-        checkpointer = Checkpointer(
-            checkpoint,
-            settings={
-                "kind": "lanczos",
-                "order": order,
-                "dim": dim,
-                "dtype": str(wide),
-                "reorthogonalize": reorthogonalize,
-                "tol": tol,
-                "loop": loop,
-            },
-            identity={
-                "operator and data": fingerprint(operand if operand is not None else fn),
-                "start vector": fingerprint(v0),
-            },
-            rows_axis=0,
-        )
 
-    if x64_off:  # arrays of the operand made now, not as float64 inside the x64 context
-        operand, template = jax.tree_util.tree_map(jnp.asarray, (operand, template))
-    wide_types = jax.enable_x64(True) if x64_off else contextlib.nullcontext()
-    with Progress(progress, order, "lanczos") as bar, wide_types:
-        v0 = v0.astype(wide)
-        if traced:
-            result = _scan_lanczos(
-                fn,
-                operand,
-                template,
-                v0,
-                order=order,
-                reorthogonalize=reorthogonalize,
-                tol=tol,
-                basis_sharding=basis_sharding,
-                products=products,
+def _checkpointer(folder, problem, v0, order, precision, steps, loop):
+    """The run's checkpoint folder, with the settings and identities it must match."""
+    from .checkpoint import Checkpointer, fingerprint
+
+    operand = problem.args[0]
+    settings = {
+        "kind": "lanczos",
+        "order": order,
+        "dim": problem.dim,
+        "dtype": str(precision.wide),
+        "reorthogonalize": steps.reorthogonalize,
+        "tol": steps.tol,
+        "loop": loop,
+    }
+    identity = {
+        "operator and data": fingerprint(operand if operand is not None else problem.fn),
+        "start vector": fingerprint(v0),
+    }
+    return Checkpointer(folder, settings=settings, identity=identity, rows_axis=0)
+
+
+def _drive(problem, v0, order, steps, loop, *, bar, checkpointer, every, resume):
+    """An eager run under the shared driver (:func:`run_steps`): compiled segments or the
+    host loop. Returns ``(result, stopped_by_ctrl_c)``."""
+    if loop == "host":
+        flat = _flat_matvec(problem.fn, *problem.args, steps.products)
+
+        def advance(state, start, stop, watch):
+            return _host_steps(flat, state, start, stop, steps=steps, bar=bar, watch=watch)
+    else:
+
+        def advance(state, start, stop, watch):
+            state = _scan_segment(
+                problem.fn, *problem.args, state, jnp.int32(start), jnp.int32(stop), steps=steps
             )
-            stopped_early = False
-        else:
-            if loop == "host":
-                flat = _flat_matvec(fn, operand, template, products)
+            return state, stop
 
-                def advance(state, start, stop, watch):
-                    return _host_steps(
-                        flat,
-                        state,
-                        start,
-                        stop,
-                        reorthogonalize=reorthogonalize,
-                        tol=tol,
-                        bar=bar,
-                        watch=watch,
-                    )
-            else:
+    state = _place(_init_jit(v0, order), steps.basis_sharding)
+    state, stopped_early = run_steps(
+        advance,
+        state,
+        order,
+        bar=bar,
+        synced=loop == "host",
+        checkpointer=checkpointer,
+        every=every,
+        resume=resume,
+    )
+    result = _pack_jit(state)
+    if steps.basis_sharding is not None:
+        result = result._replace(basis=jax.device_put(result.basis, steps.basis_sharding))
+    return result, stopped_early
 
-                def advance(state, start, stop, watch):
-                    state = _scan_segment(
-                        fn,
-                        operand,
-                        template,
-                        state,
-                        jnp.int32(start),
-                        jnp.int32(stop),
-                        reorthogonalize=reorthogonalize,
-                        tol=tol,
-                        products=products,
-                        basis_sharding=basis_sharding,
-                    )
-                    return state, stop
 
-            state = _init_jit(v0, order)
-            if basis_sharding is not None:  # every field where the segments leave it
-                replicated = jax.sharding.NamedSharding(
-                    basis_sharding.mesh, jax.sharding.PartitionSpec()
-                )
-                state = jax.device_put(
-                    state,
-                    state._replace(
-                        basis=basis_sharding, **dict.fromkeys(state._fields[1:], replicated)
-                    ),
-                )
-            state, stopped_early = run_steps(
-                advance,
-                state,
-                order,
-                bar=bar,
-                synced=loop == "host",
-                checkpointer=checkpointer,
-                every=checkpoint_every,
-                resume=resume,
-            )
-            result = _pack_jit(state)
-            if basis_sharding is not None:
-                result = result._replace(basis=jax.device_put(result.basis, basis_sharding))
-        if x64_off:  # float64 JAX arrays would be truncated outside x64: hand out NumPy
-            result = LanczosResult(*(np.asarray(field) for field in result))
-    if stopped_early:
-        steps = int(result.num_steps)
-        raise interrupted("lanczos", steps, order, result, checkpoint)
-    if not _is_tracer(result.num_steps):
-        warn_if_zero(result)
-    if not _is_tracer(result.nonfinite_step):
-        check_finite(result, "Lanczos")
-    return result
+def _place(state: LanczosState, basis_sharding: Any) -> LanczosState:
+    """The state where the compiled segments leave it: the basis as ``basis_sharding``
+    says, every other field replicated over its mesh."""
+    if basis_sharding is None:
+        return state
+    replicated = jax.sharding.NamedSharding(basis_sharding.mesh, jax.sharding.PartitionSpec())
+    others = dict.fromkeys(state._fields[1:], replicated)
+    return jax.device_put(state, state._replace(basis=basis_sharding, **others))
 
 
 class NonFiniteError(FloatingPointError):

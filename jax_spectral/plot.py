@@ -27,7 +27,9 @@ def _pyplot():
 
 def _finish(fig, path: str | Path | None):
     if path is not None:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, bbox_inches="tight", dpi=150))
+        # The format from the suffix, as savefig would choose it; PNG without one.
+        kind = Path(path).suffix[1:].lower() or "png"
+        write_atomic(path, lambda tmp: fig.savefig(tmp, format=kind, bbox_inches="tight", dpi=150))
     return fig
 
 
@@ -123,6 +125,7 @@ def plot_densities(
 
     for ax, (name, density) in zip(axes[:, 0], densities.items(), strict=True):
         grid, values, _ = SpectralDensity.of(density)
+        grid, values = np.asarray(grid), np.asarray(values)
         top = float(np.max(values)) if values.size else 1.0
         floor = 1e-10
         ax.semilogy(grid, np.maximum(values, floor), color="C0", lw=1.1)

@@ -7,9 +7,9 @@ every probe:
 * every step calls ``operator.matmat`` once on the ``n`` current Lanczos vectors (each
   batch is read once and its HVP is vmapped over the ``n`` tangents), then a vmapped
   :func:`jax_spectral.lanczos.lanczos_step` advances all recurrences;
-* for a traceable operator (in-memory data, ``loop="scan"``) the whole run is one
-  ``lax.scan`` inside ``jit``; for a host-driven operator (streams, or convolutional models
-  on CPU) the same step runs from a Python loop.
+* for a traceable operator (in-memory data, ``loop="scan"``) the run is compiled loops
+  over steps (:func:`jax_spectral.lanczos.compiled_steps`); for a host-driven operator
+  (streams, or convolutional models on CPU) the same step runs from a Python loop.
 
 The scan is over steps with the probes inside it, not a ``vmap`` of the single-probe scan,
 which cost more (``benchmarks/bench_slq.py``, ``docs/benchmarks.md``).
@@ -73,12 +73,15 @@ class SpectralDensity(NamedTuple):
 
     @classmethod
     def of(cls, density: Any) -> SpectralDensity:
-        """``density`` as a :class:`SpectralDensity`: one already, or the original
+        """``density`` as a :class:`SpectralDensity`: one already (or any object with
+        ``grid`` and ``density`` fields, and optionally ``stderr``), or the original
         package's ``(density, grids)`` pair from :func:`jax_spectral.tridiag_to_density`
         (no standard error). The pair's order is checked, since both are arrays of one
         length: its grid must increase strictly, its density be non-negative."""
         if isinstance(density, cls):
             return density
+        if hasattr(density, "grid") and hasattr(density, "density"):  # another named type
+            return cls(density.grid, density.density, getattr(density, "stderr", None))
         try:
             values, grid = density
             values, grid = np.asarray(values, np.float64), np.asarray(grid, np.float64)

@@ -43,14 +43,22 @@ def write_atomic(
     then rename it into place (atomic on POSIX): readers and a killed process never see a
     half-written file. ``durable`` also flushes the bytes to the disk (fsync) before the
     rename, so that after a power loss the name holds the old file or the whole new one.
-    The temporary name keeps the suffix, for writers that choose a format by it."""
+    The temporary name keeps the suffix (for writers that choose a format by it, or add one
+    when it is missing, as ``numpy.savez`` adds ``.npz``) and holds the process id, so that
+    two processes writing one file do not share a temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
         write(tmp)
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+        if durable:  # the rename itself, recorded in the folder
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     finally:
         tmp.unlink(missing_ok=True)

@@ -318,7 +318,7 @@ def test_partial_and_bound_methods_pass_arrays_as_arguments():
     params = init_mlp(jax.random.key(0), [50, 6, 3])
     batch = classification_data(jax.random.key(1), 2000, 50, 3)
     op = hessian_operator(mlp_loss, params, batch, batch_size=500)
-    from jax_spectral.lanczos import _init_jit, _scan_lanczos, _scan_segment
+    from jax_spectral.lanczos import _init_jit, _scan_lanczos, _scan_segment, _Steps
 
     key = jax.random.key(0)
     reference = lanczos(op, key, 5)
@@ -332,12 +332,11 @@ def test_partial_and_bound_methods_pass_arrays_as_arguments():
 
     wrapped = jax.tree_util.Partial(apply, op)
     state = _init_jit(jnp.ones(op.dim), 5)
+    steps = _Steps(reorthogonalize=True, tol=1e-5, products=None, basis_sharding=None)
     for hlo in (
-        _scan_lanczos.lower(
-            None, wrapped, None, jnp.ones(op.dim), order=5, reorthogonalize=True, tol=1e-5
-        ).as_text(),
+        _scan_lanczos.lower(None, wrapped, None, jnp.ones(op.dim), order=5, steps=steps).as_text(),
         _scan_segment.lower(
-            None, wrapped, None, state, jnp.int32(0), jnp.int32(5), reorthogonalize=True, tol=1e-5
+            None, wrapped, None, state, jnp.int32(0), jnp.int32(5), steps=steps
         ).as_text(),
     ):
         assert len(hlo) < 200_000  # the 100,000 data floats are arguments, not constants
@@ -588,3 +587,18 @@ def test_a_matvec_of_the_wrong_shape_is_named(loop):
     """It failed with "cond branches must have equal output types"."""
     with pytest.raises(ValueError, match=r"returned shape \(3,\) for a vector of shape \(4,\)"):
         lanczos(lambda v: v[:3], jax.random.key(0), 3, dim=4, loop=loop)
+
+
+def test_reverse_mode_goes_through_lanczos_under_jit(x64):
+    """Under the caller's jit the recurrence is a scan, which jax.grad can differentiate
+    (a while loop cannot). At full order trace(T) = trace(V A V^T) = trace(A), so its
+    gradient in A is the identity."""
+    a0 = jnp.asarray(np.random.default_rng(0).standard_normal((6, 6)))
+    a0 = a0 + a0.T
+
+    def trace_of_t(a):
+        op = jax.tree_util.Partial(lambda a, v: a @ v, a)
+        return jnp.trace(lanczos(op, jax.random.key(0), 6, dim=6).tridiag)
+
+    grad = jax.jit(jax.grad(trace_of_t))(a0)
+    np.testing.assert_allclose(grad, np.eye(6), atol=1e-8)

@@ -90,3 +90,17 @@ def test_the_original_pair_is_checked_not_guessed(tmp_path):
         plot_density(3.0)
     plot_density((density, grid), path=tmp_path / "pair.png")  # the original order draws
     assert (tmp_path / "pair.png").exists()
+
+
+def test_density_types_with_lists_and_other_named_fields(tmp_path):
+    import collections
+
+    from jax_spectral import SpectralDensity
+    from jax_spectral.plot import plot_densities
+
+    density, grid = tridiag_to_density(np.diag([1.0, 2.0])[None], 1e-3, 200)
+    listed = SpectralDensity(list(grid), list(density), None)
+    other = collections.namedtuple("Other", "grid density stderr")(grid, density, None)
+    plot_densities({"lists": listed, "other": other}, path=tmp_path / "panels")  # no suffix
+    assert (tmp_path / "panels").read_bytes().startswith(PNG)
+    plot_density(other, path=tmp_path / "other.png")

@@ -57,3 +57,12 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # ... no temporary left
     write_atomic(path, lambda tmp: tmp.write_text("second"), durable=True)
     assert path.read_text() == "second"
+
+
+def test_write_atomic_with_a_writer_that_adds_a_suffix_and_without_one(tmp_path):
+    """numpy.savez adds ".npz" to a name without it: the temporary file must keep the
+    target's suffix, or the rename misses the file that was written."""
+    write_atomic(tmp_path / "arrays.npz", lambda tmp: np.savez(tmp, a=np.arange(3)))
+    assert np.load(tmp_path / "arrays.npz")["a"].tolist() == [0, 1, 2]
+    write_atomic(tmp_path / "plain", lambda tmp: tmp.write_text("x"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["arrays.npz", "plain"]
