@@ -801,23 +801,27 @@ def _check_placement(dim, order, wide, basis_sharding, loop, checkpoint, *, trac
 
 def _checkpointer(folder, problem, v0, order, precision, steps, loop):
     """The run's checkpoint folder, with the settings and identities it must match."""
-    from .checkpoint import Checkpointer, fingerprint
-
     operand = problem.args[0]
+    operator = operand if operand is not None else problem.fn
     settings = {
         "kind": "lanczos",
         "order": order,
         "dim": problem.dim,
         "dtype": str(precision.wide),
-        "reorthogonalize": steps.reorthogonalize,
-        "tol": steps.tol,
         "loop": loop,
     }
-    identity = {
-        "operator and data": fingerprint(operand if operand is not None else problem.fn),
-        "start vector": fingerprint(v0),
-    }
-    return Checkpointer(folder, settings=settings, identity=identity, rows_axis=0)
+    return checkpointer_for(folder, settings, steps, operator, v0, rows_axis=0)
+
+
+def checkpointer_for(folder, settings, steps, operator, starts, *, rows_axis):
+    """A checkpoint folder for a run of ``lanczos`` or ``slq``: resuming needs the same
+    ``settings`` and recurrence settings, the same operator and data and the same start
+    vectors (compared by fingerprint); the basis rows are along ``rows_axis``."""
+    from .checkpoint import Checkpointer, fingerprint
+
+    settings = {**settings, "reorthogonalize": steps.reorthogonalize, "tol": steps.tol}
+    identity = {"operator and data": fingerprint(operator), "start vector": fingerprint(starts)}
+    return Checkpointer(folder, settings=settings, identity=identity, rows_axis=rows_axis)
 
 
 def _drive(problem, v0, order, steps, loop, *, bar, checkpointer, every, resume):

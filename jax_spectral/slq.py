@@ -37,7 +37,9 @@ from .density import eigv_to_density, tridiag_to_eigv
 from .lanczos import (
     LanczosResult,
     _default_tol,
+    _Steps,
     check_finite,
+    checkpointer_for,
     compiled_steps,
     host_loop,
     init_state,
@@ -203,66 +205,28 @@ def slq(
         on_host=on_host,
     )
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
-    tol = _default_tol(dtype)
-    traceable = is_traceable(operator) and not on_host
-    compute = jax.devices()[0] if on_host else None  # where products run; the state: CPU
-    if on_host:
+    if on_host:  # the state on the host's CPU device; the products where the operator is
         starts = jax.device_put(starts, jax.devices("cpu")[0])
+    steps = _Steps(reorthogonalize, _default_tol(dtype), None, None)
+    traceable = is_traceable(operator) and not on_host
     checkpointer = None
     if checkpoint is not None:
-        from .checkpoint import Checkpointer, fingerprint
-
-        checkpointer = Checkpointer(
-            checkpoint,
-            settings={
-                "kind": "slq",
-                "order": order,
-                "num_probes": num_probes,
-                "dim": int(operator.dim),
-                "dtype": str(dtype),
-                "reorthogonalize": reorthogonalize,
-                "tol": tol,
-                "loop": "scan" if traceable else "host",
-                "basis_memory": basis_memory,
-            },
-            identity={
-                "operator and data": fingerprint(operator),
-                "start vector": fingerprint(starts),
-            },
-            rows_axis=1,
-        )
-    with Progress(progress, order, f"SLQ ({num_probes} probes)") as bar:
-        if traceable:
-
-            def advance(state, start, stop, watch):
-                state = _scan_slq(
-                    operator,
-                    state,
-                    jnp.int32(start),
-                    jnp.int32(stop),
-                    reorthogonalize=reorthogonalize,
-                    tol=tol,
-                )
-                return state, stop
-        else:
-
-            def advance(state, start, stop, watch):
-                return _host_slq(
-                    operator,
-                    state,
-                    start,
-                    stop,
-                    reorthogonalize,
-                    tol,
-                    bar,
-                    watch,
-                    compute=compute,
-                )
-
-        state = _init_many(starts, order)  # on the host's CPU device with basis_memory="host"
+        settings = {
+            "kind": "slq",
+            "order": order,
+            "num_probes": num_probes,
+            "dim": int(operator.dim),
+            "dtype": str(dtype),
+            "loop": "scan" if traceable else "host",
+            "basis_memory": basis_memory,
+        }
+        checkpointer = checkpointer_for(checkpoint, settings, steps, operator, starts, rows_axis=1)
+    what = f"SLQ ({num_probes} probes)"
+    with Progress(progress, order, what) as bar:
+        advance = _advance(operator, steps, traceable, on_host, bar)
         state, stopped_early = run_steps(
             advance,
-            state,
+            _init_many(starts, order),
             order,
             bar=bar,
             synced=not traceable,
@@ -272,12 +236,48 @@ def slq(
         )
         result = _pack_many(state)
     if stopped_early:
-        partial = _quadrature(result, order) if int(np.max(result.num_steps)) > 0 else None
-        steps = int(np.max(result.num_steps))
-        raise interrupted(f"SLQ ({num_probes} probes)", steps, order, partial, checkpoint)
+        steps_done = int(np.max(result.num_steps))
+        partial = _quadrature(result, order) if steps_done > 0 else None
+        raise interrupted(what, steps_done, order, partial, checkpoint)
     warn_if_zero(result)
     check_finite(result, "SLQ")
     return _quadrature(result, order)
+
+
+def _advance(operator, steps, traceable, on_host, bar):
+    """The driver's ``advance(state, start, stop, watch)`` for all probes: compiled
+    segments, or the host loop (with the products on the default device when the bases
+    are in host memory)."""
+    if traceable:
+
+        def advance(state, start, stop, watch):
+            state = _scan_slq(
+                operator,
+                state,
+                jnp.int32(start),
+                jnp.int32(stop),
+                reorthogonalize=steps.reorthogonalize,
+                tol=steps.tol,
+            )
+            return state, stop
+
+        return advance
+    compute = jax.devices()[0] if on_host else None
+
+    def advance(state, start, stop, watch):
+        return _host_slq(
+            operator,
+            state,
+            start,
+            stop,
+            steps.reorthogonalize,
+            steps.tol,
+            bar,
+            watch,
+            compute=compute,
+        )
+
+    return advance
 
 
 def _quadrature(result: LanczosResult, order: int) -> SLQResult:

@@ -1,4 +1,4 @@
-"""Each README section's extra is enough for it: a fresh virtual environment with only
+"""Each documented extra is enough for its examples: a fresh virtual environment with only
 that extra installed runs the section as written (pip reaches only the package index)."""
 
 import os
@@ -34,16 +34,21 @@ def test_the_keras_extra_runs_the_keras_section_and_command(tmp_path):
     """With only [keras], the section's snippet needed TensorFlow and the command on the
     bundled digits needed scikit-learn (the demo extra)."""
     python = _venv_with("keras", tmp_path / "venv")
-    text = (ROOT / "README.md").read_text()
-    header = re.search(r"^## Keras models \(`pip install -e \"\.\[keras\]\"`\)$", text, re.M)
+    # The README's examples (its quick start, then Keras in ten lines) and the guide's
+    # Keras section, each as written.
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"^## Keras in ten lines \(`pip install -e \"\.\[keras\]\"`\)$", readme, re.M)
+    guide = (ROOT / "docs" / "guide.md").read_text()
+    header = re.search(r"^## Keras models \(`pip install -e \"\.\[keras\]\"`\)$", guide, re.M)
     assert header, "the Keras section names its extra"
-    section = text[header.end() :].split("\n## ", 1)[0]
-    (tmp_path / "snippet.py").write_text(
-        "\n".join(re.findall(r"```python\n(.*?)```", section, flags=re.S))
-    )
+    section = guide[header.end() :].split("\n## ", 1)[0]
+    for name, text in (("readme.py", readme), ("guide.py", section)):
+        blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+        (tmp_path / name).write_text("\n".join(blocks))
     run = dict(capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_env())
-    done = subprocess.run([str(python), "snippet.py"], **run)
-    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("readme.py", "guide.py"):
+        done = subprocess.run([str(python), name], **run)
+        assert done.returncode == 0, (name, done.stderr[-3000:])
     save = (
         "import os; os.environ['KERAS_BACKEND'] = 'jax'; import keras\n"
         "m = keras.Sequential([keras.Input((64,)), keras.layers.Dense(8, activation='tanh'),"
