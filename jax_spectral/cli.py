@@ -29,7 +29,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .validate import write_atomic
 
@@ -311,9 +311,64 @@ def analyse(
     earlier run in ``out`` are removed first, so the set on disk is always one run's.
     """
     import jax
-    import numpy as np
 
-    from . import Interrupted, eigenpairs, estimate, hutchpp, slq, spectral_density
+    blocks = blocks or {}
+    plan = _plan(operator, order, num_probes, top, trace_matvecs, blocks, summary)
+    _prepare_out(out)
+    for name in _OUTPUTS:  # an earlier run's files go before any of this run's is written
+        (out / name).unlink(missing_ok=True)
+    summary.setdefault("settings", {}).update(
+        order=plan.order,
+        num_probes=num_probes,
+        sigma_squared=sigma_squared,
+        top=top,
+        eig_order=plan.eig_order,
+        trace_matvecs=plan.trace_matvecs,
+    )
+    run = _Run(out, summary, started, _STAGES + (("layers",) if blocks else ()))
+    keys = jax.random.split(key, 3)
+    with run:
+        dens, note = run.density(
+            operator, keys[0], plan, num_probes, sigma_squared, progress, title
+        )
+        pairs = run.top_eigenvalues(operator, keys[1], top, plan.eig_order, progress)
+        trace = run.trace(operator, keys[2], plan.trace_matvecs, progress)
+        if blocks:
+            run.stage = "layers"
+            run.save()
+            layers = _layer_densities(
+                blocks,
+                keys[2],
+                plan.order,
+                num_probes,
+                sigma_squared,
+                progress,
+                out,
+                run.arrays,
+                summary,
+            )
+            run.status["layers"] = "done"
+            drawn = _draw_layers(out, layers, title, note)
+            if not drawn.endswith(".png"):
+                run.status["layers"] = f"done; figure {drawn}"
+        run.stage = "figure"
+        figure = _draw(out, dens, pairs.values, title, note + f"; top {top} eigenvalues dashed")
+        run.status["figure"] = "done" if figure.endswith(".png") else figure
+    run.finish()
+    _report(summary, num_probes, plan, pairs, trace, out, figure)
+    return summary
+
+
+class _Plan(NamedTuple):
+    order: int  # SLQ steps
+    eig_order: int  # Lanczos steps for the top eigenpairs
+    trace_matvecs: int
+
+
+def _plan(operator, order, num_probes, top, trace_matvecs, blocks, summary) -> _Plan:
+    """The settings the run can use (each change noted in ``summary``) and its cost,
+    printed before any work."""
+    from . import estimate
 
     dim = operator.dim
     if top > dim:
@@ -335,49 +390,52 @@ def analyse(
     third = trace_matvecs // 3  # Hutch++: sketch, its exact trace, then deflated probes
     trace_passes = 2 * -(-third // chunk) + -(-(trace_matvecs - 2 * third) // chunk)
     passes = order + eig_order + -(-top // chunk) + trace_passes
-    blocks = blocks or {}
     passes += sum(min(order, block.dim) for block in blocks.values())
-    basis_mib = (
-        max(
-            estimate(operator, order=order, num_probes=num_probes).basis_bytes,
-            estimate(operator, order=eig_order).basis_bytes,
-        )
-        / 2**20
+    basis_bytes = max(
+        estimate(operator, order=order, num_probes=num_probes).basis_bytes,
+        estimate(operator, order=eig_order).basis_bytes,
     )
     print(
         f"cost: about {passes} passes over {operator.num_samples or 'the'} samples "
         f"({order} SLQ steps serving all {num_probes} probes at once, {eig_order} Lanczos steps "
         f"for the top {top}, {trace_matvecs} trace products in chunks of {chunk}); "
-        f"Lanczos bases up to {basis_mib:.1f} MiB",
+        f"Lanczos bases up to {basis_bytes / 2**20:.1f} MiB",
         flush=True,
     )
-    _prepare_out(out)
-    for name in _OUTPUTS:  # an earlier run's files go before any of this run's is written
-        (out / name).unlink(missing_ok=True)
-    key_slq, key_eig, key_trace = jax.random.split(key, 3)
-    settings = summary.setdefault("settings", {})
-    settings.update(
-        order=order,
-        num_probes=num_probes,
-        sigma_squared=sigma_squared,
-        top=top,
-        eig_order=eig_order,
-        trace_matvecs=trace_matvecs,
-    )
-    stages = _STAGES + (("layers",) if blocks else ())
-    status = summary["status"] = {"complete": False, **dict.fromkeys(stages, "not run")}
-    stage = "density"
-    try:
+    return _Plan(order, eig_order, trace_matvecs)
+
+
+class _Run:
+    """The stages of one analysis and what they leave in ``out``: ``status`` (in
+    ``summary``) says which stage finished, ``arrays`` is what ``spectrum.npz`` holds.
+    Used as a context manager: a failure or Ctrl-C marks the stage in progress and writes
+    the summary before it propagates."""
+
+    def __init__(self, out: Path, summary: dict, started: float, stages: tuple):
+        self.out, self.summary, self.started = out, summary, started
+        self.status = summary["status"] = {"complete": False, **dict.fromkeys(stages, "not run")}
+        self.stage, self.arrays = stages[0], {}
+
+    def save(self) -> None:
+        _save_json(self.out, self.summary)
+
+    def density(self, operator, key, plan, num_probes, sigma_squared, progress, title):
+        """SLQ and its density (kept when Ctrl-C ends SLQ early), saved and drawn."""
+        import numpy as np
+
+        from . import Interrupted, slq, spectral_density
+
+        self.stage = "density"
         try:
-            result = slq(operator, key_slq, num_probes=num_probes, order=order, progress=progress)
-            status["density"] = "done"
+            result = slq(operator, key, num_probes=num_probes, order=plan.order, progress=progress)
+            self.status["density"] = "done"
         except Interrupted as stop:
             if stop.result is None:
                 raise
             result = stop.result
-            status["density"] = f"interrupted after {stop.steps} of {order} steps"
+            self.status["density"] = f"interrupted after {stop.steps} of {plan.order} steps"
         dens = spectral_density(result, sigma_squared=sigma_squared)
-        arrays = dict(
+        self.arrays.update(
             grid=dens.grid,
             density=dens.density,
             stderr=dens.stderr,
@@ -385,80 +443,90 @@ def analyse(
             nodes=result.nodes,
             weights=result.weights,
         )
-        _save_npz(out, **arrays)
-        summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
-        _save_json(out, summary)
-        stage = "figure"
+        _save_npz(self.out, **self.arrays)
+        self.summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
+        self.save()
+        self.stage = "figure"
         steps = int(np.max(result.lanczos.num_steps))
         note = (
             f"sigma^2 = {sigma_squared:g} (relative), {num_probes} probes x {steps} "
             f"Lanczos steps, {operator.num_samples or 'all'} samples"
         )
-        figure = _draw(out, dens, None, title, note)
-        status["figure"] = "density only" if figure.endswith(".png") else figure
-        _save_json(out, summary)
-        if status["density"] != "done":
-            raise Stopped(f"SLQ {status['density']}")
+        figure = _draw(self.out, dens, None, title, note)
+        self.status["figure"] = "density only" if figure.endswith(".png") else figure
+        self.save()
+        if self.status["density"] != "done":
+            raise Stopped(f"SLQ {self.status['density']}")
+        return dens, note
 
-        stage = "top_eigenvalues"
+    def top_eigenvalues(self, operator, key, top, eig_order, progress):
+        from . import eigenpairs
+
+        self.stage = "top_eigenvalues"
         try:
             pairs = eigenpairs(
-                operator, key_eig, top, which="largest", order=eig_order, progress=progress
+                operator, key, top, which="largest", order=eig_order, progress=progress
             )
         except ValueError as err:  # fewer distinct eigenvalues than --top (density saved)
             raise InputError(f"--top {top}: {err}") from None
-        status["top_eigenvalues"] = "done"
-        summary.update(
+        self.status["top_eigenvalues"] = "done"
+        self.summary.update(
             top_eigenvalues=pairs.values.tolist(),
             residuals=pairs.residuals.tolist(),
             converged=pairs.converged.tolist(),
         )
-        arrays.update(top_eigenvalues=pairs.values, residuals=pairs.residuals)
-        _save_npz(out, **arrays)
-        _save_json(out, summary)
+        self.arrays.update(top_eigenvalues=pairs.values, residuals=pairs.residuals)
+        _save_npz(self.out, **self.arrays)
+        self.save()
+        return pairs
 
-        stage = "trace"
-        trace = hutchpp(operator, key_trace, num_matvecs=trace_matvecs, progress=progress)
-        status["trace"] = "done"
-        summary.update(trace=trace.estimate, trace_stderr=trace.stderr)
-        if blocks:
-            stage = "layers"
-            _save_json(out, summary)
-            layers = _layer_densities(
-                blocks, key_trace, order, num_probes, sigma_squared, progress, out, arrays, summary
-            )
-            status["layers"] = "done"
-            drawn = _draw_layers(out, layers, title, note)
-            if not drawn.endswith(".png"):
-                status["layers"] = f"done; figure {drawn}"
-        stage = "figure"
-        figure = _draw(out, dens, pairs.values, title, note + f"; top {top} eigenvalues dashed")
-        status["figure"] = "done" if figure.endswith(".png") else figure
-    except KeyboardInterrupt as stop:  # Interrupted included
-        if status[stage] in ("not run", "density only"):
-            status[stage] = "interrupted"
-        summary["seconds"] = round(time.perf_counter() - started, 2)
-        _save_json(out, summary)
-        what = str(stop).split(";")[0] if str(stop) else f"{stage.replace('_', ' ')} interrupted"
-        raise Stopped(what) from None
-    except (Stopped, InputError, FloatingPointError) as err:
-        if not isinstance(err, Stopped) and status[stage] == "not run":
-            status[stage] = f"failed: {_one_line(err)}"
-        summary["seconds"] = round(time.perf_counter() - started, 2)
-        _save_json(out, summary)
-        raise
-    status["complete"] = True
-    summary["seconds"] = round(time.perf_counter() - started, 2)
-    _save_json(out, summary)
+    def trace(self, operator, key, trace_matvecs, progress):
+        from . import hutchpp
+
+        self.stage = "trace"
+        trace = hutchpp(operator, key, num_matvecs=trace_matvecs, progress=progress)
+        self.status["trace"] = "done"
+        self.summary.update(trace=trace.estimate, trace_stderr=trace.stderr)
+        return trace
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, kind, err, traceback) -> None:
+        if err is None:
+            return
+        if isinstance(err, KeyboardInterrupt):  # Interrupted included
+            if self.status[self.stage] in ("not run", "density only"):
+                self.status[self.stage] = "interrupted"
+            self._stamp()
+            what = str(err).split(";")[0] if str(err) else None
+            raise Stopped(what or f"{self.stage.replace('_', ' ')} interrupted") from None
+        if isinstance(err, (Stopped, InputError, FloatingPointError)):
+            if not isinstance(err, Stopped) and self.status[self.stage] == "not run":
+                self.status[self.stage] = f"failed: {_one_line(err)}"
+            self._stamp()
+
+    def _stamp(self) -> None:
+        self.summary["seconds"] = round(time.perf_counter() - self.started, 2)
+        self.save()
+
+    def finish(self) -> None:
+        self.status["complete"] = True
+        self._stamp()
+
+
+def _report(summary, num_probes, plan, pairs, trace, out, figure) -> None:
     matrix = CURVATURES[summary.get("settings", {}).get("curvature", "hessian")]
-    print(f"SLQ: {num_probes} probes x {order} Lanczos steps on the dataset {matrix}")
+    print(f"SLQ: {num_probes} probes x {plan.order} Lanczos steps on the dataset {matrix}")
     print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in pairs.values))
     if not all(pairs.converged):
         print(f"  (not all converged: residuals {', '.join(f'{r:.2g}' for r in pairs.residuals)})")
-    print(f"trace: {trace.estimate:.5g} +- {trace.stderr:.2g} (Hutch++, {trace_matvecs} products)")
+    print(
+        f"trace: {trace.estimate:.5g} +- {trace.stderr:.2g} (Hutch++, "
+        f"{plan.trace_matvecs} products)"
+    )
     print(f"density written to {out / 'spectrum.npz'}; figure: {figure}")
     print(f"summary written to {out / 'spectrum.json'} ({summary['seconds']} s)")
-    return summary
 
 
 # -- the commands -------------------------------------------------------------------------
@@ -567,14 +635,10 @@ def _use_jax_backend() -> None:
     os.environ["KERAS_BACKEND"] = "jax"
 
 
-def run_keras(args: argparse.Namespace) -> dict:
-    """``jax-spectral keras``: load the model and data, then :func:`analyse`."""
-    started = time.perf_counter()
-    _use_jax_backend()
-    import jax
-    import keras
-
-    from keras_bridge import layer_blocks, loading, pure_loss, pure_model, trainable_values
+def _keras_inputs(args: argparse.Namespace) -> tuple:
+    """``(model, x, y, given_shape, loss_fn, out_loss)`` from the command's arguments;
+    one-line errors for what does not fit."""
+    from keras_bridge import loading
 
     from . import datasets
 
@@ -608,8 +672,13 @@ def run_keras(args: argparse.Namespace) -> dict:
             out_loss = loading.output_loss(model, args.loss, from_logits=args.from_logits)
     except (OSError, ValueError) as err:
         raise InputError(str(err)) from None
-    params = trainable_values(model)
-    loss = pure_loss(model, loss_fn)
+    return model, x, y, given, loss_fn, out_loss
+
+
+def _keras_operators(args, model, loss, params, out_loss, data) -> tuple:
+    """The curvature operator of ``--curvature`` and, with ``--per-layer``, one per layer."""
+    from keras_bridge import layer_blocks, pure_model
+
     try:
         build = functools.partial(
             _curvature_operator,
@@ -618,7 +687,7 @@ def run_keras(args: argparse.Namespace) -> dict:
             pure_model(model) if out_loss else None,
             out_loss,
             params,
-            (x, y),
+            data,
             batch_size=args.batch_size,
             reduce=args.reduce,
         )
@@ -630,6 +699,22 @@ def run_keras(args: argparse.Namespace) -> dict:
         text = str(err).strip()
         text = text.splitlines()[0].rstrip(".") if text else type(err).__name__
         raise InputError(f"the model and loss cannot be applied to the data: {text}") from None
+    return operator, blocks
+
+
+def run_keras(args: argparse.Namespace) -> dict:
+    """``jax-spectral keras``: load the model and data, then :func:`analyse`."""
+    started = time.perf_counter()
+    _use_jax_backend()
+    import jax
+    import keras
+
+    from keras_bridge import pure_loss, trainable_values
+
+    model, x, y, given, loss_fn, out_loss = _keras_inputs(args)
+    loss = pure_loss(model, loss_fn)
+    params = trainable_values(model)
+    operator, blocks = _keras_operators(args, model, loss, params, out_loss, (x, y))
     name = Path(args.model).name
     notes: dict = {}
     if x.shape[1:] != given:

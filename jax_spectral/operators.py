@@ -725,27 +725,17 @@ def build_operator(
     rewrite, restricted to the ``wrt`` block. Arguments as for :func:`hessian_operator`;
     ``check_batch(params, batch)`` validates the first batch (default: the loss is a
     scalar)."""
-    if reduce not in _REDUCTIONS:
-        raise ValueError(f"reduce must be one of {_REDUCTIONS}, got {reduce!r}.")
-    if loop not in _LOOPS:
-        raise ValueError(f"loop must be one of {_LOOPS}, got {loop!r}.")
-    if rewrite not in _REWRITES:
-        raise ValueError(f"rewrite must be one of {_REWRITES}, got {rewrite!r}.")
-    rewrite = _resolve_rewrite(rewrite, mesh)
-    check_params(params)
-    if not jax.config.jax_enable_x64 and any(
-        getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(params)
+    for name, value, allowed in (
+        ("reduce", reduce, _REDUCTIONS),
+        ("loop", loop, _LOOPS),
+        ("rewrite", rewrite, _REWRITES),
     ):
-        warnings.warn(
-            "params hold float64 arrays but jax_enable_x64 is off, so the curvature is "
-            "computed in float32. Enable it (jax.config.update('jax_enable_x64', True)) for "
-            "float64.",
-            UserWarning,
-            stacklevel=3,
-        )
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
+    rewrite = _resolve_rewrite(rewrite, mesh)
+    params = _checked_params(params)
     select = None if wrt is None else select_leaves(params, wrt)
-    layout = _layout(_block(params, select))
+    settings = (product, reduce, loop, _block_layout(params, select), rewrite, select)
     if check_batch is None:
 
         def check_batch(params, batch):
@@ -756,44 +746,75 @@ def build_operator(
             "batch_size applies to in-memory arrays only; a list of batches already defines "
             "its batches."
         )
-    if is_array_data(data):
-        split = split_arrays(data, batch_size)
-    else:  # a list of equal in-memory batches (and a smaller last one) scans like arrays
-        split = stack_batches(data)
-    if mesh is not None and split is None:
+    # a list of equal in-memory batches (and a smaller last one) scans like arrays
+    split = split_arrays(data, batch_size) if is_array_data(data) else stack_batches(data)
+    if split is not None:
+        return _in_memory(split, params, settings, mesh, data_axis, check_batch)
+    if mesh is not None:
         raise ValueError(
             "mesh= applies to in-memory data: arrays with batch_size, or a list of batches "
             "of one structure, equal in size but for a smaller last one, that fits in "
             "memory; other lists and streams are read on one host."
         )
-    if split is not None:
-        stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
-        remainder = jax.tree_util.tree_map(jnp.asarray, split.remainder)
-        if mesh is not None:
-            params, stacked, remainder = _shard_data(
-                mesh, data_axis, params, stacked, remainder, split.batch_size
-            )
-        first = first_batch(stacked, remainder)
-        check_batch(params, first)
-        operator = CurvatureOperator(
-            params,
-            stacked,
-            remainder,
-            product,
-            reduce,
-            loop,
-            split.num_samples,
-            split.batch_size,
-            None,
-            layout,
-            rewrite,
-            select,
-        )
-        if loop == "auto":
-            loop = _choose_loop(operator.product_loss, params, first)
-            operator = dataclasses.replace(operator, loop=loop)
-        return operator
+    return _streamed(data, params, settings, batch_size, check_batch)
 
+
+def _checked_params(params: PyTree) -> PyTree:
+    """``params`` as JAX arrays, checked, with a warning for float64 leaves without x64."""
+    check_params(params)
+    if not jax.config.jax_enable_x64 and any(
+        getattr(x, "dtype", None) == np.float64 for x in jax.tree_util.tree_leaves(params)
+    ):
+        warnings.warn(
+            "params hold float64 arrays but jax_enable_x64 is off, so the curvature is "
+            "computed in float32. Enable it (jax.config.update('jax_enable_x64', True)) for "
+            "float64.",
+            UserWarning,
+            stacklevel=4,
+        )
+    return jax.tree_util.tree_map(jnp.asarray, params)
+
+
+def _block_layout(params: PyTree, select: tuple | None):
+    """The layout of the vectors an operator on the ``select`` block of ``params`` takes."""
+    return _layout(_block(params, select))
+
+
+def _in_memory(split, params, settings, mesh, data_axis, check_batch) -> CurvatureOperator:
+    """The operator over stacked batches and their remainder (sharded over ``mesh``);
+    ``loop="auto"`` chosen by measurement on the first batch."""
+    product, reduce, loop, layout, rewrite, select = settings
+    stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
+    remainder = jax.tree_util.tree_map(jnp.asarray, split.remainder)
+    if mesh is not None:
+        params, stacked, remainder = _shard_data(
+            mesh, data_axis, params, stacked, remainder, split.batch_size
+        )
+    first = first_batch(stacked, remainder)
+    check_batch(params, first)
+    operator = CurvatureOperator(
+        params,
+        stacked,
+        remainder,
+        product,
+        reduce,
+        loop,
+        split.num_samples,
+        split.batch_size,
+        None,
+        layout,
+        rewrite,
+        select,
+    )
+    if loop == "auto":
+        loop = _choose_loop(operator.product_loss, params, first)
+        operator = dataclasses.replace(operator, loop=loop)
+    return operator
+
+
+def _streamed(data, params, settings, batch_size, check_batch) -> CurvatureOperator:
+    """The operator over a re-iterable of batches, read from the host on every pass."""
+    product, reduce, loop, layout, rewrite, select = settings
     if batch_size is not None:
         raise ValueError(
             "batch_size applies to in-memory arrays only; a re-iterable of batches "
@@ -811,18 +832,7 @@ def build_operator(
     batch_size_of(first)  # a clear error now for a batch without a sample axis
     check_batch(params, first)
     return CurvatureOperator(
-        params,
-        None,
-        None,
-        product,
-        reduce,
-        "host",
-        None,
-        None,
-        stream,
-        layout,
-        rewrite,
-        select,
+        params, None, None, product, reduce, "host", None, None, stream, layout, rewrite, select
     )
 
 
