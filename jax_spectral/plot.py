@@ -25,6 +25,20 @@ def _pyplot():
     return plt
 
 
+def _note(ax, note: str) -> None:
+    """The settings, written in small grey type under the axes."""
+    ax.annotate(
+        note,
+        xy=(0, 0),
+        xycoords="axes fraction",
+        xytext=(0, -32),
+        textcoords="offset points",
+        va="top",
+        fontsize="small",
+        color="0.3",
+    )
+
+
 def _finish(fig, path: str | Path | None):
     if path is not None:
         # The format from the suffix, as savefig would choose it; PNG without one.
@@ -76,16 +90,7 @@ def plot_density(
     if title:
         ax.set_title(title)
     if note:
-        ax.annotate(
-            note,
-            xy=(0, 0),
-            xycoords="axes fraction",
-            xytext=(0, -32),
-            textcoords="offset points",
-            va="top",
-            fontsize="small",
-            color="0.3",
-        )
+        _note(ax, note)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
     return _finish(fig, path)
 
@@ -136,15 +141,6 @@ def plot_densities(
     if title:
         fig.suptitle(title)
     if note:
-        axes[-1, 0].annotate(
-            note,
-            xy=(0, 0),
-            xycoords="axes fraction",
-            xytext=(0, -32),
-            textcoords="offset points",
-            va="top",
-            fontsize="small",
-            color="0.3",
-        )
+        _note(axes[-1, 0], note)
     fig.tight_layout()
     return _finish(fig, path)
