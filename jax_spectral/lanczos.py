@@ -19,13 +19,14 @@ Breakdown: when ``beta_i <= breakdown_tol * s`` with ``s`` the largest ``|A v_j|
 far (an estimate of the scale of ``A`` and of ``T``), the Krylov space is invariant to
 working precision (for example when ``order`` exceeds the number of distinct eigenvalues,
 or the basis has reached the null space of a rank-deficient ``A``): the recurrence stops,
-``num_steps`` says how many steps are valid, ``T[:k, :k]`` and ``V[:k]`` are exact and
-everything after them is zero. No NaN is produced.
+``num_steps`` (``k``) says how many steps are valid, and the result's ``alphas``,
+``betas`` and ``basis`` are zero after them; ``LanczosResult.tridiag`` is the valid block
+``T[:k, :k]``. No NaN is produced.
 
-Non-finite products: a NaN or Inf from ``matvec`` at step ``i`` stops the recurrence;
-``nonfinite_step`` is ``i`` and the rows and columns of ``T`` from ``i`` on are NaN. When
-called outside ``jit``/``vmap``, :func:`lanczos` raises ``FloatingPointError`` naming the
-step.
+Non-finite products: a NaN or Inf from ``matvec`` at step ``i`` stops the recurrence with
+``num_steps = i`` and ``nonfinite_step = i``. Called outside ``jit``/``vmap``,
+:func:`lanczos` raises :class:`NonFiniteError` naming the step and carrying the result of
+the valid steps; under them, ``padded_tridiag()`` is NaN from row and column ``i`` on.
 
 Called eagerly, the recurrence runs under one driver (:func:`run_steps`, shared with SLQ):
 compiled segments of timed length or a host loop, with checkpoints, progress and Ctrl-C
@@ -83,13 +84,79 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class LanczosResult(NamedTuple):
-    """The output of :func:`lanczos` (``k = num_steps``)."""
+    """The output of :func:`lanczos`: the recurrence's coefficients and basis.
 
-    tridiag: jax.Array  # shape=(order, order), operator dtype; T[:k, :k] valid, zero after
-    basis: jax.Array  # shape=(order, dim), operator dtype; rows v_0..v_{k-1}, zero after
+    With ``k = num_steps`` valid steps, ``alphas[:k]`` is the diagonal of the tridiagonal
+    ``T_k``, ``betas[:k - 1]`` its off-diagonal and ``basis[:k]`` the Lanczos vectors;
+    everything past them is zero. ``betas[k - 1]`` couples ``v_{k-1}`` to the next vector
+    (:attr:`residual_norm`; zero after a breakdown). ``nonfinite_step`` is ``-1``, or the
+    step whose product was NaN or Inf; the steps before it are valid (outside ``jit``,
+    :func:`lanczos` raises :class:`NonFiniteError` carrying this result).
+
+    Results batched over runs (``jax.vmap`` of ``lanczos``, or ``SLQResult.lanczos``) have
+    a leading axis on every field.
+    """
+
+    alphas: jax.Array  # shape=(order,), recurrence dtype; alpha_0..alpha_{k-1}, zero after
+    betas: jax.Array  # shape=(order,); betas[i] couples v_i and v_{i+1}; zero from k on
+    basis: jax.Array  # shape=(order, dim); rows v_0..v_{k-1}, zero after
     num_steps: jax.Array  # shape=(), int32; k, the number of valid steps
-    residual_norm: jax.Array  # shape=(); beta_k, the coupling to v_k (0 after breakdown)
     nonfinite_step: jax.Array  # shape=(), int32; first step with a NaN/Inf product, else -1
+
+    @property
+    def tridiag(self) -> jax.Array | np.ndarray:
+        """The tridiagonal's valid block ``T[:k, :k]`` (``k = num_steps``), whose
+        eigenvalues are the Ritz values.
+
+        Its size is known only where ``k`` is: under ``jit``/``vmap`` (a traced
+        ``num_steps``) and for a batch of runs this is :meth:`padded_tridiag` instead.
+        """
+        if _is_tracer(self.num_steps) or np.ndim(self.num_steps) > 0:
+            return self.padded_tridiag()
+        k = int(self.num_steps)
+        return _tridiag_block(_array_module(self.alphas), self.alphas[:k], self.betas[: k - 1])
+
+    def padded_tridiag(self) -> jax.Array | np.ndarray:
+        """``T`` as an ``(..., order, order)`` matrix, the original package's shape: the
+        valid block, zeros past it (eigenvalues of the whole matrix include them), and NaN
+        in the rows and columns from ``nonfinite_step`` on, so that a failed run cannot
+        pass for a spectrum under ``jit``."""
+        xp = _array_module(self.alphas)
+        padded = xp.vectorize(
+            functools.partial(_padded_tridiag, xp), signature="(n),(n),(),()->(n,n)"
+        )
+        return padded(self.alphas, self.betas, self.num_steps, self.nonfinite_step)
+
+    @property
+    def residual_norm(self) -> jax.Array | np.ndarray:
+        """``beta_{k-1}``, the coupling of the last valid vector to the next one:
+        ``A V_k^T - V_k^T T_k`` has this norm (zero after a breakdown)."""
+        xp = _array_module(self.betas)
+        k = xp.asarray(self.num_steps)
+        last = xp.take_along_axis(self.betas, xp.maximum(k - 1, 0)[..., None], axis=-1)
+        return xp.where(k > 0, last[..., 0], 0).astype(self.betas.dtype)
+
+
+def _array_module(x: Any) -> Any:
+    """NumPy for NumPy arrays (a float64 recurrence without x64), else ``jax.numpy``."""
+    return np if isinstance(x, np.ndarray) else jnp
+
+
+def _tridiag_block(xp: Any, alphas: Any, off: Any) -> Any:
+    """The symmetric tridiagonal with diagonal ``alphas`` and off-diagonal ``off``."""
+    if alphas.shape[0] == 0:
+        return xp.zeros((0, 0), alphas.dtype)
+    return xp.diag(alphas) + xp.diag(off, 1) + xp.diag(off, -1)
+
+
+def _padded_tridiag(xp: Any, alphas: Any, betas: Any, k: Any, bad: Any) -> Any:
+    """One run's :meth:`LanczosResult.padded_tridiag`."""
+    idx = xp.arange(alphas.shape[0])
+    tridiag = _tridiag_block(
+        xp, xp.where(idx < k, alphas, 0), xp.where(idx[:-1] + 1 < k, betas[:-1], 0)
+    )
+    poisoned = (bad >= 0) & ((idx[:, None] >= bad) | (idx[None, :] >= bad))
+    return xp.where(poisoned, xp.nan, tridiag).astype(alphas.dtype)
 
 
 class LanczosState(NamedTuple):
@@ -181,20 +248,15 @@ def lanczos_step(
 
 
 def pack_result(state: LanczosState) -> LanczosResult:
-    """Assemble ``T`` and mask everything past the valid steps."""
-    order = state.alphas.shape[0]
-    k = state.num_steps
-    idx = jnp.arange(order)
-    valid = idx < k
-    alphas = jnp.where(valid, state.alphas, 0)
-    off = jnp.where(idx[:-1] + 1 < k, state.betas[:-1], 0)
-    tridiag = jnp.diag(alphas) + jnp.diag(off, 1) + jnp.diag(off, -1)
-    bad = state.nonfinite_step
-    poisoned = (bad >= 0) & ((idx[:, None] >= bad) | (idx[None, :] >= bad))
-    tridiag = jnp.where(poisoned, jnp.nan, tridiag)
-    basis = jnp.where(valid[:, None], state.basis, 0)
-    residual = jnp.where(k > 0, state.betas[jnp.maximum(k - 1, 0)], 0)
-    return LanczosResult(tridiag, basis, k, residual, state.nonfinite_step)
+    """The result of a state: everything past the valid steps set to zero."""
+    valid = jnp.arange(state.alphas.shape[0]) < state.num_steps
+    return LanczosResult(
+        alphas=jnp.where(valid, state.alphas, 0),
+        betas=jnp.where(valid, state.betas, 0),
+        basis=jnp.where(valid[:, None], state.basis, 0),
+        num_steps=state.num_steps,
+        nonfinite_step=state.nonfinite_step,
+    )
 
 
 # -- matvec plumbing ----------------------------------------------------------------------
@@ -502,7 +564,7 @@ def lanczos(
         PRNG key for the start vector (standard normal, normalised). May be ``None`` when
         ``v0`` is given.
     order:
-        Number of steps ``m``; the tridiagonal is ``(m, m)``.
+        Number of steps ``m`` (fewer run after a breakdown).
     dim:
         Length of the flat vectors, for a flat ``matvec`` without ``v0``.
     v0:
@@ -554,16 +616,17 @@ def lanczos(
         code did: each vector is rounded to float32 for the product and the product
         widened again. Without ``jax_enable_x64`` it is enabled for the recurrence only
         (the products are traced and run with it off, so the model computes exactly as
-        it would otherwise), and ``tridiag``, ``basis`` and ``residual_norm`` come back as
-        NumPy float64 arrays (JAX would truncate float64 arrays outside x64). The basis
-        takes twice the memory (see :func:`jax_spectral.estimate`). Not under the caller's
-        ``jit``/``vmap`` unless x64 is on.
+        it would otherwise), and the result's arrays come back as NumPy float64 arrays
+        (JAX would truncate float64 arrays outside x64). The basis takes twice the memory
+        (see :func:`jax_spectral.estimate`). Not under the caller's ``jit``/``vmap`` unless
+        x64 is on.
 
     Returns
     -------
     LanczosResult
-        ``tridiag`` (order, order), ``basis`` (order, dim), ``num_steps``,
-        ``residual_norm``, ``nonfinite_step``.
+        ``alphas`` and ``betas`` (order,), ``basis`` (order, dim), ``num_steps`` and
+        ``nonfinite_step``; ``tridiag`` is the valid block ``T[:k, :k]`` (``k =
+        num_steps``), ``padded_tridiag()`` the ``(order, order)`` matrix.
 
     Raises
     ------
@@ -908,8 +971,7 @@ def warn_if_zero(result: LanczosResult) -> None:
     recurrence stopped at its first step with a zero tridiagonal, so the spectrum is one
     node at zero, whatever the operator's true scale was."""
     steps = np.asarray(result.num_steps)
-    tridiag = np.asarray(result.tridiag)
-    first = tridiag.reshape((-1,) + tridiag.shape[-2:])[:, 0, 0]
+    first = np.asarray(result.alphas)[..., 0]
     residual = np.asarray(result.residual_norm)
     if np.all(steps == 1) and np.all(first == 0) and np.all(residual == 0):
         warnings.warn(
@@ -979,16 +1041,34 @@ def _is_array_vector(x: Any) -> bool:
 def ritz(
     result: LanczosResult, *, like: PyTree | None = None, unravel: Callable | None = None
 ) -> tuple[np.ndarray, jax.Array | PyTree]:
-    """Ritz values and vectors from a Lanczos result.
+    """Ritz values and vectors from one Lanczos run.
 
-    The ``k = num_steps`` eigenvalues of ``T[:k, :k]`` (ascending, float64, computed on
-    the host) and the Ritz vectors ``S^T V[:k]``: a ``(k, dim)`` array (NumPy when the
-    result's basis is, after a float64 recurrence without x64), or with ``like`` (a params
-    template) or ``unravel`` a params-shaped pytree whose leaves have a leading axis of
-    length ``k``.
+    Following the package's convention (small results on the host in float64, vectors
+    where the basis is), returns the ``k = num_steps`` eigenvalues of the valid block
+    ``T[:k, :k]`` as a NumPy float64 array (ascending, computed on the host), and the
+    Ritz vectors ``S^T V[:k]`` as an array of the basis's kind: a ``(k, dim)`` JAX array
+    (NumPy float64 after a float64 recurrence without x64, which JAX would truncate), or
+    with ``like`` (a params template, checked against the basis's length) or ``unravel``
+    a params-shaped pytree of JAX arrays whose leaves have a leading axis of length ``k``.
+    The valid steps of a run stopped by a non-finite product (``NonFiniteError.result``)
+    give the Ritz pairs of those steps.
     """
+    if np.ndim(result.num_steps) > 0:
+        raise ValueError(
+            "ritz takes one run, but this result holds a batch of runs (a leading axis of "
+            f"{np.shape(result.num_steps)[0]}); pick one: "
+            "jax.tree_util.tree_map(lambda x: x[i], result)."
+        )
+    if like is not None:
+        flat = ravel_pytree(like)[0]
+        if flat.shape[0] != result.basis.shape[-1]:
+            raise ValueError(
+                f"like= has {flat.shape[0]} entries but the Lanczos vectors have "
+                f"{result.basis.shape[-1]}; pass the params the operator was built on."
+            )
+        unravel = ravel_pytree(like)[1]
     k = int(result.num_steps)
-    tridiag = np.asarray(result.tridiag, np.float64)[:k, :k]
+    tridiag = np.asarray(result.tridiag, np.float64)
     if not np.all(np.isfinite(tridiag)):
         raise ValueError("the tridiagonal contains NaN or Inf; the Lanczos run failed.")
     values, vectors = np.linalg.eigh(tridiag)
@@ -997,8 +1077,6 @@ def ritz(
         ritz_vectors = vectors.T @ basis
     else:
         ritz_vectors = jnp.dot(jnp.asarray(vectors.T, basis.dtype), basis, precision=_HIGHEST)
-    if like is not None:
-        unravel = ravel_pytree(like)[1]
     if unravel is not None:
         if isinstance(ritz_vectors, np.ndarray):  # params are float32 without x64
             ritz_vectors = jnp.asarray(ritz_vectors, np.float32)
@@ -1025,4 +1103,4 @@ def lanczos_alg(
         "tridiag is zero past that block, so its eigenvalues include padding "
         "zeros with zero weight; jax_spectral.lanczos gives num_steps",
     )
-    return result.tridiag, result.basis
+    return result.padded_tridiag(), result.basis

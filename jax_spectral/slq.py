@@ -282,7 +282,7 @@ def _advance(operator, steps, traceable, on_host, bar):
 
 def _quadrature(result: LanczosResult, order: int) -> SLQResult:
     """Each probe's Gauss quadrature rule from its valid block."""
-    tridiag = np.asarray(result.tridiag, np.float64)
+    tridiag = np.asarray(result.padded_tridiag(), np.float64)
     steps = np.asarray(result.num_steps)
     if np.all(steps == order):
         nodes, weights = tridiag_to_eigv(tridiag)

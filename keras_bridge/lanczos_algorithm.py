@@ -49,7 +49,7 @@ def _run(matvec, dim, dtype, order, random_seed, progress, recurrence_dtype):
         recurrence_dtype=recurrence_dtype,
     )
     warn_if_broke_down(result, order, "V and T are zero past that block")
-    return np.asarray(result.basis, np.float64).T, np.asarray(result.tridiag, np.float64)
+    return np.asarray(result.basis, np.float64).T, np.asarray(result.padded_tridiag(), np.float64)
 
 
 def lanczos_algorithm(

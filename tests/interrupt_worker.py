@@ -55,7 +55,7 @@ if __name__ == "__main__":
                     "total": stop.total,
                     "message": str(stop),
                     "num_steps": np.asarray(result.num_steps).tolist(),
-                    "tridiag": np.asarray(result.tridiag).tolist(),
+                    "tridiag": np.asarray(result.padded_tridiag()).tolist(),
                 }
             ),
             flush=True,

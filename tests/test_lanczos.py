@@ -401,7 +401,7 @@ def test_bad_dim_start_vector_and_matvec():
         lanczos(np.eye(3), jax.random.key(0), 3, dim=3)
 
 
-def test_ritz_refuses_a_failed_run():
+def test_a_failed_run_keeps_its_valid_steps_apart_from_the_nan():
     a = jnp.diag(jnp.arange(1.0, 9.0))
     calls = []
 
@@ -411,9 +411,34 @@ def test_ritz_refuses_a_failed_run():
 
     with pytest.raises(FloatingPointError) as info:
         lanczos(matvec, jax.random.key(0), 5, dim=8, loop="host")
-    failed = info.value.result._replace(num_steps=jnp.asarray(4))  # pretend the NaN step is valid
-    with pytest.raises(ValueError, match="contains NaN or Inf"):
-        ritz(failed)
+    failed = info.value.result
+    assert int(failed.num_steps) == 2 and int(failed.nonfinite_step) == 2
+    # The valid block and its Ritz values: finite, inside the spectrum [1, 8].
+    assert failed.tridiag.shape == (2, 2) and np.all(np.isfinite(failed.tridiag))
+    values, vectors = ritz(failed)
+    assert values.shape == (2,) and 1 - 1e-4 <= values.min() <= values.max() <= 8 + 1e-4
+    u = np.asarray(vectors, np.float64)
+    np.testing.assert_allclose(u @ u.T, np.eye(2), atol=1e-5)  # orthonormal Ritz vectors
+    # The padded matrix (the original package's shape) is NaN from the failed step on, so
+    # it cannot pass for a spectrum.
+    padded = np.asarray(failed.padded_tridiag())
+    assert np.all(np.isfinite(padded[:2, :2])) and np.all(np.isnan(padded[2:])), padded
+    assert np.all(np.isnan(padded[:, 2:]))
+
+
+def test_ritz_checks_its_template_and_refuses_a_batch():
+    params = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}
+    res = lanczos(lambda v: 2 * v, jax.random.key(0), 3, dim=9)
+    wrong = {"w": jnp.zeros((2, 3))}
+    with pytest.raises(ValueError, match="like= has 6 entries but the Lanczos vectors have 9"):
+        ritz(res, like=wrong)
+    values, vectors = ritz(res, like=params)
+    assert vectors["w"].shape == (1, 2, 3)  # 2 I breaks down after one step
+    batch = jax.vmap(lambda k: lanczos(lambda v: 2 * v, k, 3, dim=9))(
+        jax.random.split(jax.random.key(0), 2)
+    )
+    with pytest.raises(ValueError, match="holds a batch of runs"):
+        ritz(batch)
 
 
 def test_missing_dim_and_key():
