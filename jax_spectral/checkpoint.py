@@ -104,14 +104,7 @@ def _describe_value(digest, value: Any, walk: _Walk | None = None, depth: int = 
     be seen into (too deep, opaque objects, tracers) is hashed with its identity, so a
     checkpoint written by another process is refused rather than resumed wrongly."""
     walk = _Walk() if walk is None else walk
-    if isinstance(value, jax.core.Tracer):
-        digest.update(f"tracer:{id(value)}:{os.getpid()}".encode())
-        return
-    if isinstance(value, (np.ndarray, jax.Array, np.generic)):
-        _hash_update(digest, value)
-        return
-    if isinstance(value, _ATOMS):
-        digest.update(f"{type(value).__name__}:{value!r};".encode())
+    if _describe_leaf(digest, value):
         return
     if id(value) in walk.seen:
         digest.update(f"<ref {walk.seen[id(value)]}>".encode())
@@ -125,73 +118,145 @@ def _describe_value(digest, value: Any, walk: _Walk | None = None, depth: int = 
     def inner(item):
         _describe_value(digest, item, walk, depth + 1)
 
-    kind = type(value)
-    if isinstance(value, (list, tuple, collections.deque)):
-        digest.update(f"{kind.__name__}[{len(value)}]".encode())
-        for item in value:
-            inner(item)
-    elif isinstance(value, (bytearray, memoryview)):
-        digest.update(b"bytes:" + bytes(value))
-    elif isinstance(value, (set, frozenset, dict)):
-        keys = list(value)
-        digests = [object_digest(k) for k in keys]  # an order that does not use addresses
-        digest.update(f"{kind.__name__}[{len(value)}]".encode())
-        for _, key in sorted(zip(digests, range(len(keys)), strict=True)):
-            inner(keys[key])
-            if isinstance(value, dict):
-                inner(value[keys[key]])
-    elif isinstance(value, functools.partial):
-        digest.update(b"partial")
-        for part in (value.func, value.args, value.keywords):
-            inner(part)
-    elif hasattr(value, "__code__") or hasattr(value, "__func__"):  # functions, methods
-        digest.update(_describe_function(value).encode())
-        function = getattr(value, "__func__", value)
-        cells = [
-            c.cell_contents for c in (getattr(function, "__closure__", None) or ()) if _filled(c)
-        ]
-        for part in (
-            cells,
-            getattr(function, "__defaults__", None),
-            getattr(function, "__kwdefaults__", None),
-            getattr(value, "__self__", None),
-        ):
-            inner(part)
-    elif hasattr(value, "__array__") and not isinstance(value, type):  # tf.Tensor, torch
-        try:
-            _hash_update(digest, np.asarray(value))
-        except Exception:  # noqa: BLE001 - not convertible: its identity
-            digest.update(f"opaque:{id(value)}:{os.getpid()}".encode())
-    elif callable(value) and kind.__module__.split(".")[0] in _LIBRARIES:
-        # a library's callable (a jitted function, a ufunc, a builtin method): its name,
-        # what it wraps and the object it is bound to; not its caches
-        digest.update(_describe_function(value).encode())
-        inner(getattr(value, "__wrapped__", None))
-        owner = getattr(value, "__self__", None)
-        if owner is not None and not isinstance(owner, types.ModuleType):
-            inner(owner)
-    elif isinstance(value, (type, types.ModuleType)):
-        name = getattr(value, "__qualname__", value.__name__)
-        digest.update(f"{getattr(value, '__module__', '')}.{name}".encode())
+    for applies, describe in _DESCRIBERS:
+        if applies(value):
+            describe(digest, value, inner)
+            return
+    _describe_object(digest, value, inner)
+
+
+def _describe_leaf(digest, value: Any) -> bool:
+    """Hash a value that holds no others (a tracer by identity, arrays by content, atoms
+    by value); False for anything else."""
+    if isinstance(value, jax.core.Tracer):
+        digest.update(f"tracer:{id(value)}:{os.getpid()}".encode())
+    elif isinstance(value, (np.ndarray, jax.Array, np.generic)):
+        _hash_update(digest, value)
+    elif isinstance(value, _ATOMS):
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
     else:
-        digest.update(f"{kind.__module__}.{kind.__qualname__}".encode())
-        fields = dict(getattr(value, "__dict__", {}))
-        for cls in kind.__mro__:
-            slots = cls.__dict__.get("__slots__", ())
-            for slot in (slots,) if isinstance(slots, str) else slots:
-                if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):
-                    fields[slot] = getattr(value, slot)
-        # the class's own data and methods (user classes; a library's are its version)
-        for cls in kind.__mro__:
-            if cls is object or cls.__module__.split(".")[0] in _LIBRARIES:
-                continue
-            for name, member in vars(cls).items():
-                if not name.startswith("__") and name not in fields:
-                    fields[f"{cls.__qualname__}.{name}"] = member
-        if fields:
-            inner(fields)
-        elif not hasattr(value, "__dict__"):  # nothing to see: its identity
-            digest.update(f"opaque:{id(value)}:{os.getpid()}".encode())
+        return False
+    return True
+
+
+# The describers of :func:`_describe_value`, each ``(digest, value, inner)``, where
+# ``inner(item)`` describes a value held one level deeper.
+
+
+def _describe_sequence(digest, value, inner) -> None:
+    digest.update(f"{type(value).__name__}[{len(value)}]".encode())
+    for item in value:
+        inner(item)
+
+
+def _describe_buffer(digest, value, inner) -> None:
+    digest.update(b"bytes:" + bytes(value))
+
+
+def _describe_unordered(digest, value, inner) -> None:
+    """A set or dict, its items in the order of their own digests (not of addresses)."""
+    keys = list(value)
+    digests = [object_digest(k) for k in keys]
+    digest.update(f"{type(value).__name__}[{len(value)}]".encode())
+    for _, key in sorted(zip(digests, range(len(keys)), strict=True)):
+        inner(keys[key])
+        if isinstance(value, dict):
+            inner(value[keys[key]])
+
+
+def _describe_partial(digest, value, inner) -> None:
+    digest.update(b"partial")
+    for part in (value.func, value.args, value.keywords):
+        inner(part)
+
+
+def _describe_python_function(digest, value, inner) -> None:
+    """A function or method: its code and what it captures (closure cells, defaults, the
+    object a method is bound to)."""
+    digest.update(_describe_function(value).encode())
+    function = getattr(value, "__func__", value)
+    cells = [c.cell_contents for c in (getattr(function, "__closure__", None) or ()) if _filled(c)]
+    for part in (
+        cells,
+        getattr(function, "__defaults__", None),
+        getattr(function, "__kwdefaults__", None),
+        getattr(value, "__self__", None),
+    ):
+        inner(part)
+
+
+def _describe_array_like(digest, value, inner) -> None:
+    """A tf.Tensor, a torch tensor: by content when it converts, else its identity."""
+    try:
+        _hash_update(digest, np.asarray(value))
+    except Exception:  # noqa: BLE001 - not convertible: its identity
+        digest.update(f"opaque:{id(value)}:{os.getpid()}".encode())
+
+
+def _describe_library_callable(digest, value, inner) -> None:
+    """A library's callable (a jitted function, a ufunc, a builtin method): its name, what
+    it wraps and the object it is bound to; not its caches."""
+    digest.update(_describe_function(value).encode())
+    inner(getattr(value, "__wrapped__", None))
+    owner = getattr(value, "__self__", None)
+    if owner is not None and not isinstance(owner, types.ModuleType):
+        inner(owner)
+
+
+def _describe_named(digest, value, inner) -> None:
+    """A class or module, by its qualified name."""
+    name = getattr(value, "__qualname__", value.__name__)
+    digest.update(f"{getattr(value, '__module__', '')}.{name}".encode())
+
+
+def _describe_object(digest, value, inner) -> None:
+    """Any other object: its class and its fields (see :func:`_object_fields`), or its
+    identity when it has nothing to see."""
+    kind = type(value)
+    digest.update(f"{kind.__module__}.{kind.__qualname__}".encode())
+    fields = _object_fields(value)
+    if fields:
+        inner(fields)
+    elif not hasattr(value, "__dict__"):  # nothing to see: its identity
+        digest.update(f"opaque:{id(value)}:{os.getpid()}".encode())
+
+
+def _object_fields(value: Any) -> dict:
+    """An object's ``__dict__`` and slots, and its class's own data and methods (user
+    classes; a library's are its version)."""
+    kind = type(value)
+    fields = dict(getattr(value, "__dict__", {}))
+    for cls in kind.__mro__:
+        slots = cls.__dict__.get("__slots__", ())
+        for slot in (slots,) if isinstance(slots, str) else slots:
+            if slot not in ("__dict__", "__weakref__") and hasattr(value, slot):
+                fields[slot] = getattr(value, slot)
+    for cls in kind.__mro__:
+        if cls is object or cls.__module__.split(".")[0] in _LIBRARIES:
+            continue
+        for name, member in vars(cls).items():
+            if not name.startswith("__") and name not in fields:
+                fields[f"{cls.__qualname__}.{name}"] = member
+    return fields
+
+
+def _is_library_callable(value: Any) -> bool:
+    return callable(value) and type(value).__module__.split(".")[0] in _LIBRARIES
+
+
+# (applies, describe): the first that applies describes the value (the order matters: a
+# functools.partial is also a library's callable, a namedtuple also an object); anything
+# else is described by _describe_object.
+_DESCRIBERS = (
+    (lambda v: isinstance(v, (list, tuple, collections.deque)), _describe_sequence),
+    (lambda v: isinstance(v, (bytearray, memoryview)), _describe_buffer),
+    (lambda v: isinstance(v, (set, frozenset, dict)), _describe_unordered),
+    (lambda v: isinstance(v, functools.partial), _describe_partial),
+    (lambda v: hasattr(v, "__code__") or hasattr(v, "__func__"), _describe_python_function),
+    (lambda v: hasattr(v, "__array__") and not isinstance(v, type), _describe_array_like),
+    (_is_library_callable, _describe_library_callable),
+    (lambda v: isinstance(v, (type, types.ModuleType)), _describe_named),
+)
 
 
 def _filled(cell) -> bool:
@@ -477,17 +542,40 @@ class Checkpointer:
     # -- reading ----------------------------------------------------------------------
     def load(self, template: Any) -> tuple[Any, int, bool]:
         """``(state, next_step, done)`` from the folder, shaped like ``template``."""
-        where = str(self.folder)
+        meta, small = self._read_state()
+        self._check_written_for_this_run(meta)
+        basis = np.zeros(template.basis.shape, template.basis.dtype)
+        for segment in meta["segments"]:
+            self._read_segment(segment, basis)
+        fields = {}
+        for field in template._fields:
+            reference = getattr(template, field)
+            value = basis if field == "basis" else small.get(field)
+            if value is None or value.shape != reference.shape or value.dtype != reference.dtype:
+                raise ValueError(f"the checkpoint in {self.folder} is corrupt: field {field!r}.")
+            fields[field] = jax.numpy.asarray(value)
+        self.segments = list(meta["segments"])
+        self.rows_saved = max((s["stop"] for s in self.segments), default=0)
+        return type(template)(**fields), int(meta["next_step"]), bool(meta["done"])
+
+    def _read_state(self) -> tuple[dict, dict]:
+        """``state.npz``'s metadata and small fields; ``ValueError`` if it cannot be read or
+        has another format."""
         try:
             with np.load(self.state_file, allow_pickle=False) as saved:
                 meta = json.loads(str(saved["meta"]))
                 small = {name: saved[name] for name in saved.files if name != "meta"}
         except Exception as err:  # a truncated or foreign file
             raise ValueError(
-                f"the checkpoint in {where} is unreadable or corrupt ({err})."
+                f"the checkpoint in {self.folder} is unreadable or corrupt ({err})."
             ) from None
         if meta.get("format") != _FORMAT:
-            raise ValueError(f"the checkpoint in {where} has format {meta.get('format')}.")
+            raise ValueError(f"the checkpoint in {self.folder} has format {meta.get('format')}.")
+        return meta, small
+
+    def _check_written_for_this_run(self, meta: dict) -> None:
+        """Refuse a checkpoint of other settings, or of another operator, data or start
+        vectors, naming each key that differs."""
         for what, mine, theirs in (
             ("settings", self.settings, meta["settings"]),
             ("operator, data or start vectors", self.identity, meta["identity"]),
@@ -498,46 +586,36 @@ class Checkpointer:
                     f"{k}: now {_short(mine.get(k))}, saved {_short(theirs.get(k))}" for k in diff
                 )
                 raise ValueError(
-                    f"the checkpoint in {where} was written for different {what} ({detail}); "
-                    "resume only the same run, or use another folder."
+                    f"the checkpoint in {self.folder} was written for different {what} "
+                    f"({detail}); resume only the same run, or use another folder."
                 )
-        basis = np.zeros(template.basis.shape, template.basis.dtype)
-        rows = basis.shape[self.rows_axis]
-        for segment in meta["segments"]:
-            name, start, stop = segment.get("file"), segment.get("start"), segment.get("stop")
-            named = _SEGMENT_NAME.fullmatch(name) if isinstance(name, str) else None
-            if not (
-                named
-                and (int(named[1]), int(named[2])) == (start, stop)
-                and 0 <= start < stop <= rows
-            ):
-                raise ValueError(
-                    f"the checkpoint in {where} is corrupt: a basis segment is recorded as "
-                    f"{name!r}, rows {start!r} to {stop!r} (expected basis-SSSSSS-EEEEEE.npy "
-                    f"in the folder, rows within 0..{rows})."
-                )
-            path = self.folder / name
-            if not path.is_file() or _sha256(path) != segment["sha256"]:
-                raise ValueError(
-                    f"the checkpoint in {where} is corrupt: {name} is missing or does not "
-                    "match its recorded SHA-256."
-                )
-            index = [slice(None)] * basis.ndim
-            index[self.rows_axis] = slice(start, stop)
-            values = np.load(path, allow_pickle=False)
-            if values.shape != basis[tuple(index)].shape or values.dtype != basis.dtype:
-                raise ValueError(
-                    f"the checkpoint in {where} is corrupt: {name} holds {values.dtype} "
-                    f"{values.shape}, not {basis.dtype} {basis[tuple(index)].shape}."
-                )
-            basis[tuple(index)] = values
-        fields = {}
-        for field in template._fields:
-            reference = getattr(template, field)
-            value = basis if field == "basis" else small.get(field)
-            if value is None or value.shape != reference.shape or value.dtype != reference.dtype:
-                raise ValueError(f"the checkpoint in {where} is corrupt: field {field!r}.")
-            fields[field] = jax.numpy.asarray(value)
-        self.segments = list(meta["segments"])
-        self.rows_saved = max((s["stop"] for s in self.segments), default=0)
-        return type(template)(**fields), int(meta["next_step"]), bool(meta["done"])
+
+    def _read_segment(self, segment: dict, basis: np.ndarray) -> None:
+        """Check one basis file's recorded name and rows, its SHA-256, shape and dtype, and
+        copy its rows into ``basis``."""
+        where, rows = self.folder, basis.shape[self.rows_axis]
+        name, start, stop = segment.get("file"), segment.get("start"), segment.get("stop")
+        named = _SEGMENT_NAME.fullmatch(name) if isinstance(name, str) else None
+        if not (
+            named and (int(named[1]), int(named[2])) == (start, stop) and 0 <= start < stop <= rows
+        ):
+            raise ValueError(
+                f"the checkpoint in {where} is corrupt: a basis segment is recorded as "
+                f"{name!r}, rows {start!r} to {stop!r} (expected basis-SSSSSS-EEEEEE.npy "
+                f"in the folder, rows within 0..{rows})."
+            )
+        path = self.folder / name
+        if not path.is_file() or _sha256(path) != segment["sha256"]:
+            raise ValueError(
+                f"the checkpoint in {where} is corrupt: {name} is missing or does not "
+                "match its recorded SHA-256."
+            )
+        index = [slice(None)] * basis.ndim
+        index[self.rows_axis] = slice(start, stop)
+        values = np.load(path, allow_pickle=False)
+        if values.shape != basis[tuple(index)].shape or values.dtype != basis.dtype:
+            raise ValueError(
+                f"the checkpoint in {where} is corrupt: {name} holds {values.dtype} "
+                f"{values.shape}, not {basis.dtype} {basis[tuple(index)].shape}."
+            )
+        basis[tuple(index)] = values

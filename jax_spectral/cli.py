@@ -439,7 +439,7 @@ class _Run:
             grid=dens.grid,
             density=dens.density,
             stderr=dens.stderr,
-            tridiags=np.asarray(result.lanczos.tridiag),
+            tridiags=np.asarray(result.lanczos.padded_tridiag()),
             nodes=result.nodes,
             weights=result.weights,
         )
@@ -549,13 +549,55 @@ def run_demo(
 ) -> dict:
     """Train the digits MLP, then the density (SLQ), top eigenpairs and trace of its
     Hessian (or ``curvature``: ``"ggn"``, ``"fisher"``)."""
+    started = time.perf_counter()
+    trained, key = _train_digits_mlp(seed, train_steps)
+    operator, blocks = _demo_operators(trained, curvature, batch_size, per_layer)
+    settings = {
+        "seed": seed,
+        "batch_size": batch_size,
+        "train_steps": train_steps,
+        "reduce": "mean",
+        "loop": operator.loop,
+        "curvature": curvature,
+    }
+    return analyse(
+        operator,
+        out=out,
+        key=key,
+        order=order,
+        num_probes=num_probes,
+        top=top,
+        trace_matvecs=trace_matvecs,
+        sigma_squared=sigma_squared,
+        progress=progress,
+        title=f"{CURVATURES[curvature]} density, digits MLP ({num_probes} probes)",
+        summary=_demo_summary(trained, settings),
+        blocks=blocks,
+        started=started,
+    )
+
+
+class _Trained(NamedTuple):
+    """The demo's trained MLP, its data and how well it fits them."""
+
+    model: Any
+    params: Any
+    loss: Any
+    X: Any
+    y: Any
+    accuracy: float
+    num_params: int
+
+
+def _train_digits_mlp(seed: int, train_steps: int) -> tuple[_Trained, Any]:
+    """Train the MLP on the bundled digits, print its loss and accuracy, and return it
+    with the key left over for the analysis."""
     import jax
     import numpy as np
     from jax.flatten_util import ravel_pytree
 
-    from . import datasets, layer_blocks
+    from . import datasets
 
-    started = time.perf_counter()
     X, y = datasets.load_digits()
     model = datasets.mlp()
     key_init, key = jax.random.split(jax.random.key(seed))
@@ -569,51 +611,41 @@ def run_demo(
         f"trained a {num_params}-parameter MLP on digits ({len(X)} samples): "
         f"loss {float(loss(params, (X, y))):.4f}, accuracy {accuracy:.3f}"
     )
-    model_fn = functools.partial(_flax_apply, model.apply)
+    return _Trained(model, params, loss, X, y, accuracy, num_params), key
+
+
+def _demo_operators(trained: _Trained, curvature: str, batch_size: int, per_layer: bool):
+    """The ``curvature`` operator of the trained MLP on all the digits and, with
+    ``per_layer``, one per layer."""
+    from . import layer_blocks
+
     build = functools.partial(
         _curvature_operator,
         curvature,
-        loss,
-        model_fn,
+        trained.loss,
+        functools.partial(_flax_apply, trained.model.apply),
         "softmax_cross_entropy",
-        params,
-        (X, y),
+        trained.params,
+        (trained.X, trained.y),
         batch_size=batch_size,
     )
     operator = build()
     blocks = {}
     if per_layer:
-        blocks = {name: build(wrt=w) for name, w in layer_blocks(params).items()}
-    summary = {
+        blocks = {name: build(wrt=w) for name, w in layer_blocks(trained.params).items()}
+    return operator, blocks
+
+
+def _demo_summary(trained: _Trained, settings: dict) -> dict:
+    """The start of the demo's ``spectrum.json``: the model, its data and the settings."""
+    return {
         "model": "digits MLP 64-32-10 (tanh)",
-        "num_params": int(num_params),
-        "num_samples": len(X),
-        "train_accuracy": accuracy,
-        "settings": {
-            "seed": seed,
-            "batch_size": batch_size,
-            "train_steps": train_steps,
-            "reduce": "mean",
-            "loop": operator.loop,
-            "curvature": curvature,
-        },
+        "num_params": int(trained.num_params),
+        "num_samples": len(trained.X),
+        "train_accuracy": trained.accuracy,
+        "settings": settings,
         "versions": _versions(),
     }
-    return analyse(
-        operator,
-        out=out,
-        key=key,
-        order=order,
-        num_probes=num_probes,
-        top=top,
-        trace_matvecs=trace_matvecs,
-        sigma_squared=sigma_squared,
-        progress=progress,
-        title=f"{CURVATURES[curvature]} density, digits MLP ({num_probes} probes)",
-        summary=summary,
-        blocks=blocks,
-        started=started,
-    )
 
 
 def _flax_apply(apply, params, x):

@@ -134,106 +134,168 @@ def _stateless(keras, model) -> tuple[Callable, dict]:
 # -- the translated path: a flax.linen module ---------------------------------------------------
 
 
+_ADVICE = "Use to_flax(model, mode='stateless'), which runs any layer through Keras."
+
+
 def _layer_spec(keras, layer) -> tuple[str, dict, dict, dict] | None:
     """(kind, settings, params, batch_stats) of a supported layer; None for no-ops."""
-    L = keras.layers
-    name = layer.name
     weights = {w.name: jnp.asarray(w.value) for w in layer.weights}
-    cls = type(layer).__name__
-    channels_last = getattr(layer, "data_format", "channels_last") == "channels_last"
-    if not channels_last:
-        raise ValueError(
-            f"layer '{name}' ({cls}) uses data_format='channels_first'; to_flax translates "
-            "channels_last layers only. Use to_flax(model, mode='stateless')."
-        )
-    if isinstance(layer, L.InputLayer):
+    _check_channels_last(layer)
+    if isinstance(layer, keras.layers.InputLayer):
         return None
-    advice = "Use to_flax(model, mode='stateless'), which runs any layer through Keras."
+    _check_plain_weights(layer)
+    make_spec = _spec_makers(keras.layers).get(type(layer))
+    if make_spec is None:
+        raise ValueError(
+            f"to_flax cannot translate layer '{layer.name}' of type {type(layer).__name__}. "
+            "Translated layers: Dense, Conv1D/2D, Max/AveragePooling1D/2D, "
+            "GlobalAveragePooling1D/2D, Flatten, BatchNormalization, LayerNormalization, "
+            "Dropout, Activation, ReLU, Embedding, Add, Concatenate. Use to_flax(model, "
+            "mode='stateless') to run any layer through model.stateless_call."
+        )
+    return make_spec(keras, layer, weights)
+
+
+def _check_channels_last(layer) -> None:
+    """Refuse a channels_first layer: the translated ops assume channels last."""
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        raise ValueError(
+            f"layer '{layer.name}' ({type(layer).__name__}) uses data_format='channels_first'; "
+            "to_flax translates channels_last layers only. Use to_flax(model, mode='stateless')."
+        )
+
+
+def _check_plain_weights(layer) -> None:
+    """Refuse weights a flax module would misrepresent: frozen, LoRA or quantized, or kept
+    in another dtype than the layer computes in."""
+    name, cls = layer.name, type(layer).__name__
     if layer.weights and not layer.trainable:
         raise ValueError(
             f"layer '{name}' ({cls}) is frozen (trainable=False): its weights are not "
-            f"parameters of the Hessian, and a flax module would treat them as such. {advice}"
+            f"parameters of the Hessian, and a flax module would treat them as such. {_ADVICE}"
         )
     if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-        raise ValueError(f"layer '{name}' ({cls}) is LoRA-enabled or quantized. {advice}")
+        raise ValueError(f"layer '{name}' ({cls}) is LoRA-enabled or quantized. {_ADVICE}")
     if layer.compute_dtype != layer.variable_dtype:
         raise ValueError(
             f"layer '{name}' ({cls}) computes in {layer.compute_dtype} with "
-            f"{layer.variable_dtype} weights (a mixed-precision policy). {advice}"
+            f"{layer.variable_dtype} weights (a mixed-precision policy). {_ADVICE}"
         )
-    if type(layer) is L.Dense:
-        params = {"kernel": weights["kernel"]}
-        if layer.use_bias:
-            params["bias"] = weights["bias"]
-        return "dense", {"act": _activation(keras, layer, layer.activation)}, params, {}
-    if type(layer) in (L.Conv1D, L.Conv2D):
-        if layer.groups != 1 or layer.padding not in ("valid", "same"):
-            raise ValueError(
-                f"layer '{name}' ({cls}) has groups={layer.groups}, padding="
-                f"{layer.padding!r}; to_flax translates groups=1 with 'valid' or 'same' "
-                f"padding only. {advice}"
-            )
-        params = {"kernel": weights["kernel"]}
-        if layer.use_bias:
-            params["bias"] = weights["bias"]
-        settings = {
-            "strides": tuple(layer.strides),
-            "padding": layer.padding.upper(),
-            "dilation": tuple(layer.dilation_rate),
-            "act": _activation(keras, layer, layer.activation),
-        }
-        return "conv", settings, params, {}
-    pools = (L.MaxPooling1D, L.MaxPooling2D, L.AveragePooling1D, L.AveragePooling2D)
-    if type(layer) in pools:
-        settings = {
-            "max": "Max" in cls,
-            "window": tuple(layer.pool_size),
-            "strides": tuple(layer.strides),
-            "padding": layer.padding.upper(),
-        }
-        return "pool", settings, {}, {}
-    if type(layer) in (L.GlobalAveragePooling1D, L.GlobalAveragePooling2D):
-        return "gap", {"keepdims": layer.keepdims}, {}, {}
-    if type(layer) is L.Flatten:
-        return "flatten", {}, {}, {}
-    if type(layer) in (L.BatchNormalization, L.LayerNormalization):
-        axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-        last = len(layer.input.shape) - 1
-        if [a % (last + 1) for a in axes] != [last] or getattr(layer, "rms_scaling", False):
-            raise ValueError(
-                f"layer '{name}' ({cls}) normalises axis {layer.axis}"
-                + (" with rms_scaling" if getattr(layer, "rms_scaling", False) else "")
-                + f"; to_flax translates last-axis normalisation only. {advice}"
-            )
-        params = {}  # Keras gamma/beta are flax's scale/bias
-        if layer.scale:
-            params["scale"] = weights["gamma"]
-        if layer.center:
-            params["bias"] = weights["beta"]
-        settings = {"epsilon": layer.epsilon, "scale": layer.scale, "center": layer.center}
-        if type(layer) is L.LayerNormalization:
-            return "layernorm", settings, params, {}
-        stats = {"mean": weights["moving_mean"], "var": weights["moving_variance"]}
-        return "batchnorm", settings, params, stats
-    if type(layer) is L.Dropout:
-        return "dropout", {"rate": layer.rate}, {}, {}
-    if type(layer) is L.Activation:
-        return "act", {"act": _activation(keras, layer, layer.activation)}, {}, {}
-    if type(layer) is L.ReLU:
-        if layer.max_value is not None or layer.negative_slope or layer.threshold:
-            raise ValueError(f"layer '{name}': only a plain ReLU() is translated.")
-        return "act", {"act": jax.nn.relu}, {}, {}
-    if type(layer) is L.Embedding:
-        if layer.mask_zero:
-            raise ValueError(f"layer '{name}' uses mask_zero=True (masks are not kept). {advice}")
-        return "embed", {}, {"embedding": weights["embeddings"]}, {}
-    raise ValueError(
-        f"to_flax cannot translate layer '{name}' of type {cls}. Translated layers: Dense, "
-        "Conv1D/2D, Max/AveragePooling1D/2D, GlobalAveragePooling1D/2D, Flatten, "
-        "BatchNormalization, LayerNormalization, Dropout, Activation, ReLU, Embedding, Add, "
-        "Concatenate. Use "
-        "to_flax(model, mode='stateless') to run any layer through model.stateless_call."
-    )
+
+
+def _spec_makers(L) -> dict[type, Callable]:
+    """Keras layer class (matched exactly, not subclasses) -> its ``(keras, layer, weights)
+    -> spec`` function."""
+    return {
+        L.Dense: _dense_spec,
+        L.Conv1D: _conv_spec,
+        L.Conv2D: _conv_spec,
+        L.MaxPooling1D: _pool_spec,
+        L.MaxPooling2D: _pool_spec,
+        L.AveragePooling1D: _pool_spec,
+        L.AveragePooling2D: _pool_spec,
+        L.GlobalAveragePooling1D: _gap_spec,
+        L.GlobalAveragePooling2D: _gap_spec,
+        L.Flatten: _flatten_spec,
+        L.BatchNormalization: _norm_spec,
+        L.LayerNormalization: _norm_spec,
+        L.Dropout: _dropout_spec,
+        L.Activation: _activation_spec,
+        L.ReLU: _relu_spec,
+        L.Embedding: _embedding_spec,
+    }
+
+
+def _kernel_and_bias(layer, weights) -> dict:
+    params = {"kernel": weights["kernel"]}
+    if layer.use_bias:
+        params["bias"] = weights["bias"]
+    return params
+
+
+def _dense_spec(keras, layer, weights):
+    settings = {"act": _activation(keras, layer, layer.activation)}
+    return "dense", settings, _kernel_and_bias(layer, weights), {}
+
+
+def _conv_spec(keras, layer, weights):
+    if layer.groups != 1 or layer.padding not in ("valid", "same"):
+        raise ValueError(
+            f"layer '{layer.name}' ({type(layer).__name__}) has groups={layer.groups}, padding="
+            f"{layer.padding!r}; to_flax translates groups=1 with 'valid' or 'same' "
+            f"padding only. {_ADVICE}"
+        )
+    params = _kernel_and_bias(layer, weights)
+    settings = {
+        "strides": tuple(layer.strides),
+        "padding": layer.padding.upper(),
+        "dilation": tuple(layer.dilation_rate),
+        "act": _activation(keras, layer, layer.activation),
+    }
+    return "conv", settings, params, {}
+
+
+def _pool_spec(keras, layer, weights):
+    settings = {
+        "max": "Max" in type(layer).__name__,
+        "window": tuple(layer.pool_size),
+        "strides": tuple(layer.strides),
+        "padding": layer.padding.upper(),
+    }
+    return "pool", settings, {}, {}
+
+
+def _gap_spec(keras, layer, weights):
+    return "gap", {"keepdims": layer.keepdims}, {}, {}
+
+
+def _flatten_spec(keras, layer, weights):
+    return "flatten", {}, {}, {}
+
+
+def _norm_spec(keras, layer, weights):
+    """Batch or layer normalisation over the last axis (Keras's gamma/beta are flax's
+    scale/bias; BatchNormalization's moving statistics are the batch_stats)."""
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    last = len(layer.input.shape) - 1
+    if [a % (last + 1) for a in axes] != [last] or getattr(layer, "rms_scaling", False):
+        raise ValueError(
+            f"layer '{layer.name}' ({type(layer).__name__}) normalises axis {layer.axis}"
+            + (" with rms_scaling" if getattr(layer, "rms_scaling", False) else "")
+            + f"; to_flax translates last-axis normalisation only. {_ADVICE}"
+        )
+    params = {}
+    if layer.scale:
+        params["scale"] = weights["gamma"]
+    if layer.center:
+        params["bias"] = weights["beta"]
+    settings = {"epsilon": layer.epsilon, "scale": layer.scale, "center": layer.center}
+    if type(layer) is keras.layers.LayerNormalization:
+        return "layernorm", settings, params, {}
+    stats = {"mean": weights["moving_mean"], "var": weights["moving_variance"]}
+    return "batchnorm", settings, params, stats
+
+
+def _dropout_spec(keras, layer, weights):
+    return "dropout", {"rate": layer.rate}, {}, {}
+
+
+def _activation_spec(keras, layer, weights):
+    return "act", {"act": _activation(keras, layer, layer.activation)}, {}, {}
+
+
+def _relu_spec(keras, layer, weights):
+    if layer.max_value is not None or layer.negative_slope or layer.threshold:
+        raise ValueError(f"layer '{layer.name}': only a plain ReLU() is translated.")
+    return "act", {"act": jax.nn.relu}, {}, {}
+
+
+def _embedding_spec(keras, layer, weights):
+    if layer.mask_zero:
+        raise ValueError(
+            f"layer '{layer.name}' uses mask_zero=True (masks are not kept). {_ADVICE}"
+        )
+    return "embed", {}, {"embedding": weights["embeddings"]}, {}
 
 
 def _apply_layer(nn, kind, s, name, args, modules, train):
@@ -253,59 +315,99 @@ def _apply_layer(nn, kind, s, name, args, modules, train):
     if kind == "concat":
         return jnp.concatenate(args, axis=s["axis"])
     (x,) = args
-    if kind == "dense":
-        return s["act"](sub(lambda: nn.Dense(s["features"], use_bias=s["bias"], name=name))(x))
-    if kind == "conv":
-        conv = sub(
-            lambda: nn.Conv(
-                s["features"],
-                s["kernel_size"],
-                s["strides"],
-                s["padding"],
-                kernel_dilation=s["dilation"],
-                use_bias=s["bias"],
-                name=name,
-            )
+    if kind not in _APPLY:
+        raise AssertionError(kind)  # every kind made by _layer_spec is handled
+    return _APPLY[kind](nn, s, x, sub=sub, name=name, train=train)
+
+
+# Each ``(nn, settings, x, *, sub, name, train) -> y``; ``sub(make)`` is the layer's flax
+# submodule, made by ``make`` on first use.
+
+
+def _apply_dense(nn, s, x, *, sub, name, train):
+    return s["act"](sub(lambda: nn.Dense(s["features"], use_bias=s["bias"], name=name))(x))
+
+
+def _apply_conv(nn, s, x, *, sub, name, train):
+    conv = sub(
+        lambda: nn.Conv(
+            s["features"],
+            s["kernel_size"],
+            s["strides"],
+            s["padding"],
+            kernel_dilation=s["dilation"],
+            use_bias=s["bias"],
+            name=name,
         )
-        return s["act"](conv(x))
-    if kind == "pool":
-        if s["max"]:
-            return nn.max_pool(x, s["window"], s["strides"], s["padding"])
-        return nn.avg_pool(x, s["window"], s["strides"], s["padding"], count_include_pad=False)
-    if kind == "gap":
-        return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=s["keepdims"])
-    if kind == "flatten":
-        return x.reshape((x.shape[0], -1))
-    if kind == "batchnorm":
-        norm = sub(
-            lambda: nn.BatchNorm(
-                use_running_average=not train,
-                epsilon=s["epsilon"],
-                use_scale=s["scale"],
-                use_bias=s["center"],
-                use_fast_variance=False,
-                name=name,
-            )
+    )
+    return s["act"](conv(x))
+
+
+def _apply_pool(nn, s, x, *, sub, name, train):
+    if s["max"]:
+        return nn.max_pool(x, s["window"], s["strides"], s["padding"])
+    return nn.avg_pool(x, s["window"], s["strides"], s["padding"], count_include_pad=False)
+
+
+def _apply_gap(nn, s, x, *, sub, name, train):
+    return jnp.mean(x, axis=tuple(range(1, x.ndim - 1)), keepdims=s["keepdims"])
+
+
+def _apply_flatten(nn, s, x, *, sub, name, train):
+    return x.reshape((x.shape[0], -1))
+
+
+def _apply_batchnorm(nn, s, x, *, sub, name, train):
+    norm = sub(
+        lambda: nn.BatchNorm(
+            use_running_average=not train,
+            epsilon=s["epsilon"],
+            use_scale=s["scale"],
+            use_bias=s["center"],
+            use_fast_variance=False,
+            name=name,
         )
-        return norm(x)
-    if kind == "layernorm":
-        norm = sub(
-            lambda: nn.LayerNorm(
-                epsilon=s["epsilon"],
-                use_scale=s["scale"],
-                use_bias=s["center"],
-                use_fast_variance=False,
-                name=name,
-            )
+    )
+    return norm(x)
+
+
+def _apply_layernorm(nn, s, x, *, sub, name, train):
+    norm = sub(
+        lambda: nn.LayerNorm(
+            epsilon=s["epsilon"],
+            use_scale=s["scale"],
+            use_bias=s["center"],
+            use_fast_variance=False,
+            name=name,
         )
-        return norm(x)
-    if kind == "dropout":
-        return nn.Dropout(s["rate"], deterministic=not train)(x)
-    if kind == "act":
-        return s["act"](x)
-    if kind == "embed":
-        return sub(lambda: nn.Embed(s["num"], s["features"], name=name))(x.astype(jnp.int32))
-    raise AssertionError(kind)  # every kind made by _layer_spec is handled above
+    )
+    return norm(x)
+
+
+def _apply_dropout(nn, s, x, *, sub, name, train):
+    return nn.Dropout(s["rate"], deterministic=not train)(x)
+
+
+def _apply_act(nn, s, x, *, sub, name, train):
+    return s["act"](x)
+
+
+def _apply_embed(nn, s, x, *, sub, name, train):
+    return sub(lambda: nn.Embed(s["num"], s["features"], name=name))(x.astype(jnp.int32))
+
+
+_APPLY: dict[str, Callable] = {
+    "dense": _apply_dense,
+    "conv": _apply_conv,
+    "pool": _apply_pool,
+    "gap": _apply_gap,
+    "flatten": _apply_flatten,
+    "batchnorm": _apply_batchnorm,
+    "layernorm": _apply_layernorm,
+    "dropout": _apply_dropout,
+    "act": _apply_act,
+    "embed": _apply_embed,
+}
 
 
 def _module(specs, input_id, output_id):
