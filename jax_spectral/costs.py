@@ -6,7 +6,9 @@ the bytes of the Lanczos bases (``n * m * dim`` entries of the recurrence's dtyp
 and per device under a ``basis_sharding``. :func:`jax_spectral.lanczos` and
 :func:`jax_spectral.slq` call :func:`check_fits` before allocating anything: a basis larger
 than the memory available on one device is refused with ``MemoryError``, saying what would
-fit (sharding the basis over the devices, fewer probes at a time, or a lower order).
+fit (sharding the basis over the devices, fewer probes at a time, or a lower order). For
+several probes of a curvature operator it also says how many probes' products run at a
+time (:func:`jax_spectral.operators.tangent_chunk`), which bounds their working memory.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .validate import count
 
 __all__ = ["CostEstimate", "check_fits", "estimate"]
 
-_USABLE = 0.8  # of the free memory: the HVP and the rest of the state need room too
+USABLE_FRACTION = 0.8  # of the free memory: the HVP and the rest of the state need room too
 
 
 class CostEstimate(NamedTuple):
@@ -35,10 +37,16 @@ class CostEstimate(NamedTuple):
     devices: int  # devices the basis is spread over
     free_bytes: int | None  # memory free on one device (None when unknown)
     dtype: str = "float32"  # the recurrence's dtype, which sets the basis's bytes per entry
+    # probes whose products one vmapped batch product takes at a time (the working memory
+    # grows with it; see CurvatureOperator.matmat); None: one probe, or not an operator
+    # with in-memory batches
+    probe_chunk: int | None = None
 
     @property
     def fits(self) -> bool:
-        return self.free_bytes is None or self.basis_bytes_per_device <= _USABLE * self.free_bytes
+        if self.free_bytes is None:
+            return True
+        return self.basis_bytes_per_device <= USABLE_FRACTION * self.free_bytes
 
     def __str__(self) -> str:
         free = "unknown" if self.free_bytes is None else _size(self.free_bytes)
@@ -47,6 +55,11 @@ class CostEstimate(NamedTuple):
             f"Lanczos bases {_size(self.basis_bytes)} in {self.dtype} "
             f"({_size(self.basis_bytes_per_device)} "
             f"on each of {self.devices} device(s); free: {free})"
+            + (
+                f"; the probes' products run {self.probe_chunk} at a time to bound memory"
+                if self.probe_chunk is not None
+                else ""
+            )
         )
 
 
@@ -135,17 +148,27 @@ def estimate(
         devices=devices,
         free_bytes=free_device_bytes(jax.devices("cpu")[0] if on_host else None),
         dtype=recurrence.name,
+        probe_chunk=_probe_chunk(operator, int(num_probes)),
     )
+
+
+def _probe_chunk(operator: Any, num_probes: int) -> int | None:
+    """:func:`jax_spectral.operators.tangent_chunk` for a curvature operator's probes."""
+    from .operators import CurvatureOperator, tangent_chunk
+
+    if num_probes < 2 or not isinstance(operator, CurvatureOperator) or operator.stream is not None:
+        return None
+    return tangent_chunk(operator, num_probes)
 
 
 def check_fits(cost: CostEstimate, *, num_probes: int = 1, on_host: bool = False) -> None:
     """Raise ``MemoryError`` when the basis cannot fit, naming what would."""
     if cost.fits:
         return
-    budget = _USABLE * cost.free_bytes
+    budget = USABLE_FRACTION * cost.free_bytes
     options = []
     host = free_device_bytes(jax.devices("cpu")[0])
-    if num_probes > 1 and not on_host and host and cost.basis_bytes <= _USABLE * host:
+    if num_probes > 1 and not on_host and host and cost.basis_bytes <= USABLE_FRACTION * host:
         options.append("keep the bases in host memory (slq(..., basis_memory='host'))")
     count = jax.device_count()
     if cost.devices == 1 and count > 1 and cost.basis_bytes / count <= budget:

@@ -10,6 +10,7 @@ Weyl's bound an eigenvalue of ``A`` then lies within that residual of ``theta``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -17,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .lanczos import _flat_matvec, lanczos, ritz
-from .linop import check_operator, dtype_of, is_operator
+from .lanczos import flat_matvec, lanczos, resolve, ritz
+from .linop import dtype_of, is_operator
 from .progress import ProgressArg
 from .trace import products
 from .validate import count
@@ -47,6 +48,13 @@ def eigenpairs(
     like: Any = None,
     tol: float = 1e-4,
     progress: ProgressArg = False,
+    loop: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    resume: bool = False,
+    basis_sharding: jax.sharding.Sharding | None = None,
+    basis_memory: str = "device",
+    recurrence_dtype: Any = None,
 ) -> Eigenpairs:
     """The ``k`` largest or smallest eigenpairs of a symmetric operator.
 
@@ -63,8 +71,11 @@ def eigenpairs(
         Lanczos steps; default ``min(dim, max(4 k, 80))``.
     tol:
         Relative residual below which a pair counts as converged.
-    progress:
-        As for :func:`jax_spectral.lanczos` (the Lanczos run).
+    progress, loop, checkpoint, checkpoint_every, resume:
+        As for :func:`jax_spectral.lanczos`, for the Lanczos run (a checkpointed run
+        resumes its Lanczos steps; the residuals are recomputed).
+    basis_sharding, basis_memory, recurrence_dtype:
+        As for :func:`jax_spectral.lanczos`.
 
     Raises
     ------
@@ -76,18 +87,14 @@ def eigenpairs(
     if which not in ("largest", "smallest"):
         raise ValueError(f"which must be 'largest' or 'smallest', got {which!r}.")
     k = count("k", k)
-    operator = check_operator(matvec) if is_operator(matvec) else None
-    if operator is not None:
-        size = operator.dim
-    elif like is not None:
-        size = jax.flatten_util.ravel_pytree(like)[0].shape[0]
-    else:
-        size = dim
+    problem = resolve(matvec, dim=dim, like=like)
+    operator = problem.args[0] if is_operator(problem.args[0]) else None
     if order is None:
-        if size is None:
-            raise ValueError("give dim= (or like=) for a matvec function.")
-        order = min(int(size), max(4 * int(k), 80))
-    result = lanczos(matvec, key, order, dim=dim, like=like, progress=progress)
+        order = min(problem.dim, max(4 * int(k), 80))
+    options = dict(loop=loop, checkpoint=checkpoint, checkpoint_every=checkpoint_every)
+    options.update(resume=resume, basis_sharding=basis_sharding, basis_memory=basis_memory)
+    options.update(recurrence_dtype=recurrence_dtype, progress=progress)
+    result = lanczos(matvec, key, order, dim=dim, like=like, **options)
     if k > int(result.num_steps):
         raise ValueError(
             f"k={k} pairs asked for, but Lanczos found an invariant subspace after "
@@ -98,13 +105,13 @@ def eigenpairs(
     pick = np.argsort(values)[::-1][:k] if which == "largest" else np.argsort(values)[:k]
     values, vectors = values[pick], vectors[jnp.asarray(pick)]
 
-    apply = _flat_matvec(None if operator is not None else matvec, operator, like)
+    apply = flat_matvec(problem.fn, *problem.args)
     applied = products(apply, vectors, operator)  # one data pass per 10 vectors
     residuals = np.linalg.norm(applied - values[:, None] * np.asarray(vectors, np.float64), axis=1)
     converged = residuals <= tol * scale
 
-    if operator is not None and hasattr(operator, "unravel"):  # else flat vectors
-        vectors = jax.vmap(operator.unravel)(vectors.astype(dtype_of(operator)))
+    if is_operator(matvec) and hasattr(matvec, "unravel"):  # else flat vectors
+        vectors = jax.vmap(matvec.unravel)(jnp.asarray(vectors, dtype_of(matvec)))
     elif like is not None:
         vectors = jax.vmap(jax.flatten_util.ravel_pytree(like)[1])(vectors)
     return Eigenpairs(values, vectors, residuals, converged, int(result.num_steps))

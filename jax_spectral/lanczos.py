@@ -266,7 +266,7 @@ def _is_operator(obj: Any) -> bool:
     return is_operator(obj)
 
 
-def _flat_matvec(
+def flat_matvec(
     fn: Callable | None, operand: Any, template: PyTree | None, products: tuple | None = None
 ) -> Callable:
     """The flat ``(dim,) -> (dim,)`` product.
@@ -372,7 +372,7 @@ def compiled_steps(product, step_fn, state, start, stop):
 
 def _steps(matvec, state, start, stop, steps):
     """One recurrence's steps ``start .. stop - 1`` (:func:`compiled_steps`), with the
-    settings ``steps`` (a :class:`_Steps`)."""
+    settings ``steps`` (a :class:`Steps`)."""
 
     def product(state, step):
         v = state.basis[step]
@@ -389,7 +389,7 @@ def _steps(matvec, state, start, stop, steps):
 def _scan_lanczos(fn, operand, template, v0, *, order, steps):
     """The whole recurrence as one program: for ``lanczos`` under the caller's ``jit``."""
     state = _constrain(init_state(v0, order), steps.basis_sharding)
-    matvec = _flat_matvec(fn, operand, template, steps.products)
+    matvec = flat_matvec(fn, operand, template, steps.products)
     result = pack_result(_steps(matvec, state, 0, order, steps))
     return _constrain(result, steps.basis_sharding)  # the basis stays where it was
 
@@ -405,7 +405,7 @@ def _constrain(state, basis_sharding):
 @functools.partial(jax.jit, static_argnames=("fn", "steps"), donate_argnames=("state",))
 def _scan_segment(fn, operand, template, state, start, stop, *, steps):
     """Steps ``start .. stop - 1`` (traced bounds: one compilation for every segment)."""
-    matvec = _flat_matvec(fn, operand, template, steps.products)
+    matvec = flat_matvec(fn, operand, template, steps.products)
     return _steps(matvec, state, start, stop, steps)
 
 
@@ -523,7 +523,7 @@ def _is_tracer(x: Any) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-def _default_tol(dtype) -> float:
+def default_tol(dtype) -> float:
     return float(50 * jnp.finfo(dtype).eps)
 
 
@@ -543,6 +543,7 @@ def lanczos(
     checkpoint_every: int = 10,
     resume: bool = False,
     basis_sharding: jax.sharding.Sharding | None = None,
+    basis_memory: str = "device",
     recurrence_dtype: Any = None,
 ) -> LanczosResult:
     """Run ``order`` steps of Lanczos on a symmetric operator.
@@ -608,6 +609,11 @@ def lanczos(
         ``NamedSharding(mesh, PartitionSpec(None, "data"))`` to split its columns, so that
         each device holds ``order * dim / n`` entries; the reorthogonalisation products
         then run sharded with a reduction across devices.
+    basis_memory:
+        ``"device"``, or ``"host"`` to keep the ``(order, dim)`` basis and the recurrence
+        in host memory, on JAX's CPU device, while the products run on the default device
+        (one vector travels each way per step): for bases that do not fit the
+        accelerator. It runs from the host loop, with the same results.
     recurrence_dtype:
         The dtype of the recurrence (alphas, betas, basis, reorthogonalisation). Default:
         the operator's dtype promoted to at least float32, which is also the products'
@@ -658,18 +664,17 @@ def lanczos(
     array([1., 2., 3., 4., 5.], dtype=float32)
     """
     order = count("order", order)
-    problem = _resolve(matvec, dim=dim, v0=v0, like=like)
+    problem = resolve(matvec, dim=dim, v0=v0, like=like)
     precision = _Precision.of(recurrence_dtype, problem.dtype)
     v0 = _start_vector(problem, key)
-    loop, untraceable = _choose_loop(loop, problem)
-    tol = _default_tol(problem.dtype) if breakdown_tol is None else float(breakdown_tol)
-    steps = _Steps(reorthogonalize, tol, precision.products, basis_sharding)
+    placement = Placement.of(basis_sharding, basis_memory)
+    loop, untraceable = _choose_loop(loop, problem, placement)
+    tol = default_tol(problem.dtype) if breakdown_tol is None else float(breakdown_tol)
+    steps = Steps(reorthogonalize, tol, precision.products, basis_sharding)
     traced = _is_tracer(v0) or any(map(_is_tracer, jax.tree_util.tree_leaves(problem.args)))
     if traced:
         _check_traceable_run(untraceable, loop, checkpoint, precision)
-    _check_placement(
-        problem.dim, order, precision.wide, basis_sharding, loop, checkpoint, traced=traced
-    )
+    _check_placement(problem.dim, order, precision.wide, placement, loop, checkpoint, traced)
     checkpointer = None
     if checkpoint is not None:
         checkpointer = _checkpointer(checkpoint, problem, v0, order, precision, steps, loop)
@@ -681,17 +686,8 @@ def lanczos(
             result = _scan_lanczos(problem.fn, *problem.args, v0, order=order, steps=steps)
             stopped_early = False
         else:
-            result, stopped_early = _drive(
-                problem,
-                v0,
-                order,
-                steps,
-                loop,
-                bar=bar,
-                checkpointer=checkpointer,
-                every=checkpoint_every,
-                resume=resume,
-            )
+            run = _Run(loop, placement.on_host, checkpointer, checkpoint_every, resume)
+            result, stopped_early = _drive(problem, v0, order, steps, run, bar=bar)
         if precision.x64_off:  # float64 JAX arrays would be truncated outside x64: NumPy
             result = LanczosResult(*(np.asarray(field) for field in result))
     if stopped_early:
@@ -702,7 +698,7 @@ def lanczos(
     return result
 
 
-class _Problem(NamedTuple):
+class Problem(NamedTuple):
     """What ``lanczos`` runs on: ``fn`` a static function, or ``args = (operand,
     template)`` pytree arguments (an operator, or a ``Partial``; ``template``: the params
     layout of a function on pytrees); the vector length, the products' dtype (at least
@@ -715,9 +711,10 @@ class _Problem(NamedTuple):
     v0: Any
 
 
-def _resolve(matvec: Any, *, dim: Any, v0: Any, like: PyTree | None) -> _Problem:
-    """Recognise ``matvec`` (an operator, a bound method of one, a ``Partial`` of arrays or
-    a plain function) and find the vector length and dtype."""
+def resolve(matvec: Any, *, dim: Any = None, v0: Any = None, like: PyTree | None = None) -> Problem:
+    """What ``lanczos``, ``eigenpairs`` and the trace estimators run on: recognise
+    ``matvec`` (an operator, a bound method of one, a ``Partial`` of arrays or a plain
+    function) and find the vector length and dtype."""
     operand, fn = None, None
     owner = getattr(matvec, "__self__", None)
     if _is_operator(matvec):
@@ -734,7 +731,7 @@ def _resolve(matvec: Any, *, dim: Any, v0: Any, like: PyTree | None) -> _Problem
         check_operator(operand)
         if v0 is not None and not _is_array_vector(v0):
             v0 = operand.ravel(v0)
-        return _Problem(None, (operand, None), operand.dim, _products_dtype(dtype_of(operand)), v0)
+        return Problem(None, (operand, None), operand.dim, _products_dtype(dtype_of(operand)), v0)
     if like is None and v0 is not None and not _is_array_vector(v0):
         like = v0  # a params-shaped (or any non-flat) start vector is the template
     if like is not None:
@@ -745,16 +742,16 @@ def _resolve(matvec: Any, *, dim: Any, v0: Any, like: PyTree | None) -> _Problem
             check_like(like, v0, "v0")
             v0 = ravel_pytree(v0)[0]
         size = count("the template's size", flat_like.shape[0])
-        return _Problem(fn, (operand, like), size, _products_dtype(flat_like.dtype), v0)
+        return Problem(fn, (operand, like), size, _products_dtype(flat_like.dtype), v0)
     if v0 is not None and dim is None:
         dim = v0.shape[0]
     if dim is None:
         raise ValueError(
-            "lanczos cannot tell the vector length: give dim=, a start vector v0=, "
+            "cannot tell the vector length of a matvec function: give dim=, a start vector v0=, "
             "or like=params for a matvec on params-shaped pytrees."
         )
     dtype = v0.dtype if v0 is not None else jnp.zeros(()).dtype
-    return _Problem(fn, (operand, None), count("dim", dim), _products_dtype(dtype), v0)
+    return Problem(fn, (operand, None), count("dim", dim), _products_dtype(dtype), v0)
 
 
 def _products_dtype(dtype: Any) -> np.dtype:
@@ -781,7 +778,7 @@ class _Precision(NamedTuple):
         return jax.enable_x64(True) if self.x64_off else contextlib.nullcontext()
 
 
-class _Steps(NamedTuple):
+class Steps(NamedTuple):
     """The recurrence's settings, static in every compiled program."""
 
     reorthogonalize: bool
@@ -790,7 +787,7 @@ class _Steps(NamedTuple):
     basis_sharding: Any
 
 
-def _start_vector(problem: _Problem, key: Any) -> jax.Array:
+def _start_vector(problem: Problem, key: Any) -> jax.Array:
     """The given start vector, or a standard normal one from ``key``; checked."""
     v0, dim = problem.v0, problem.dim
     if v0 is None:
@@ -807,11 +804,46 @@ def _start_vector(problem: _Problem, key: Any) -> jax.Array:
     return v0
 
 
-def _choose_loop(loop: str | None, problem: _Problem) -> tuple[str, Exception | None]:
+class Placement(NamedTuple):
+    """Where the basis lives: ``sharding`` (``basis_sharding``) across devices, or
+    ``on_host`` (``basis_memory="host"``) in host memory; shared by lanczos and slq."""
+
+    sharding: Any
+    on_host: bool
+
+    @classmethod
+    def of(cls, basis_sharding: Any, basis_memory: str) -> Placement:
+        if basis_memory not in ("device", "host"):
+            raise ValueError(f"basis_memory must be 'device' or 'host', got {basis_memory!r}.")
+        if basis_memory == "host" and basis_sharding is not None:
+            raise ValueError(
+                "basis_memory='host' keeps the basis on the host's CPU device, which cannot "
+                "be combined with basis_sharding=; choose one."
+            )
+        return cls(basis_sharding, basis_memory == "host")
+
+
+class _Run(NamedTuple):
+    """How an eager run is driven: its loop, the basis in host memory, checkpoints."""
+
+    loop: str
+    on_host: bool
+    checkpointer: Any
+    every: int
+    resume: bool
+
+
+def _choose_loop(
+    loop: str | None, problem: Problem, placement: Placement
+) -> tuple[str, Exception | None]:
     """``(loop, untraceable)``: the loop to run (``None`` chooses), and why a plain
     function cannot be traced (``None`` if it can or was not tried)."""
     if loop not in (None, "scan", "host"):
         raise ValueError(f"loop must be 'scan', 'host' or None, got {loop!r}.")
+    if placement.on_host:
+        if loop == "scan":
+            raise ValueError("basis_memory='host' runs from the host loop; use loop='host'.")
+        return "host", None
     traceable, untraceable = is_traceable(problem.args[0]), None
     if problem.fn is not None and loop is None:
         untraceable = _trace_error(problem.fn, problem.args[1], problem.dim, problem.dtype)
@@ -848,12 +880,16 @@ def _check_traceable_run(untraceable, loop, checkpoint, precision) -> None:
         )
 
 
-def _check_placement(dim, order, wide, basis_sharding, loop, checkpoint, *, traced) -> None:
+def _check_placement(dim, order, wide, placement, loop, checkpoint, traced) -> None:
     """Refuse a basis that cannot fit (before allocating it) or cannot be sharded."""
+    basis_sharding, on_host = placement
     if not traced:
         from .costs import check_fits, estimate
 
-        check_fits(estimate(dim, order=order, dtype=wide, basis_sharding=basis_sharding))
+        cost = estimate(
+            dim, order=order, dtype=wide, basis_sharding=basis_sharding, on_host=on_host
+        )
+        check_fits(cost, on_host=on_host)
     if basis_sharding is not None:
         if loop == "host" or checkpoint is not None:
             raise ValueError("basis_sharding= applies to the scanned loop without checkpoints.")
@@ -887,11 +923,14 @@ def checkpointer_for(folder, settings, steps, operator, starts, *, rows_axis):
     return Checkpointer(folder, settings=settings, identity=identity, rows_axis=rows_axis)
 
 
-def _drive(problem, v0, order, steps, loop, *, bar, checkpointer, every, resume):
+def _drive(problem, v0, order, steps, run, *, bar):
     """An eager run under the shared driver (:func:`run_steps`): compiled segments or the
-    host loop. Returns ``(result, stopped_by_ctrl_c)``."""
-    if loop == "host":
-        flat = _flat_matvec(problem.fn, *problem.args, steps.products)
+    host loop (``run`` says which, and where the basis lives). Returns ``(result,
+    stopped_by_ctrl_c)``."""
+    if run.loop == "host":
+        flat = flat_matvec(problem.fn, *problem.args, steps.products)
+        if run.on_host:  # the state on the host's CPU device, the products where they were
+            v0, flat = _products_elsewhere(v0, flat)
 
         def advance(state, start, stop, watch):
             return _host_steps(flat, state, start, stop, steps=steps, bar=bar, watch=watch)
@@ -909,15 +948,26 @@ def _drive(problem, v0, order, steps, loop, *, bar, checkpointer, every, resume)
         state,
         order,
         bar=bar,
-        synced=loop == "host",
-        checkpointer=checkpointer,
-        every=every,
-        resume=resume,
+        synced=run.loop == "host",
+        checkpointer=run.checkpointer,
+        every=run.every,
+        resume=run.resume,
     )
     result = _pack_jit(state)
     if steps.basis_sharding is not None:
         result = result._replace(basis=jax.device_put(result.basis, steps.basis_sharding))
     return result, stopped_early
+
+
+def _products_elsewhere(v0: jax.Array, matvec: Callable) -> tuple[jax.Array, Callable]:
+    """``v0`` on the host's CPU device, and ``matvec`` for vectors there that runs on the
+    default device (for ``basis_memory="host"``)."""
+    host, compute = jax.devices("cpu")[0], jax.devices()[0]
+
+    def product(v):
+        return jax.device_put(matvec(jax.device_put(v, compute)), host)
+
+    return jax.device_put(v0, host), product
 
 
 def _place(state: LanczosState, basis_sharding: Any) -> LanczosState:

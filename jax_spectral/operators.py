@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from .costs import USABLE_FRACTION, free_device_bytes
 from .data import (
     BatchStream,
     HostOnlyError,
@@ -74,6 +75,7 @@ from .linop import (
 from .linop import layout as _layout
 from .products import HessianProduct
 from .rewrite import convolutions
+from .validate import count
 
 PyTree = Any
 
@@ -83,7 +85,7 @@ _REDUCTIONS = ("mean", "sum")
 _LOOPS = ("auto", "scan", "host")
 _REWRITES = ("auto", "none", "cpu", "onednn", "patches")
 _SLOW_IN_LOOP_ON_CPU = frozenset({"conv_general_dilated"})
-HOST_TANGENT_CHUNK = 4  # tangents per vmapped HVP in a host-driven matmat (measured)
+HOST_TANGENT_CHUNK = 4  # tangents per vmapped product where the working memory is unknown
 
 
 def _accumulate(kernel, params, batch, v, acc, loss_sum, weight):
@@ -96,48 +98,48 @@ def _accumulate(kernel, params, batch, v, acc, loss_sum, weight):
     return acc, loss_sum + value.astype(loss_sum.dtype)
 
 
-def _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, many):
-    """One batch's contribution for one tangent, or (``many``) for a leading axis of
-    tangents at once: the batch is read once and serves every tangent."""
-    if not many:
+def _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, chunk):
+    """One batch's contribution for one tangent (``chunk=None``), or for a leading axis of
+    tangents: the batch is read once and serves every tangent.
+
+    For many tangents the product is linearised once (``jax.linearize``: the forward and
+    backward passes of the loss, which do not depend on the tangent, run once and keep
+    what the tangents need), and the linear map is applied to ``chunk`` tangents at a time
+    (``lax.map``), so the working memory grows with ``chunk``, not with the number of
+    tangents, as it did with a ``vmap`` of the product over all of them (docs/design.md,
+    ``benchmarks/bench_slq.py --memory``)."""
+    if chunk is None:
         return _accumulate(kernel, params, batch, v, acc, loss_sum, weight)
 
-    def one(t, a):
-        return _accumulate(kernel, params, batch, t, a, loss_sum, weight)
+    def product(t):
+        value, out = kernel(params, batch, t)
+        return out, value
 
-    acc, sums = jax.vmap(one)(v, acc)
-    return acc, sums[0]
+    zero = jax.tree_util.tree_map(lambda t: jnp.zeros(t.shape[1:], t.dtype), v)
+    _, linear, value = jax.linearize(product, zero, has_aux=True)
+    out = jax.lax.map(linear, v, batch_size=min(chunk, jax.tree_util.tree_leaves(v)[0].shape[0]))
+    acc = jax.tree_util.tree_map(
+        lambda a, h: a + weight.astype(a.dtype) * h.astype(a.dtype), acc, out
+    )
+    return acc, loss_sum + value.astype(loss_sum.dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(4,))
-def _batch_step(kernel, params, batch, v, acc, loss_sum, weight, many=False):
-    return _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, many)
+def _batch_step(kernel, params, batch, v, acc, loss_sum, weight, chunk=None):
+    return _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, chunk)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 8), donate_argnums=(5,))
-def _stacked_step(kernel, params, stacked, index, v, acc, loss_sum, weight, many=False):
+def _stacked_step(kernel, params, stacked, index, v, acc, loss_sum, weight, chunk=None):
     batch = jax.tree_util.tree_map(lambda a: a[index], stacked)
-    return _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, many)
-
-
-def _visit(step, tangent, acc, loss_sum, weight, many):
-    """One batch for one tangent, or (``many``) for each chunk of tangents in turn: the
-    batch is read once; the loss value is counted once."""
-    if not many:
-        return step(tangent, acc, loss_sum, weight)
-    new_acc, new_sum = [], loss_sum
-    for j, (t, a) in enumerate(zip(tangent, acc, strict=True)):
-        a, total = step(t, a, loss_sum, weight, True)
-        new_acc.append(a)
-        if j == 0:
-            new_sum = total
-    return new_acc, new_sum
+    return _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, chunk)
 
 
 def _finish(acc: PyTree, loss_sum: jax.Array, scale, dtype, many: bool = False) -> jax.Array:
-    """The flat sum, scaled, checked for non-finite values and rounded once to ``dtype``."""
+    """The flat sum, scaled, checked for non-finite values and rounded once to ``dtype``;
+    ``many``: each leaf has a leading axis of tangents."""
     if many:
-        flat = jnp.concatenate([jax.vmap(lambda a: ravel_pytree(a)[0])(c) for c in acc]) * scale
+        flat = jax.vmap(lambda a: ravel_pytree(a)[0])(acc) * scale
     else:
         flat = ravel_pytree(acc)[0] * scale
     flat = flat.astype(dtype)  # checked after rounding: a float16 product may overflow here
@@ -293,24 +295,19 @@ class CurvatureOperator(OperatorAlgebra):
         """``C v`` for each row of ``vectors`` (shape ``(k, dim)``), in one pass over the
         data: each batch is read once and serves all ``k`` tangents.
 
-        A traceable operator vmaps each batch's product over all ``k`` tangents. A
-        host-driven one vmaps over chunks of ``chunk`` tangents at a time (default
-        ``HOST_TANGENT_CHUNK`` = 4), each batch still read once (see docs/design.md).
+        Each batch's product is linearised once and applied to ``chunk`` tangents at a
+        time (vmapped), so the working memory grows with ``chunk``, not with ``k``. The
+        default is :func:`tangent_chunk`'s: as many as fit in about one tangent's working
+        memory (at least 64 MiB), and in the free memory (see docs/design.md).
         """
         vectors = check_vectors(vectors, self.dim)
-        if chunk is not None and (isinstance(chunk, bool) or int(chunk) < 1):
-            raise ValueError(f"chunk must be a positive int, got {chunk!r}.")
-        if self.traceable:
-            return jax.vmap(self.matvec)(vectors)
-        chunk = HOST_TANGENT_CHUNK if chunk is None else int(chunk)
-        unravel = jax.vmap(self.unravel)
-        tangents = [
-            jax.tree_util.tree_leaves(unravel(vectors[i : i + chunk].astype(self.dtype)))
-            for i in range(0, vectors.shape[0], chunk)
-        ]
+        chunk = tangent_chunk(self, vectors.shape[0]) if chunk is None else count("chunk", chunk)
+        tangent = jax.tree_util.tree_leaves(jax.vmap(self.unravel)(vectors.astype(self.dtype)))
         if self.stream is not None:
-            return self._stream_matvec(tangents, many=True)
-        return self._host_matvec(tangents, many=True)
+            return self._stream_matvec(tangent, chunk)
+        if self.loop == "host":
+            return self._host_matvec(tangent, chunk)
+        return _jitted_scan_matvec(self, tangent, chunk)
 
     def matvec_tree(self, v: PyTree) -> PyTree:
         """``C v`` for a params-shaped pytree ``v``; returns a params-shaped pytree."""
@@ -334,43 +331,42 @@ class CurvatureOperator(OperatorAlgebra):
 
         return jax.tree_util.tree_map(zeros, tangent), jnp.zeros((), self._sum_dtype)
 
-    def _scan_matvec(self, tangent: PyTree) -> jax.Array:
+    def _scan_matvec(self, tangent: PyTree, chunk: int | None = None) -> jax.Array:
+        """The product over in-memory batches as one compiled loop; ``chunk``: tangents
+        have a leading axis, applied ``chunk`` at a time (see :func:`_accumulate_some`)."""
         w_full, w_rest = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
-        kernel = self._kernel
+        kernel, params = self._kernel, self.params
         if self.stacked is not None:
 
             def body(carry, batch):
-                return _accumulate(kernel, self.params, batch, tangent, *carry, w_full), None
+                return _accumulate_some(kernel, params, batch, tangent, *carry, w_full, chunk), None
 
             (acc, loss_sum), _ = jax.lax.scan(body, (acc, loss_sum), self.stacked)
         if self.remainder is not None:
-            acc, loss_sum = _accumulate(
-                kernel, self.params, self.remainder, tangent, acc, loss_sum, w_rest
+            acc, loss_sum = _accumulate_some(
+                kernel, params, self.remainder, tangent, acc, loss_sum, w_rest, chunk
             )
-        return _finish(acc, loss_sum, 1.0, self.dtype)
+        return _finish(acc, loss_sum, 1.0, self.dtype, chunk is not None)
 
-    def _host_matvec(self, tangent: PyTree, many: bool = False) -> jax.Array:
+    def _host_matvec(self, tangent: PyTree, chunk: int | None = None) -> jax.Array:
+        """The product over in-memory batches from a host loop, one program per batch."""
         w_full, w_rest = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
         kernel = self._kernel
         if self.stacked is not None:
             num_full = jax.tree_util.tree_leaves(self.stacked)[0].shape[0]
             for i in range(num_full):
-                step = functools.partial(_stacked_step, kernel, self.params, self.stacked, i)
-                acc, loss_sum = _visit(step, tangent, acc, loss_sum, w_full, many)
+                acc, loss_sum = _stacked_step(
+                    kernel, self.params, self.stacked, i, tangent, acc, loss_sum, w_full, chunk
+                )
         if self.remainder is not None:
-            acc, loss_sum = _visit(
-                functools.partial(_batch_step, kernel, self.params, self.remainder),
-                tangent,
-                acc,
-                loss_sum,
-                w_rest,
-                many,
+            acc, loss_sum = _batch_step(
+                kernel, self.params, self.remainder, tangent, acc, loss_sum, w_rest, chunk
             )
-        return _finish(acc, loss_sum, 1.0, self.dtype, many)
+        return _finish(acc, loss_sum, 1.0, self.dtype, chunk is not None)
 
-    def _stream_matvec(self, tangent: PyTree, many: bool = False) -> jax.Array:
+    def _stream_matvec(self, tangent: PyTree, chunk: int | None = None) -> jax.Array:
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tangent)):
             raise HostOnlyError(
                 "this operator reads its batches from the host and cannot be traced (jit, "
@@ -382,18 +378,14 @@ class CurvatureOperator(OperatorAlgebra):
         for batch in self.stream:
             n = batch_size_of(batch)
             weight = jnp.asarray(n if self.reduce == "mean" else 1, self._sum_dtype)
-            acc, loss_sum = _visit(
-                functools.partial(_batch_step, self._kernel, self.params, batch),
-                tangent,
-                acc,
-                loss_sum,
-                weight,
-                many,
+            acc, loss_sum = _batch_step(
+                self._kernel, self.params, batch, tangent, acc, loss_sum, weight, chunk
             )
             content.add(batch)
         self._check_pass(content.finish())
         scale = 1.0 / content.num_samples if self.reduce == "mean" else 1.0
-        return _finish(acc, loss_sum, jnp.asarray(scale, self._sum_dtype), self.dtype, many)
+        scale = jnp.asarray(scale, self._sum_dtype)
+        return _finish(acc, loss_sum, scale, self.dtype, chunk is not None)
 
     def _check_pass(self, content: StreamContent) -> None:
         """Refuse a pass that applied another matrix than the first pass did."""
@@ -497,10 +489,67 @@ def _narrowest_float(jaxpr) -> Any:
     return max(dtypes, key=lambda d: float(jnp.finfo(d).eps), default=np.dtype(np.float64))
 
 
-@jax.jit
-def _jitted_scan_matvec(operator: CurvatureOperator, tangent: PyTree) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=2)
+def _jitted_scan_matvec(
+    operator: CurvatureOperator, tangent: PyTree, chunk: int | None = None
+) -> jax.Array:
     # The operator is a pytree argument: its arrays are inputs, not compiled-in constants.
-    return operator._scan_matvec(tangent)
+    return operator._scan_matvec(tangent, chunk)
+
+
+TANGENT_MEMORY_FLOOR = 64 * 2**20  # bytes a chunk of tangents may always use
+
+
+def tangent_chunk(operator: CurvatureOperator, num: int) -> int:
+    """How many of ``num`` tangents one vmapped product takes (``matmat``'s default).
+
+    As many as fit in the working memory of one tangent's product on one batch, or in
+    ``TANGENT_MEMORY_FLOOR`` if that is larger (small models: all tangents at once), and
+    in the usable free memory of the device. The working memory is XLA's own figure for
+    the compiled one-batch product (compiled once per operator layout, from shapes only),
+    so the products of ``k`` probes take about twice the memory of one, whatever ``k``.
+    Streams (no batch to compile before reading one) take ``HOST_TANGENT_CHUNK``.
+    """
+    if num <= 1:
+        return 1
+    per_tangent = _tangent_bytes(operator)
+    if per_tangent is None:
+        return min(num, HOST_TANGENT_CHUNK)
+    budget = max(TANGENT_MEMORY_FLOOR, per_tangent)
+    free = free_device_bytes()
+    if free is not None:
+        budget = min(budget, USABLE_FRACTION * free)
+    return int(max(1, min(num, budget // max(per_tangent, 1))))
+
+
+def _tangent_bytes(operator: CurvatureOperator) -> int | None:
+    """XLA's temporary bytes for one tangent's product on one batch (``None`` when the
+    operator has no in-memory batch or the backend does not say)."""
+
+    def shape(x, drop=0):
+        return jax.ShapeDtypeStruct(jnp.shape(x)[drop:], jnp.result_type(x))
+
+    if operator.stacked is not None:
+        batch = jax.tree_util.tree_map(lambda a: shape(a, 1), operator.stacked)
+    elif operator.remainder is not None:
+        batch = jax.tree_util.tree_map(shape, operator.remainder)
+    else:
+        return None
+    vector = jax.ShapeDtypeStruct((operator.dim,), operator.dtype)
+    tangent = jax.tree_util.tree_leaves(jax.eval_shape(operator.unravel, vector))
+    leaves, treedef = jax.tree_util.tree_flatten((operator.params, batch, tangent))
+    return _compiled_bytes(operator._kernel, treedef, tuple(map(shape, leaves)))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_bytes(kernel: Any, treedef: Any, leaves: tuple) -> int | None:
+    """The temporary bytes XLA allocates for ``kernel`` on arguments of these shapes."""
+    params, batch, tangent = jax.tree_util.tree_unflatten(treedef, leaves)
+    try:
+        compiled = jax.jit(lambda *args: kernel(*args)[1]).lower(params, batch, tangent).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+    except Exception:  # a backend without memory analysis: the caller falls back
+        return None
 
 
 def all_equations(jaxpr) -> Iterator[Any]:

@@ -36,11 +36,12 @@ from .costs import check_fits, estimate
 from .density import eigv_to_density, tridiag_to_eigv
 from .lanczos import (
     LanczosResult,
-    _default_tol,
-    _Steps,
+    Placement,
+    Steps,
     check_finite,
     checkpointer_for,
     compiled_steps,
+    default_tol,
     host_loop,
     init_state,
     interrupted,
@@ -164,14 +165,15 @@ def _host_slq(operator, state, start, stop, reorthogonalize, tol, bar, watch, co
 def slq(
     operator: Any,
     key: jax.Array,
+    order: int,
     *,
     num_probes: int,
-    order: int,
     reorthogonalize: bool = True,
     progress: ProgressArg = False,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     resume: bool = False,
+    basis_sharding: jax.sharding.Sharding | None = None,
     basis_memory: str = "device",
 ) -> SLQResult:
     """Stochastic Lanczos quadrature with ``num_probes`` probes of ``order`` steps.
@@ -192,11 +194,21 @@ def slq(
     accelerator holds only the operator and one vector per probe, which travel to it and
     back each step. For SLQ on models whose bases do not fit the accelerator. It runs
     from the host loop; the results equal the ``"device"`` run to rounding.
+    ``basis_sharding`` is accepted for symmetry with :func:`jax_spectral.lanczos` and
+    refused: the probes' bases are not sharded yet.
+
+    The probes' products on each batch run a few probes at a time, as many as fit in
+    about one probe's working memory (:func:`jax_spectral.operators.tangent_chunk`;
+    :func:`jax_spectral.estimate` says how many), so memory does not grow with the
+    number of probes beyond their bases and vectors.
     """
     num_probes, order = count("num_probes", num_probes), count("order", order)
-    if basis_memory not in ("device", "host"):
-        raise ValueError(f"basis_memory must be 'device' or 'host', got {basis_memory!r}.")
-    on_host = basis_memory == "host"
+    on_host = Placement.of(basis_sharding, basis_memory).on_host
+    if basis_sharding is not None:
+        raise ValueError(
+            "slq cannot shard the probes' bases across devices yet; keep them in host "
+            "memory (basis_memory='host'), or run fewer probes per call."
+        )
     operator = as_argument(check_operator(operator))
     dtype = jnp.promote_types(dtype_of(operator), jnp.float32)
     check_fits(
@@ -207,7 +219,7 @@ def slq(
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
     if on_host:  # the state on the host's CPU device; the products where the operator is
         starts = jax.device_put(starts, jax.devices("cpu")[0])
-    steps = _Steps(reorthogonalize, _default_tol(dtype), None, None)
+    steps = Steps(reorthogonalize, default_tol(dtype), None, None)
     traceable = is_traceable(operator) and not on_host
     checkpointer = None
     if checkpoint is not None:

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .lanczos import NonFiniteError
-from .linop import check_operator, dtype_of, is_operator, matmat
+from .lanczos import NonFiniteError, flat_matvec, resolve
+from .linop import is_operator, matmat
 from .progress import Progress, ProgressArg
 from .validate import count
 
@@ -43,16 +43,13 @@ class TraceEstimate(NamedTuple):
     samples: np.ndarray  # shape=(n,); the Hutchinson samples (deflated part for Hutch++)
 
 
-def _resolve(matvec: Callable | Any, dim: int | None) -> tuple[Callable, int, Any, Any]:
-    """``(fn, dim, dtype, operator)``; ``operator`` is ``None`` for a plain function."""
-    if is_operator(matvec):
-        check_operator(matvec)
-        return matvec.matvec, int(matvec.dim), dtype_of(matvec), matvec
-    if not callable(matvec):
-        raise TypeError(f"matvec must be callable or an operator, got {type(matvec)}.")
-    if dim is None:
-        raise ValueError("give dim=, a positive int, for a matvec function.")
-    return matvec, count("dim", dim), jnp.zeros(()).dtype, None
+def _resolve(matvec: Callable | Any, dim: int | None, like: Any) -> tuple[Callable, int, Any, Any]:
+    """``(fn, dim, dtype, operator)`` from :func:`jax_spectral.lanczos.resolve`, the one
+    recogniser of operators and functions; ``operator`` is ``None`` for a function."""
+    problem = resolve(matvec, dim=dim, like=like)
+    operand = problem.args[0]
+    operator = operand if is_operator(operand) else None
+    return flat_matvec(problem.fn, *problem.args), problem.dim, problem.dtype, operator
 
 
 def products(
@@ -88,24 +85,26 @@ def _estimate(samples: np.ndarray, offset: float, num_matvecs: int) -> TraceEsti
 def hutchinson(
     matvec: Callable | Any,
     key: jax.Array,
-    *,
     num_probes: int,
+    *,
     dim: int | None = None,
+    like: Any = None,
     chunk: int = 10,
     progress: ProgressArg = False,
 ) -> TraceEstimate:
     """Hutchinson's estimate of ``tr(A)`` from ``num_probes`` Rademacher probes.
 
-    ``matvec`` is a function on flat ``(dim,)`` vectors (give ``dim``) or an operator such
-    as :func:`jax_spectral.hessian_operator`'s. The standard error needs two probes or more
-    (it is ``inf`` for one).
+    ``matvec``, ``dim`` and ``like`` are as for :func:`jax_spectral.lanczos`: an operator
+    such as :func:`jax_spectral.hessian_operator`'s, a function on flat ``(dim,)`` vectors
+    (give ``dim``) or on params-shaped pytrees (give ``like=params``). The standard error
+    needs two probes or more (it is ``inf`` for one).
 
     Raises ``ValueError`` for ``num_probes < 1`` or a missing ``dim``, ``FloatingPointError``
     for a non-finite product.
     """
     num_probes = count("num_probes", num_probes, 1)
     chunk = count("chunk", chunk, 1)
-    fn, dim, dtype, operator = _resolve(matvec, dim)
+    fn, dim, dtype, operator = _resolve(matvec, dim, like)
     probes = _rademacher(key, (num_probes, dim), jnp.promote_types(dtype, jnp.float32))
     with Progress(progress, num_probes, "hutchinson", unit="product") as bar:
         applied = products(fn, probes, operator, chunk=chunk, bar=bar)
@@ -116,21 +115,23 @@ def hutchinson(
 def hutchpp(
     matvec: Callable | Any,
     key: jax.Array,
-    *,
     num_matvecs: int,
+    *,
     dim: int | None = None,
+    like: Any = None,
     chunk: int = 10,
     progress: ProgressArg = False,
 ) -> TraceEstimate:
     """Hutch++ estimate of ``tr(A)`` from ``num_matvecs`` products (at least 6; a third of
     them sketch the range, a third give its exact trace, a third probe the rest).
+    ``matvec``, ``dim`` and ``like`` are as for :func:`hutchinson`.
 
     Raises ``ValueError`` for ``num_matvecs < 6`` or a missing ``dim``,
     ``FloatingPointError`` for a non-finite product.
     """
     num_matvecs = count("num_matvecs", num_matvecs, 6)
     chunk = count("chunk", chunk, 1)
-    fn, dim, dtype, operator = _resolve(matvec, dim)
+    fn, dim, dtype, operator = _resolve(matvec, dim, like)
     k = num_matvecs // 3
     work = jnp.promote_types(dtype, jnp.float32)
     key_sketch, key_probe = jax.random.split(key)

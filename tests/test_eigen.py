@@ -55,3 +55,28 @@ def test_errors():
         eigenpairs(lambda v: v, jax.random.key(0), 0, dim=3)
     with pytest.raises(ValueError, match="invariant subspace after 1 steps"):
         eigenpairs(lambda v: 2 * v, jax.random.key(0), 2, dim=5)
+
+
+def test_lanczos_options_pass_through_checkpoints_included(tmp_path):
+    a = jnp.diag(jnp.arange(1.0, 31.0))
+    plain = eigenpairs(lambda v: a @ v, jax.random.key(0), 2, order=12, dim=30)
+    folder = tmp_path / "ckpt"
+    first = eigenpairs(
+        lambda v: a @ v,
+        jax.random.key(0),
+        2,
+        order=12,
+        dim=30,
+        checkpoint=folder,
+        checkpoint_every=4,
+    )
+    assert any(folder.iterdir())  # the run was saved there
+    again = eigenpairs(
+        lambda v: a @ v, jax.random.key(0), 2, order=12, dim=30, checkpoint=folder, resume=True
+    )
+    np.testing.assert_array_equal(first.values, plain.values)
+    np.testing.assert_array_equal(again.values, plain.values)
+    host = eigenpairs(lambda v: a @ v, jax.random.key(0), 2, order=12, dim=30, basis_memory="host")
+    np.testing.assert_allclose(host.values, plain.values, rtol=1e-6)
+    with pytest.raises(ValueError, match="basis_memory must be"):
+        eigenpairs(lambda v: a @ v, jax.random.key(0), 2, dim=30, basis_memory="disk")

@@ -318,7 +318,7 @@ def test_partial_and_bound_methods_pass_arrays_as_arguments():
     params = init_mlp(jax.random.key(0), [50, 6, 3])
     batch = classification_data(jax.random.key(1), 2000, 50, 3)
     op = hessian_operator(mlp_loss, params, batch, batch_size=500)
-    from jax_spectral.lanczos import _init_jit, _scan_lanczos, _scan_segment, _Steps
+    from jax_spectral.lanczos import Steps, _init_jit, _scan_lanczos, _scan_segment
 
     key = jax.random.key(0)
     reference = lanczos(op, key, 5)
@@ -332,7 +332,7 @@ def test_partial_and_bound_methods_pass_arrays_as_arguments():
 
     wrapped = jax.tree_util.Partial(apply, op)
     state = _init_jit(jnp.ones(op.dim), 5)
-    steps = _Steps(reorthogonalize=True, tol=1e-5, products=None, basis_sharding=None)
+    steps = Steps(reorthogonalize=True, tol=1e-5, products=None, basis_sharding=None)
     for hlo in (
         _scan_lanczos.lower(None, wrapped, None, jnp.ones(op.dim), order=5, steps=steps).as_text(),
         _scan_segment.lower(
@@ -627,3 +627,26 @@ def test_reverse_mode_goes_through_lanczos_under_jit(x64):
 
     grad = jax.jit(jax.grad(trace_of_t))(a0)
     np.testing.assert_allclose(grad, np.eye(6), atol=1e-8)
+
+
+def test_basis_in_host_memory_gives_the_same_run():
+    a = jnp.diag(jnp.arange(1.0, 21.0))
+    device = lanczos(lambda v: a @ v, jax.random.key(0), 8, dim=20)
+    host = lanczos(lambda v: a @ v, jax.random.key(0), 8, dim=20, basis_memory="host")
+    assert host.basis.devices() == {jax.devices("cpu")[0]}
+    np.testing.assert_allclose(host.tridiag, device.tridiag, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="runs from the host loop"):
+        lanczos(lambda v: a @ v, jax.random.key(0), 8, dim=20, basis_memory="host", loop="scan")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with pytest.raises(ValueError, match="cannot be combined with basis_sharding"):
+        lanczos(
+            lambda v: a @ v,
+            jax.random.key(0),
+            8,
+            dim=20,
+            basis_memory="host",
+            basis_sharding=sharding,
+        )
+    with pytest.raises(ValueError, match="basis_memory must be 'device' or 'host'"):
+        lanczos(lambda v: a @ v, jax.random.key(0), 8, dim=20, basis_memory="disk")

@@ -105,8 +105,41 @@ def test_matmat_reads_each_batch_once_for_all_probes(chunk):
     assert len(reads) == 3  # one pass over the three batches serves all five vectors
     separate = np.stack([op.matvec(v) for v in vs])
     np.testing.assert_allclose(together, separate, rtol=1e-5, atol=1e-6)
-    in_memory = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop="host")
-    np.testing.assert_allclose(in_memory.matmat(vs, chunk=chunk), separate, rtol=1e-5, atol=1e-6)
+    for loop in ("host", "scan"):
+        in_memory = hessian_operator(mlp_loss, params, (x, y), batch_size=8, loop=loop)
+        got = in_memory.matmat(vs, chunk=chunk)
+        np.testing.assert_allclose(got, separate, rtol=1e-5, atol=1e-6)
+
+
+def test_probe_products_take_about_twice_the_memory_of_one(monkeypatch):
+    """XLA's own count of working memory: 10 probes' products (matmat, SLQ's step) in
+    chunks sized from one probe's memory stay within twice one product's, where a vmap
+    over all of them takes many times more (which shows the check can fail)."""
+    from jax_spectral import operators
+
+    monkeypatch.setattr(operators, "TANGENT_MEMORY_FLOOR", 0)  # as for a large model
+    # Activations dominate the product's memory, as in a convnet (where the vectors
+    # themselves, 10 x dim entries for inputs, sums and outputs, come on top).
+    params = init_mlp(jax.random.key(0), [32, 64, 10])
+    x, y = classification_data(jax.random.key(1), 4096, 32, 10)
+    op = hessian_operator(mlp_loss, params, (x, y), batch_size=2048)
+    vs = jax.random.normal(jax.random.key(3), (10, op.dim))
+
+    def temp(fn, arg):
+        return jax.jit(fn).lower(arg).compile().memory_analysis().temp_size_in_bytes
+
+    one, chunked, vmapped = (
+        temp(op.matvec, vs[0]),
+        temp(op.matmat, vs),
+        temp(jax.vmap(op.matvec), vs),
+    )
+    assert operators.tangent_chunk(op, 10) < 10
+    assert chunked <= 2 * one < vmapped / 2, (one, chunked, vmapped)
+    separate = np.stack([op.matvec(v) for v in vs])
+    np.testing.assert_allclose(op.matmat(vs), separate, rtol=1e-4, atol=1e-6)
+    cost = js.estimate(op, order=5, num_probes=10)
+    assert cost.probe_chunk == operators.tangent_chunk(op, 10)
+    assert f"run {cost.probe_chunk} at a time" in str(cost)
 
 
 def test_matmat_rejects_a_bad_chunk():
@@ -119,6 +152,8 @@ def test_matmat_rejects_a_bad_chunk():
 
 def test_errors():
     op = DenseOperator(np.eye(3))
+    with pytest.raises(ValueError, match="cannot shard the probes' bases"):
+        slq(op, jax.random.key(0), 3, num_probes=2, basis_sharding=object())
     with pytest.raises(ValueError, match="num_probes must be a positive int"):
         slq(op, jax.random.key(0), num_probes=0, order=3)
     with pytest.raises(ValueError, match="order must be a positive int"):

@@ -63,8 +63,21 @@ def test_errors():
         hutchinson(lambda v: v, jax.random.key(0), num_probes=2)
     with pytest.raises(FloatingPointError, match="NaN or Inf"):
         hutchinson(lambda v: v * jnp.nan, jax.random.key(0), num_probes=2, dim=3)
-    with pytest.raises(TypeError, match="missing 1 required keyword-only argument"):
+    with pytest.raises(TypeError, match="missing 1 required positional argument"):
         hutchinson(lambda v: v, jax.random.key(0), dim=3)
+
+
+def test_a_function_on_params_shaped_pytrees_with_like():
+    """``like=`` as in lanczos: the trace of diag(1..5) acting on a pytree of two leaves."""
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(3)}
+    scale = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0, 4.0, 5.0])}
+
+    def matvec(tree):
+        return jax.tree_util.tree_map(jnp.multiply, scale, tree)
+
+    assert hutchinson(matvec, jax.random.key(0), 4, like=params).estimate == pytest.approx(15)
+    # 15 products: the sketch (5) spans the whole space, so Hutch++ is exact
+    assert hutchpp(matvec, jax.random.key(0), 15, like=params).estimate == pytest.approx(15)
 
 
 def test_products_go_through_matmat_in_chunks_with_progress():
