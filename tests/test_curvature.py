@@ -81,6 +81,7 @@ def cnn_setup(dtype):
     return params, x, y
 
 
+@pytest.mark.slow  # the MLP case runs in the fast suite; a CNN compiles for 10 s
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 def test_ggn_equals_dense_cnn(x64, reduce):
     params, x, y = cnn_setup(jnp.float64)

@@ -14,7 +14,7 @@ def digits_problem(digits_dense):
     return loss, params, data, np.linalg.eigh(dense)
 
 
-@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("which", ["largest", pytest.param("smallest", marks=pytest.mark.slow)])
 def test_extreme_eigenpairs_match_dense_eigh(digits_problem, which):
     loss, params, data, (evals, evecs) = digits_problem
     op = hessian_operator(loss, params, data, batch_size=512)

@@ -121,7 +121,7 @@ def test_probe_products_take_about_twice_the_memory_of_one(monkeypatch):
     # Activations dominate the product's memory, as in a convnet (where the vectors
     # themselves, 10 x dim entries for inputs, sums and outputs, come on top).
     params = init_mlp(jax.random.key(0), [32, 64, 10])
-    x, y = classification_data(jax.random.key(1), 4096, 32, 10)
+    x, y = classification_data(jax.random.key(1), 2048, 32, 10)
     op = hessian_operator(mlp_loss, params, (x, y), batch_size=2048)
     vs = jax.random.normal(jax.random.key(3), (10, op.dim))
 
