@@ -203,12 +203,7 @@ def slq(
     number of probes beyond their bases and vectors.
     """
     num_probes, order = count("num_probes", num_probes), count("order", order)
-    on_host = Placement.of(basis_sharding, basis_memory).on_host
-    if basis_sharding is not None:
-        raise ValueError(
-            "slq cannot shard the probes' bases across devices yet; keep them in host "
-            "memory (basis_memory='host'), or run fewer probes per call."
-        )
+    on_host = _placement(basis_sharding, basis_memory)
     operator = as_argument(check_operator(operator))
     dtype = jnp.promote_types(dtype_of(operator), jnp.float32)
     check_fits(
@@ -223,15 +218,9 @@ def slq(
     traceable = is_traceable(operator) and not on_host
     checkpointer = None
     if checkpoint is not None:
-        settings = {
-            "kind": "slq",
-            "order": order,
-            "num_probes": num_probes,
-            "dim": int(operator.dim),
-            "dtype": str(dtype),
-            "loop": "scan" if traceable else "host",
-            "basis_memory": basis_memory,
-        }
+        settings = {"kind": "slq", "order": order, "num_probes": num_probes}
+        settings.update(dim=int(operator.dim), dtype=str(dtype), basis_memory=basis_memory)
+        settings.update(loop="scan" if traceable else "host")
         checkpointer = checkpointer_for(checkpoint, settings, steps, operator, starts, rows_axis=1)
     what = f"SLQ ({num_probes} probes)"
     with Progress(progress, order, what) as bar:
@@ -254,6 +243,17 @@ def slq(
     warn_if_zero(result)
     check_finite(result, "SLQ")
     return _quadrature(result, order)
+
+
+def _placement(basis_sharding, basis_memory) -> bool:
+    """Whether the bases live in host memory; a sharding is refused (not supported)."""
+    on_host = Placement.of(basis_sharding, basis_memory).on_host
+    if basis_sharding is not None:
+        raise ValueError(
+            "slq cannot shard the probes' bases across devices yet; keep them in host "
+            "memory (basis_memory='host'), or run fewer probes per call."
+        )
+    return on_host
 
 
 def _advance(operator, steps, traceable, on_host, bar):

@@ -357,31 +357,24 @@ def _apply_flatten(nn, s, x, *, sub, name, train):
     return x.reshape((x.shape[0], -1))
 
 
-def _apply_batchnorm(nn, s, x, *, sub, name, train):
-    norm = sub(
-        lambda: nn.BatchNorm(
-            use_running_average=not train,
-            epsilon=s["epsilon"],
-            use_scale=s["scale"],
-            use_bias=s["center"],
-            use_fast_variance=False,
-            name=name,
-        )
+def _norm_options(s, name):
+    """The Flax options of a Keras normalisation layer (exact variance, as Keras)."""
+    return dict(
+        epsilon=s["epsilon"],
+        use_scale=s["scale"],
+        use_bias=s["center"],
+        use_fast_variance=False,
+        name=name,
     )
-    return norm(x)
+
+
+def _apply_batchnorm(nn, s, x, *, sub, name, train):
+    options = _norm_options(s, name)
+    return sub(lambda: nn.BatchNorm(use_running_average=not train, **options))(x)
 
 
 def _apply_layernorm(nn, s, x, *, sub, name, train):
-    norm = sub(
-        lambda: nn.LayerNorm(
-            epsilon=s["epsilon"],
-            use_scale=s["scale"],
-            use_bias=s["center"],
-            use_fast_variance=False,
-            name=name,
-        )
-    )
-    return norm(x)
+    return sub(lambda: nn.LayerNorm(**_norm_options(s, name)))(x)
 
 
 def _apply_dropout(nn, s, x, *, sub, name, train):
