@@ -317,14 +317,7 @@ def analyse(
     _prepare_out(out)
     for name in _OUTPUTS:  # an earlier run's files go before any of this run's is written
         (out / name).unlink(missing_ok=True)
-    summary.setdefault("settings", {}).update(
-        order=plan.order,
-        num_probes=num_probes,
-        sigma_squared=sigma_squared,
-        top=top,
-        eig_order=plan.eig_order,
-        trace_matvecs=plan.trace_matvecs,
-    )
+    _record_settings(summary, plan, num_probes, sigma_squared, top)
     run = _Run(out, summary, started, _STAGES + (("layers",) if blocks else ()))
     keys = jax.random.split(key, 3)
     with run:
@@ -334,23 +327,7 @@ def analyse(
         pairs = run.top_eigenvalues(operator, keys[1], top, plan.eig_order, progress)
         trace = run.trace(operator, keys[2], plan.trace_matvecs, progress)
         if blocks:
-            run.stage = "layers"
-            run.save()
-            layers = _layer_densities(
-                blocks,
-                keys[2],
-                plan.order,
-                num_probes,
-                sigma_squared,
-                progress,
-                out,
-                run.arrays,
-                summary,
-            )
-            run.status["layers"] = "done"
-            drawn = _draw_layers(out, layers, title, note)
-            if not drawn.endswith(".png"):
-                run.status["layers"] = f"done; figure {drawn}"
+            run.layers(blocks, keys[2], plan, num_probes, sigma_squared, progress, title, note)
         run.stage = "figure"
         figure = _draw(out, dens, pairs.values, title, note + f"; top {top} eigenvalues dashed")
         run.status["figure"] = "done" if figure.endswith(".png") else figure
@@ -403,6 +380,19 @@ def _plan(operator, order, num_probes, top, trace_matvecs, blocks, summary) -> _
         flush=True,
     )
     return _Plan(order, eig_order, trace_matvecs)
+
+
+def _record_settings(summary: dict, plan: _Plan, num_probes, sigma_squared, top) -> None:
+    """The settings the run uses (after :func:`_plan`'s changes), recorded in
+    spectrum.json's ``settings`` so that the run can be repeated."""
+    summary.setdefault("settings", {}).update(
+        order=plan.order,
+        num_probes=num_probes,
+        sigma_squared=sigma_squared,
+        top=top,
+        eig_order=plan.eig_order,
+        trace_matvecs=plan.trace_matvecs,
+    )
 
 
 class _Run:
@@ -488,6 +478,26 @@ class _Run:
         self.status["trace"] = "done"
         self.summary.update(trace=trace.estimate, trace_stderr=trace.stderr)
         return trace
+
+    def layers(self, blocks, key, plan, num_probes, sigma_squared, progress, title, note):
+        """A density of each layer's block (after the trace), saved and drawn (layers.png)."""
+        self.stage = "layers"
+        self.save()
+        layers = _layer_densities(
+            blocks,
+            key,
+            plan.order,
+            num_probes,
+            sigma_squared,
+            progress,
+            self.out,
+            self.arrays,
+            self.summary,
+        )
+        self.status["layers"] = "done"
+        drawn = _draw_layers(self.out, layers, title, note)
+        if not drawn.endswith(".png"):
+            self.status["layers"] = f"done; figure {drawn}"
 
     def __enter__(self) -> _Run:
         return self
@@ -748,45 +758,14 @@ def run_keras(args: argparse.Namespace) -> dict:
     params = trainable_values(model)
     operator, blocks = _keras_operators(args, model, loss, params, out_loss, (x, y))
     name = Path(args.model).name
-    notes: dict = {}
-    if x.shape[1:] != given:
-        _adjust(
-            notes,
-            f"the data's samples of shape {given} are reshaped to the model's "
-            f"input shape {x.shape[1:]}",
-        )
-    print(
-        f"loaded {name}: {operator.dim:,} trainable parameters; data {args.data}: "
-        f"{len(x)} samples of shape {x.shape[1:]}, batches of {args.batch_size} "
-        f"({operator.loop} loop)"
-    )
+    notes = _announce_keras_data(args, name, operator, x, given)
     quality = _fit_on(model, loss, params, x, y, args.batch_size)
     print(  # so that a user sees whether the preprocessing matches the training's
         "on this data the model has loss "
         + ", accuracy ".join(f"{v:.4g}" for v in quality.values())
         + " (a loss far above the training loss means other preprocessing: see --scale)"
     )
-    summary = {
-        "model": str(args.model),
-        "num_params": int(operator.dim),
-        "num_samples": len(x),
-        "data": args.data,
-        "settings": {
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-            "reduce": args.reduce,
-            "loss": args.loss or "compiled",
-            "from_logits": args.from_logits,
-            "split": args.split,
-            "limit": args.limit,
-            "scale": args.scale,
-            "loop": operator.loop,
-            "curvature": args.curvature,
-        },
-        "versions": _versions(keras=keras.__version__),
-        **quality,
-        **notes,
-    }
+    summary = _keras_summary(args, operator, len(x), keras.__version__, {**quality, **notes})
     return analyse(
         operator,
         out=args.out,
@@ -802,6 +781,49 @@ def run_keras(args: argparse.Namespace) -> dict:
         blocks=blocks,
         started=started,
     )
+
+
+def _announce_keras_data(args, name: str, operator, x, given) -> dict:
+    """Print what was loaded, before any long work; returns the notes for spectrum.json
+    (a reshape of the data's samples to the model's input shape, also printed)."""
+    notes: dict = {}
+    if x.shape[1:] != given:
+        _adjust(
+            notes,
+            f"the data's samples of shape {given} are reshaped to the model's "
+            f"input shape {x.shape[1:]}",
+        )
+    print(
+        f"loaded {name}: {operator.dim:,} trainable parameters; data {args.data}: "
+        f"{len(x)} samples of shape {x.shape[1:]}, batches of {args.batch_size} "
+        f"({operator.loop} loop)"
+    )
+    return notes
+
+
+def _keras_summary(args, operator, num_samples: int, keras_version: str, extra: dict) -> dict:
+    """The start of the Keras command's ``spectrum.json``: the model, its data, the
+    settings (so that the run can be repeated), then ``extra`` (the fit, the notes)."""
+    return {
+        "model": str(args.model),
+        "num_params": int(operator.dim),
+        "num_samples": num_samples,
+        "data": args.data,
+        "settings": {
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "reduce": args.reduce,
+            "loss": args.loss or "compiled",
+            "from_logits": args.from_logits,
+            "split": args.split,
+            "limit": args.limit,
+            "scale": args.scale,
+            "loop": operator.loop,
+            "curvature": args.curvature,
+        },
+        "versions": _versions(keras=keras_version),
+        **extra,
+    }
 
 
 def _fit_on(model: Any, loss: Any, params: Any, x: Any, y: Any, batch_size: int) -> dict:

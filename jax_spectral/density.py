@@ -149,6 +149,26 @@ def eigv_to_density(
         NaN or Inf anywhere in the nodes or weights; mismatched shapes; a grid with fewer
         than two points or not increasing; no node with positive weight.
     """
+    nodes, weights = _checked_draws(eig_vals, all_weights)
+    if sigma_squared is None:
+        sigma_squared = 1e-5
+    if not sigma_squared > 0:
+        raise ValueError(f"sigma_squared must be positive, got {sigma_squared}.")
+    grids, lambda_min, lambda_max = _density_grid(nodes, weights, grids, grid_len, grid_expand)
+    variance = sigma_squared * max(1.0, lambda_max - lambda_min)
+    # Cell widths (uniform grids: the spacing everywhere, as in the original package).
+    widths = np.gradient(grids)
+    density = _kernel_sum(nodes, weights, grids, widths, variance)
+    density /= nodes.shape[0]
+    total = float(np.sum(density * widths))
+    if total <= 0:
+        raise ValueError("the density vanishes on the grid; the grid misses every node.")
+    return density / total, grids
+
+
+def _checked_draws(eig_vals, all_weights) -> tuple[np.ndarray, np.ndarray]:
+    """``(num_draws, m)`` float64 nodes and weights (``1/m`` each when ``all_weights`` is
+    ``None``), refused when their shapes differ or any element is NaN or Inf."""
     nodes = np.asarray(eig_vals, dtype=np.float64)
     if nodes.ndim == 1:
         nodes = nodes[None]
@@ -166,11 +186,15 @@ def eigv_to_density(
             )
     if not (np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))):
         raise ValueError("eig_vals or all_weights contain NaN or Inf.")
-    if sigma_squared is None:
-        sigma_squared = 1e-5
-    if not sigma_squared > 0:
-        raise ValueError(f"sigma_squared must be positive, got {sigma_squared}.")
+    return nodes, weights
 
+
+def _density_grid(
+    nodes: np.ndarray, weights: np.ndarray, grids, grid_len: int, grid_expand: float
+) -> tuple[np.ndarray, float, float]:
+    """``(grids, lambda_min, lambda_max)``: the explicit ``grids`` (checked) and its ends,
+    or ``grid_len`` points spanning the nodes with positive weight, widened by
+    ``grid_expand`` on each side (zero-weight padding must not stretch the grid)."""
     if grids is None:
         used = nodes[weights > 0]
         if used.size == 0:
@@ -178,36 +202,36 @@ def eigv_to_density(
         lambda_max = float(used.max()) + grid_expand
         lambda_min = float(used.min()) - grid_expand
         grid_len = count("grid_len", grid_len, 2)
-        grids = np.linspace(lambda_min, lambda_max, num=int(grid_len))
-    else:
-        grids = np.asarray(grids, dtype=np.float64)
-        if grids.ndim != 1 or grids.size < 2 or not np.all(np.diff(grids) > 0):
-            raise ValueError("grids must be an increasing 1-D array of at least two points.")
-        lambda_min, lambda_max = float(grids[0]), float(grids[-1])
+        return np.linspace(lambda_min, lambda_max, num=int(grid_len)), lambda_min, lambda_max
+    grids = np.asarray(grids, dtype=np.float64)
+    if grids.ndim != 1 or grids.size < 2 or not np.all(np.diff(grids) > 0):
+        raise ValueError("grids must be an increasing 1-D array of at least two points.")
+    return grids, float(grids[0]), float(grids[-1])
 
-    variance = sigma_squared * max(1.0, lambda_max - lambda_min)
+
+def _kernel_sum(
+    nodes: np.ndarray, weights: np.ndarray, grids: np.ndarray, widths: np.ndarray, variance: float
+) -> np.ndarray:
+    """The sum over draws of each draw's weighted Gaussians (of ``variance``) on the grid:
+    evaluated at the grid points when the kernel is at least as wide as every cell, else
+    each Gaussian's mass in each cell divided by its width, so that no spike narrower than
+    the spacing falls between grid points and is lost."""
     sigma = math.sqrt(variance)
-    # Cell widths (uniform grids: the spacing everywhere, as in the original package).
-    widths = np.gradient(grids)
     density = np.zeros_like(grids)
     if sigma >= widths.max():
         norm = 1.0 / math.sqrt(2.0 * math.pi * variance)
         for draw_nodes, draw_weights in _weighted(nodes, weights):
             z = (grids[None, :] - draw_nodes[:, None]) / sigma
             density += draw_weights @ (norm * np.exp(-0.5 * z**2))
-    else:
-        # Kernel narrower than the grid: integrate each Gaussian over the grid cells.
-        edges = np.concatenate(
-            ([grids[0] - widths[0] / 2], (grids[1:] + grids[:-1]) / 2, [grids[-1] + widths[-1] / 2])
-        )
-        for draw_nodes, draw_weights in _weighted(nodes, weights):
-            cdf = ndtr((edges[None, :] - draw_nodes[:, None]) / sigma)
-            density += draw_weights @ (np.diff(cdf, axis=1) / widths[None, :])
-    density /= nodes.shape[0]
-    total = float(np.sum(density * widths))
-    if total <= 0:
-        raise ValueError("the density vanishes on the grid; the grid misses every node.")
-    return density / total, grids
+        return density
+    # Kernel narrower than the grid: integrate each Gaussian over the grid cells.
+    edges = np.concatenate(
+        ([grids[0] - widths[0] / 2], (grids[1:] + grids[:-1]) / 2, [grids[-1] + widths[-1] / 2])
+    )
+    for draw_nodes, draw_weights in _weighted(nodes, weights):
+        cdf = ndtr((edges[None, :] - draw_nodes[:, None]) / sigma)
+        density += draw_weights @ (np.diff(cdf, axis=1) / widths[None, :])
+    return density
 
 
 def _weighted(nodes: np.ndarray, weights: np.ndarray):
