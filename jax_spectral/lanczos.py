@@ -480,7 +480,9 @@ def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10
                             f"{checkpointer.folder} already holds a checkpoint; pass "
                             "resume=True to continue that run, or give an empty folder."
                         )
-                    state, start, done = checkpointer.load(state)
+                    loaded, start, done = checkpointer.load(state)
+                    # where the fresh state was: host memory for basis_memory="host"
+                    state = jax.tree_util.tree_map(_put_like, loaded, state)
                     bar.update_to(order if done else start)
             while not done and not watch.requested:
                 stop = order if synced else min(start + length, order)
@@ -505,6 +507,12 @@ def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10
             if checkpointer is not None:
                 checkpointer.close()  # the last write completes (or raises) before returning
     return state, watch.requested and not done
+
+
+def _put_like(new: Any, old: Any) -> Any:
+    """``new`` on the devices of ``old`` (a checkpoint is read onto the default device)."""
+    sharding = getattr(old, "sharding", None)
+    return new if sharding is None else jax.device_put(new, sharding)
 
 
 def interrupted(what: str, steps: int, order: int, result: Any, checkpoint: Any) -> Interrupted:
