@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .data import BatchStream, as_host_arrays, is_array_data, sample_hashes
+from .data import BatchStream, Unwrapping, as_host_arrays, is_array_data, sample_hashes
 from .linop import check_hashable
 from .operators import CurvatureOperator, build_operator
 from .products import OutputProduct, output_loss
@@ -145,7 +145,7 @@ def _check_output_batch(product: OutputProduct, params: PyTree, batch: Any) -> N
             + "."
         )
     inputs, targets = batch[0], batch[1]
-    outputs = jax.eval_shape(product.model, params, inputs)
+    outputs = jax.eval_shape(Unwrapping(product.model), params, inputs)
     if not isinstance(outputs, jax.ShapeDtypeStruct):
         raise ValueError(
             "model(params, inputs) must return one array (outputs with a leading sample "

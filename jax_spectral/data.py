@@ -31,6 +31,7 @@ later pass (a random subset, ``shuffle().take(n)``) is refused instead of mixing
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
@@ -46,11 +47,14 @@ __all__ = [
     "HostOnlyError",
     "SplitArrays",
     "StreamContent",
+    "Static",
+    "Unwrapping",
     "as_host_arrays",
     "batch_size_of",
     "is_array_data",
     "split_arrays",
     "stack_batches",
+    "unwrap_static",
 ]
 
 
@@ -62,6 +66,10 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (np.ndarray, jax.Array)) or (
         hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__array__")
     )
+
+
+def _is_scalar(x: Any) -> bool:
+    return isinstance(x, (bool, int, float, complex, str, bytes))
 
 
 def is_array_data(data: Any) -> bool:
@@ -76,18 +84,74 @@ def is_array_data(data: Any) -> bool:
         return True
     if isinstance(data, (tuple, dict)):
         leaves = jax.tree_util.tree_leaves(data, is_leaf=lambda x: isinstance(x, list))
-        return bool(leaves) and all(_is_array(leaf) for leaf in leaves)
+        arrays = [_is_array(leaf) for leaf in leaves]
+        # Python scalars and strings beside the arrays are held as they are (Static)
+        return any(arrays) and all(a or _is_scalar(x) for a, x in zip(arrays, leaves, strict=True))
     return False
+
+
+class Static:
+    """A batch leaf that is not an array (a Python bool or number, a string), held as
+    part of the batch's structure: a pytree node without leaves, so ``jit`` does not trace
+    it and the loss receives it unchanged (:func:`unwrap_static`). Equal values give equal
+    structures; an unhashable value is compared by identity."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def _key(self):
+        try:
+            hash(self.value)
+        except TypeError:
+            return (type(self.value), id(self.value))
+        return (type(self.value), self.value)
+
+    def __eq__(self, other: Any) -> bool:
+        return isinstance(other, Static) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return f"Static({self.value!r})"
+
+
+jax.tree_util.register_pytree_node(Static, lambda s: ((), s), lambda s, _: s)
+
+
+def unwrap_static(batch: PyTree) -> PyTree:
+    """``batch`` with each :class:`Static` replaced by its value, as the user passed it."""
+    return jax.tree_util.tree_map(
+        lambda x: x.value if isinstance(x, Static) else x,
+        batch,
+        is_leaf=lambda x: isinstance(x, Static),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Unwrapping:
+    """``fn(params, batch, *rest)`` called with :func:`unwrap_static` of ``batch``: how the
+    engine hands its batches to a user's loss or model (hashable, as ``fn`` is)."""
+
+    fn: Callable
+
+    def __call__(self, params: PyTree, batch: PyTree, *rest: Any) -> Any:
+        return self.fn(params, unwrap_static(batch), *rest)
 
 
 def as_host_arrays(batch: PyTree) -> PyTree:
     """``batch`` with every array-like leaf that is not a NumPy or JAX array (a
     ``tf.Tensor``, a CPU ``torch.Tensor``, anything with ``__array__``) converted by
-    ``numpy.asarray``; other leaves (Python numbers, strings) are kept as they are."""
+    ``numpy.asarray``; other leaves (Python numbers, strings) are held as :class:`Static`,
+    so that the loss receives them unchanged."""
 
     def convert(x):
-        if isinstance(x, (np.ndarray, jax.Array)) or not hasattr(x, "__array__"):
+        if isinstance(x, (np.ndarray, jax.Array, Static)):
             return x
+        if not hasattr(x, "__array__"):
+            return Static(x)
         try:
             return np.asarray(x)
         except Exception as err:
@@ -97,7 +161,7 @@ def as_host_arrays(batch: PyTree) -> PyTree:
                 "arrays, or tensors that numpy.asarray accepts (on the CPU, without gradients)."
             ) from None
 
-    return jax.tree_util.tree_map(convert, batch)
+    return jax.tree_util.tree_map(convert, batch, is_leaf=lambda x: isinstance(x, Static))
 
 
 def batch_size_of(batch: PyTree) -> int:
@@ -189,6 +253,7 @@ def split_arrays(arrays: PyTree, batch_size: int | None) -> SplitArrays:
 
     ``batch_size=None`` keeps all samples in one batch.
     """
+    arrays = as_host_arrays(arrays)  # Python scalars beside the arrays become Static
     leaves = jax.tree_util.tree_leaves(arrays)
     if not leaves:
         raise ValueError("data holds no arrays.")

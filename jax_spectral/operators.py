@@ -58,6 +58,7 @@ from .data import (
     BatchStream,
     HostOnlyError,
     StreamContent,
+    Unwrapping,
     batch_size_of,
     is_array_data,
     split_arrays,
@@ -74,7 +75,7 @@ from .linop import (
 )
 from .linop import layout as _layout
 from .products import HessianProduct
-from .rewrite import convolutions
+from .rewrite import convolutions, rewrites
 from .validate import count
 
 PyTree = Any
@@ -436,7 +437,7 @@ class CurvatureOperator(OperatorAlgebra):
         on a batch of the stream split in two (loss and gradient against the halves').
         Cached on the stream."""
         if self.stream.loss_form is None:
-            self.stream.loss_form = _loss_form(self.loss, self.params, self.stream)
+            self.stream.loss_form = _loss_form(Unwrapping(self.loss), self.params, self.stream)
         return self.stream.loss_form or None
 
 
@@ -651,6 +652,16 @@ def _resolve_rewrite(rewrite: str, mesh: Any) -> str:
     return rewrite
 
 
+def _applied_rewrite(product: Any, rewrite: str, params: PyTree, batch: PyTree) -> str:
+    """What the rewrite ``rewrite`` actually changes in the product's function on this
+    batch: ``"onednn"`` (some convolution runs on oneDNN), ``"patches"`` (rewritten
+    without oneDNN) or ``"none"`` (nothing to rewrite, as in an MLP)."""
+    if rewrite == "none":
+        return rewrite
+    fn, args = product.rewrite_target(params, batch)
+    return rewrites(fn, *args, onednn=rewrite == "onednn")
+
+
 def hessian_operator(
     loss: Callable[[PyTree, Any], jax.Array],
     params: PyTree,
@@ -788,7 +799,7 @@ def build_operator(
     if check_batch is None:
 
         def check_batch(params, batch):
-            check_scalar_loss(product.loss, params, batch)
+            check_scalar_loss(Unwrapping(product.loss), params, batch)
 
     if isinstance(data, list) and batch_size is not None:
         raise ValueError(
@@ -841,6 +852,7 @@ def _in_memory(split, params, settings, mesh, data_axis, check_batch) -> Curvatu
         )
     first = first_batch(stacked, remainder)
     check_batch(params, first)
+    rewrite = _applied_rewrite(product, rewrite, params, first)
     operator = CurvatureOperator(
         params,
         stacked,
@@ -880,6 +892,7 @@ def _streamed(data, params, settings, batch_size, check_batch) -> CurvatureOpera
     first = stream.first()
     batch_size_of(first)  # a clear error now for a batch without a sample axis
     check_batch(params, first)
+    rewrite = _applied_rewrite(product, rewrite, params, first)
     return CurvatureOperator(
         params, None, None, product, reduce, "host", None, None, stream, layout, rewrite, select
     )

@@ -37,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .data import Unwrapping, unwrap_static
 from .hvp import loss_and_hvp
 from .linop import check_hashable
 
@@ -63,14 +64,20 @@ class HessianProduct:
 
     def __call__(self, params, batch, tangent, embed):
         loss = self.product_loss or self.loss
+        batch = unwrap_static(batch)
         return loss_and_hvp(lambda p, b: loss(embed(p), b), params, batch, tangent)
 
     def rewritten(self, onednn: bool) -> HessianProduct:
         return dataclasses.replace(self, product_loss=_rewrite(self.loss, onednn))
 
+    def rewrite_target(self, params: PyTree, batch: Any) -> tuple[Callable, tuple]:
+        """The function the CPU rewrite wraps, and its arguments on ``batch``."""
+        return self.loss, (params, unwrap_static(batch))
+
     @property
     def evaluated_loss(self) -> Callable:
-        return self.product_loss or self.loss
+        """The loss as the products evaluate it, on the engine's batches."""
+        return Unwrapping(self.product_loss or self.loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,17 +186,24 @@ class OutputProduct:
     product_model: Callable | None = None
 
     def loss(self, params: PyTree, batch: Any) -> jax.Array:
+        batch = unwrap_static(batch)
         return self.out_loss(self.model(params, batch[0]), batch[1])
 
     def evaluated_loss(self, params: PyTree, batch: Any) -> jax.Array:
         model = self.product_model or self.model
+        batch = unwrap_static(batch)
         return self.out_loss(model(params, batch[0]), batch[1])
 
     def rewritten(self, onednn: bool) -> OutputProduct:
         return dataclasses.replace(self, product_model=_rewrite(self.model, onednn))
 
+    def rewrite_target(self, params: PyTree, batch: Any) -> tuple[Callable, tuple]:
+        """The function the CPU rewrite wraps, and its arguments on ``batch``."""
+        return self.model, (params, unwrap_static(batch)[0])
+
     def __call__(self, params, batch, tangent, embed):
         model = self.product_model or self.model
+        batch = unwrap_static(batch)
         inputs, targets = batch[0], batch[1]
         outputs, push = jax.linearize(lambda p: model(embed(p), inputs), params)
         u = push(tangent)

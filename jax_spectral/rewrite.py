@@ -55,10 +55,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
-from jax.extend import core as jex_core
 
 from . import onednn as _dnnl
+from ._jaxapi import ClosedJaxpr, Literal, Tracer, bind_equation
 
 __all__ = [
     "MAX_POOL_WINDOW",
@@ -68,6 +69,7 @@ __all__ = [
     "cpu_friendly",
     "patch_conv",
     "reshape_max_pool",
+    "rewrites",
 ]
 
 PATCH_BYTES = 8 << 20  # one chunk's patch matrix (measured: 2-16 MiB on a 2-core CPU)
@@ -233,7 +235,7 @@ def _replacement(eqn: Any, onednn: bool = True) -> Callable | None:
 def _inlined(eqn: Any) -> Any:
     """The closed jaxpr of a nested ``jit`` call, which is evaluated inline; else ``None``."""
     inner = eqn.params.get("jaxpr")
-    if eqn.primitive.name in _INLINED_CALLS and isinstance(inner, jex_core.ClosedJaxpr):
+    if eqn.primitive.name in _INLINED_CALLS and isinstance(inner, ClosedJaxpr):
         return inner
     return None
 
@@ -244,7 +246,7 @@ def _evaluate(jaxpr: Any, consts: list, args: list, onednn: bool) -> list:
     env: dict = {}
 
     def read(var):
-        return var.val if isinstance(var, jex_core.Literal) else env[var]
+        return var.val if isinstance(var, Literal) else env[var]
 
     env.update(zip(jaxpr.constvars, consts, strict=True))
     env.update(zip(jaxpr.invars, args, strict=True))
@@ -256,25 +258,86 @@ def _evaluate(jaxpr: Any, consts: list, args: list, onednn: bool) -> list:
         elif inner is not None:
             outputs = _evaluate(inner.jaxpr, inner.consts, inputs, onednn)
         else:
-            with eqn.ctx.manager:
-                result = eqn.primitive.bind(*inputs, **eqn.primitive.get_bind_params(eqn.params))
-            outputs = result if eqn.primitive.multiple_results else [result]
+            outputs = bind_equation(eqn, inputs)
         env.update(zip(eqn.outvars, outputs, strict=True))
     return [read(v) for v in jaxpr.outvars]
 
 
-def _any_eligible(jaxpr: Any) -> bool:
-    """Whether :func:`_evaluate` would replace anything in ``jaxpr``."""
+def _kinds(jaxpr: Any, onednn: bool) -> set[str]:
+    """What :func:`_evaluate` would replace in ``jaxpr``: ``"onednn"`` for a convolution
+    oneDNN runs, ``"patches"`` for one as patch products, ``"pooling"``."""
+    found = set()
     for eqn in jaxpr.eqns:
         inner = _inlined(eqn)
-        if _replacement(eqn) is not None or (inner is not None and _any_eligible(inner.jaxpr)):
-            return True
-    return False
+        if inner is not None:
+            found |= _kinds(inner.jaxpr, onednn)
+        elif _replacement(eqn) is None:
+            continue
+        elif eqn.primitive.name == "reduce_window_max":
+            found.add("pooling")
+        else:
+            found.add("onednn" if onednn and _onednn_eligible(eqn) else "patches")
+    return found
 
 
-def affects(fn: Callable, *args: Any) -> bool:
+def _onednn_eligible(eqn: Any) -> bool:
+    """Whether :func:`_conv_from_params` sends this eligible convolution to oneDNN."""
+    params = eqn.params
+    lhs_spec, rhs_spec, _ = params["dimension_numbers"]
+    x, w = eqn.invars[0].aval, eqn.invars[1].aval
+    x_shape = [x.shape[i] for i in (lhs_spec[0], *lhs_spec[2:], lhs_spec[1])]
+    w_shape = [w.shape[i] for i in (*rhs_spec[2:], rhs_spec[1], rhs_spec[0])]
+    x_like = jax.ShapeDtypeStruct(x_shape, x.dtype)
+    w_like = jax.ShapeDtypeStruct(w_shape, w.dtype)
+    strides, dilation = tuple(params["window_strides"]), tuple(params["rhs_dilation"])
+    padding = tuple(map(tuple, params["padding"]))
+    return _use_onednn(x_like, w_like, strides, padding, dilation, params)
+
+
+def _split_static(args: tuple, kwargs: dict):
+    """The array leaves of ``(args, kwargs)`` (traced) and a function rebuilding the
+    arguments from them with every other leaf (a Python number, a string) as it was."""
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    traced = [_is_traceable(leaf) for leaf in leaves]
+
+    def rebuild(arrays):
+        arrays = iter(arrays)
+        full = [next(arrays) if t else leaf for leaf, t in zip(leaves, traced, strict=True)]
+        return jax.tree_util.tree_unflatten(treedef, full)
+
+    return [leaf for leaf, t in zip(leaves, traced, strict=True) if t], rebuild
+
+
+def _is_traceable(leaf: Any) -> bool:
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic, Tracer))
+
+
+def _jaxpr(fn: Callable, args: tuple, kwargs: dict):
+    """``fn``'s closed jaxpr over the array leaves of its arguments, those leaves, and the
+    shapes of its outputs."""
+    arrays, rebuild = _split_static(args, kwargs)
+
+    def flat(*arrays):
+        args, kwargs = rebuild(arrays)
+        return fn(*args, **kwargs)
+
+    closed, shapes = jax.make_jaxpr(flat, return_shape=True)(*arrays)
+    return closed, arrays, shapes
+
+
+def rewrites(fn: Callable, *args: Any, onednn: bool = True, **kwargs: Any) -> str:
+    """What :func:`cpu_friendly` changes in ``fn`` called on these arguments:
+    ``"onednn"`` (at least one convolution runs on oneDNN), ``"patches"`` (convolutions as
+    patch matrix products, or max pooling, rewritten; none on oneDNN) or ``"none"``."""
+    found = _kinds(_jaxpr(fn, args, kwargs)[0].jaxpr, onednn)
+    if "onednn" in found:
+        return "onednn"
+    return "patches" if found else "none"
+
+
+def affects(fn: Callable, *args: Any, **kwargs: Any) -> bool:
     """Whether :func:`cpu_friendly` changes anything in ``fn`` called on ``args``."""
-    return _any_eligible(jax.make_jaxpr(fn)(*args).jaxpr)
+    return rewrites(fn, *args, **kwargs) != "none"
 
 
 def cpu_friendly(fn: Callable, *, onednn: bool = True) -> Callable:
@@ -284,12 +347,13 @@ def cpu_friendly(fn: Callable, *, onednn: bool = True) -> Callable:
 
     ``onednn=False`` uses the patch products even where oneDNN is available (for example
     on a mesh of CPU devices: XLA cannot split a oneDNN call across devices and gathers
-    its operands). The returned function takes the same positional arguments, which must
-    be pytrees of arrays (every leaf is traced), and returns the same values to float32
-    rounding; it can be differentiated, vmapped and jitted like ``fn``. The same wrapper is
-    returned for the same hashable ``fn`` (an LRU cache of 64, which keeps those functions
-    alive), so jitted code that takes it as a static argument is compiled once; an
-    unhashable ``fn`` gets a fresh wrapper on each call.
+    its operands). The returned function takes the same positional and keyword arguments:
+    their array leaves (JAX and NumPy arrays) are traced and every other leaf (a Python
+    bool or number, a string) reaches ``fn`` unchanged, as in a plain call. It returns the
+    same values to float32 rounding, and can be differentiated, vmapped and jitted like
+    ``fn``. The same wrapper is returned for the same hashable ``fn`` (an LRU cache of 64,
+    which keeps those functions alive), so jitted code that takes it as a static argument
+    is compiled once; an unhashable ``fn`` gets a fresh wrapper on each call.
     """
     try:
         return _rewritten(fn, bool(onednn))
@@ -300,10 +364,9 @@ def cpu_friendly(fn: Callable, *, onednn: bool = True) -> Callable:
 @functools.lru_cache(maxsize=64)
 def _rewritten(fn: Callable, onednn: bool) -> Callable:
     @functools.wraps(fn)
-    def rewritten(*args):
-        closed, shapes = jax.make_jaxpr(fn, return_shape=True)(*args)
-        leaves = jax.tree_util.tree_leaves(args)
-        outputs = _evaluate(closed.jaxpr, closed.consts, leaves, onednn)
+    def rewritten(*args, **kwargs):
+        closed, arrays, shapes = _jaxpr(fn, args, kwargs)
+        outputs = _evaluate(closed.jaxpr, closed.consts, arrays, onednn)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), outputs)
 
     return rewritten

@@ -80,6 +80,19 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     assert commands[1] in (ROOT / ".ci" / "run").read_text()
 
 
+def test_ci_tests_the_minimum_jax_that_pyproject_declares():
+    pinned = dict(
+        line.split("==")
+        for line in (ROOT / ".ci" / "minimum.txt").read_text().splitlines()
+        if "==" in line
+    )
+    declared = (ROOT / "pyproject.toml").read_text()
+    assert set(pinned) == {"jax", "jaxlib"}
+    for name, version in pinned.items():
+        assert f'"{name}>={version}"' in declared
+    assert 'PIP_CONSTRAINT="$PWD/.ci/minimum.txt"' in (ROOT / ".ci" / "run").read_text()
+
+
 def test_license_and_citation():
     assert "Apache License" in (ROOT / "LICENSE").read_text()
     assert 'license = "Apache-2.0"' in (ROOT / "pyproject.toml").read_text()

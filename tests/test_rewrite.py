@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from jax.flatten_util import ravel_pytree
 
 from jax_spectral import full_hessian, hessian_operator, onednn
 from jax_spectral import rewrite as rewrite_module
@@ -348,3 +349,61 @@ def test_rewrite_setting(monkeypatch):
 
     with pytest.raises(TypeError, match="loss must be hashable"):
         hessian_operator(Unhashable(), params, data)
+
+
+def test_python_leaves_and_keyword_arguments_reach_the_function_as_given():
+    # A Python bool and int beside the arrays: the plain loss branches on them. They used
+    # to be traced (TracerBoolConversionError under the default rewrite).
+    x = np.random.default_rng(0).standard_normal((6, 7, 7, 3)).astype(np.float32)
+    w = {"w": 0.3 * np.random.default_rng(1).standard_normal((3, 3, 3, 2)).astype(np.float32)}
+
+    def loss(p, batch):
+        y = jax.lax.conv_general_dilated(
+            batch["x"], p["w"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        if batch["train"]:
+            y = y * batch["scale"]
+        return jnp.mean(jnp.tanh(y) ** 2)
+
+    batch = {"x": x, "train": True, "scale": 2}
+    flat, unravel = ravel_pytree(w)
+    dense = np.asarray(jax.hessian(lambda z: loss(unravel(z), batch))(flat), np.float64)
+    v = np.random.default_rng(2).standard_normal(flat.size).astype(np.float32)
+    settings = ("none", "patches", *(("onednn",) if onednn.available() else ()))
+    for rewrite in settings:
+        for data in ([batch], batch):  # a list of batches, and one batch of arrays
+            op = hessian_operator(loss, w, data, rewrite=rewrite)
+            np.testing.assert_allclose(op.matvec(v), dense @ v, rtol=1e-4, atol=1e-5)
+    frozen = hessian_operator(loss, w, [{**batch, "train": False}])
+    assert not np.allclose(frozen.matvec(v), dense @ v, rtol=1e-3)  # the flag is read
+
+    def keywords(x, *, w, flag):
+        y = jax.lax.conv_general_dilated(
+            x, w, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return jnp.sum(y**2) * (2.0 if flag else 1.0)
+
+    for onednn_on in (True, False):
+        rewritten = cpu_friendly(keywords, onednn=onednn_on)
+        expected = keywords(x, w=w["w"], flag=True)
+        _close(rewritten(x, w=w["w"], flag=True), expected)
+        _close(
+            jax.grad(rewritten, argnums=0)(x, w=w["w"], flag=False),
+            jax.grad(keywords, argnums=0)(x, w=w["w"], flag=False),
+        )
+
+
+def test_the_operator_reports_what_its_rewrite_changed():
+    from conftest import classification_data, init_mlp, mlp_loss
+
+    params = init_mlp(jax.random.key(0), [4, 5, 3])
+    x, y = classification_data(jax.random.key(1), 20, 4, 3)
+    for setting in ("auto", "cpu", "patches", *(("onednn",) if onednn.available() else ())):
+        assert hessian_operator(mlp_loss, params, (x, y), rewrite=setting).rewrite == "none"
+    loss, params, data = _cnn_problem()
+    assert rewrite_module.rewrites(loss, params, (data[0][:4], data[1][:4])) == (
+        "onednn" if onednn.available() else "patches"
+    )
+    assert rewrite_module.rewrites(loss, params, (data[0][:4], data[1][:4]), onednn=False) == (
+        "patches"
+    )
