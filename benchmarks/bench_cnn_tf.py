@@ -16,6 +16,10 @@ the Flax ``CifarCNN`` of ``bench_core.py``; TensorFlow runs the same layers with
   convolutions (``rewrite="onednn"``, the CPU default where oneDNN is installed);
   TensorFlow's nested ``GradientTape`` HVP (reverse-over-reverse, as the original package
   computes it) and a forward-over-reverse HVP with ``tf.autodiff.ForwardAccumulator``;
+* first calls: the HVP's and the Lanczos run's first call, compilation included, and
+  TensorFlow's first nested-tape HVP, tracing included;
+* the call overhead of oneDNN's compiled kernel: a tiny convolution inside ``lax.scan``,
+  against XLA's own, idle and beside a busy Python thread;
 * Lanczos of ``--order`` steps: ``jax_spectral.lanczos`` on the default operator, and the
   original package's TensorFlow Lanczos (the nested-tape HVP in float32, the recurrence in
   float64 NumPy with full reorthogonalisation), its HVP traced once (the original retraced
@@ -178,7 +182,7 @@ def main():
     }
     plain = ops["stock"]
     v = jax.random.normal(jax.random.key(0), (plain.dim,), jnp.float32)
-    rows, hvps = {}, {}
+    rows, hvps, first = {}, {}, {}
     batch = (jnp.asarray(x), jnp.asarray(y))
     functions = {"stock": loss, "patches": cpu_friendly(loss, onednn=False)}
     if onednn.available():
@@ -187,6 +191,7 @@ def main():
         grad = jax.jit(jax.grad(fn))
         rows[f"JAX gradient ({label})"] = _time(lambda grad=grad: grad(params, batch), args.repeats)
     for label, op in ops.items():
+        first[f"JAX HVP ({label})"] = _timed(lambda op=op: op.matvec(v))  # compile included
         rows[f"JAX HVP ({label}, loop={op.loop})"] = _time(lambda op=op: op.matvec(v), args.repeats)
         hvps[f"JAX, {label}"] = np.asarray(op.matvec(v))
     best = list(ops)[-1]  # the CPU default: oneDNN where installed, else patches
@@ -210,6 +215,7 @@ def main():
             return np.asarray(plain.ravel(tree))
 
         rows["TF gradient"] = _time(grad, args.repeats)
+        first["TF HVP (nested tapes)"] = _timed(lambda: hvp_nested(tangent))  # tracing included
         rows["TF HVP (nested tapes)"] = _time(lambda: hvp_nested(tangent), args.repeats)
         rows["TF HVP (forward-over-reverse)"] = _time(lambda: hvp_forward(tangent), args.repeats)
         hvps["TF, nested tapes"] = flat(hvp_nested(tangent))
@@ -219,6 +225,9 @@ def main():
     print(f"{'measurement':<48}{'seconds':>10}")
     for label, seconds in rows.items():
         print(f"{label:<48}{seconds:>10.3f}")
+    print("\nfirst call (compilation or tracing included), seconds")
+    for label, seconds in first.items():
+        print(f"  {label:<46}{seconds:>10.3f}")
     print("\nHVP: relative max difference from JAX, stock")
     for label, value in hvps.items():
         print(f"  {label:<30}{_relative(value, hvps['JAX, stock']):.2e}")
@@ -260,7 +269,7 @@ def main():
     shapes = [tuple(t.shape) for t in tangent]
     mine = lambda: lanczos(op, next(keys), args.order).tridiag  # noqa: E731
     theirs = lambda: _tf_lanczos(hvp_nested, shapes, args.order, 0)  # noqa: E731
-    jax.block_until_ready(mine())  # compile
+    first_run = _timed(mine)  # compile included
     ours, original = [], []
     for _ in range(args.rounds):
         ours.append(_timed(mine))
@@ -271,6 +280,51 @@ def main():
     print(f"{label:<48}{a:>10.2f}")
     print(f"{'original TF Lanczos (nested tapes, NumPy f64)':<48}{b:>10.2f}")
     print(f"{'ratio JAX / TF':<48}{a / b:>10.2f}")
+    print(f"{'jax_spectral.lanczos, first run (compile incl.)':<48}{first_run:>10.2f}")
+    if onednn.available():
+        _call_overhead()
+
+
+def _call_overhead(steps: int = 2000) -> None:
+    """Microseconds per call of a tiny convolution (one 4x4x2 image, a 3x3x2x2 kernel)
+    inside one ``lax.scan`` of ``steps`` steps: oneDNN's compiled kernel against XLA's own
+    convolution, idle and beside a Python thread that spins (as a notebook kernel or the
+    checkpoint writer might)."""
+    import threading
+
+    x, w = jnp.ones((1, 4, 4, 2), jnp.float32), jnp.ones((3, 3, 2, 2), jnp.float32)
+    convs = {
+        "XLA": lambda c: jax.lax.conv_general_dilated(
+            c, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        "oneDNN": lambda c: onednn.conv(c, w, (1, 1), ((1, 1), (1, 1)), (1, 1)),
+    }
+    loops = {
+        name: jax.jit(
+            lambda c, conv=conv: jax.lax.scan(
+                lambda c, _: (0.5 * c + 1e-3 * conv(c), None), c, None, length=steps
+            )[0]
+        )
+        for name, conv in convs.items()
+    }
+    results = {}
+    for condition in ("idle", "busy Python thread"):
+        stop = threading.Event()
+        if condition != "idle":
+
+            def spin(stop=stop):
+                while not stop.is_set():
+                    sum(range(1000))
+
+            threading.Thread(target=spin, daemon=True).start()
+        for name, loop in loops.items():
+            results[name, condition] = _time(lambda loop=loop: loop(x), 5) / steps * 1e6
+        stop.set()
+    print(f"\ncall overhead: a tiny convolution in a scan of {steps} steps, microseconds a call")
+    print(f"{'':<12}{'idle':>10}{'busy Python thread':>22}")
+    for name in loops:
+        idle, busy = results[name, "idle"], results[name, "busy Python thread"]
+        print(f"{name:<12}{idle:>10.1f}{busy:>22.1f}")
 
 
 def _timed(fn) -> float:

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .data import Static, Unwrapping
 from .validate import write_atomic
 
 __all__ = ["Checkpointer", "fingerprint"]
@@ -285,8 +286,13 @@ def _describe_loss(operator: Any, digest) -> None:
         batch = operator.stream.first()
     else:
         batch = first_batch(operator.stacked, operator.remainder)
-    closed = jax.make_jaxpr(operator.loss)(operator.params, batch)
+    closed = jax.make_jaxpr(Unwrapping(operator.loss))(operator.params, batch)
     digest.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr)).encode())
+    # the batch's Python leaves (data.Static: a flag, a scale)
+    is_static = lambda x: isinstance(x, Static)  # noqa: E731
+    statics = [x.value for x in jax.tree_util.tree_leaves(batch, is_leaf=is_static) if is_static(x)]
+    if statics:
+        digest.update(repr(statics).encode())
     for const in closed.consts:
         _hash_update(digest, const)
     for value in _literals(closed.jaxpr):  # printed as [...] when JAX inlines array constants
@@ -297,8 +303,7 @@ def _literals(jaxpr) -> Any:
     """The values of the literal operands of ``jaxpr`` and of the jaxprs nested in it.
     (Derivative rules and callbacks are Python functions in the equations' parameters:
     their names count, values they capture do not.)"""
-    from jax.extend.core import Literal
-
+    from ._jaxapi import Literal
     from .operators import all_equations
 
     for eqn in all_equations(jaxpr):

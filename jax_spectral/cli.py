@@ -109,6 +109,13 @@ def _analysis_options(parser: argparse.ArgumentParser, *, out: str, order: int, 
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument(
+        "--compilation-cache",
+        type=Path,
+        metavar="DIR",
+        help="keep compiled programs in DIR (JAX's persistent compilation cache), so that a "
+        "rerun on the same model and settings skips most of its compile time",
+    )
+    parser.add_argument(
         "--per-layer",
         action="store_true",
         help="also a density of each layer's block (the other weights fixed): layers.png",
@@ -884,11 +891,29 @@ def _prepare_out(out: Path) -> None:
         raise InputError(f"--out {str(out)!r} cannot be written: {err.strerror or err}.") from None
 
 
+def use_compilation_cache(folder: Path) -> None:
+    """Turn on JAX's persistent compilation cache in ``folder`` for every program that
+    takes at least a tenth of a second to compile (the oneDNN kernels' targets have fixed
+    names, so their programs are reused across processes too)."""
+    import jax
+
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"--compilation-cache {folder}: {err.strerror}") from None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         _check_out(args.out)
+        if args.compilation_cache is not None:
+            use_compilation_cache(args.compilation_cache)
         if args.command == "demo":
             run_demo(
                 args.out,

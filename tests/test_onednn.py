@@ -252,6 +252,33 @@ def test_a_forked_child_computes_with_the_kernels():
     assert done.stdout.strip().endswith("child 0"), done.stdout + done.stderr
 
 
+@pytest.mark.slow
+def test_a_second_process_reuses_the_compiled_program_from_the_persistent_cache(tmp_path):
+    # The kernels' targets have fixed names and take the geometry as attributes, so a
+    # program compiled by one process runs in the next from JAX's persistent cache.
+    script = """
+        import logging, sys
+        import jax, jax.numpy as jnp, numpy as np
+        from jax_spectral import onednn
+        from jax_spectral.cli import use_compilation_cache
+        logging.basicConfig(level=logging.WARNING)
+        logging.getLogger("jax._src.compiler").setLevel(logging.DEBUG)
+        use_compilation_cache(sys.argv[1])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)  # a small program
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((8, 12, 12, 4)), jnp.float32)
+        w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 4, 6)), jnp.float32)
+        loss = lambda w: jnp.sum(onednn.conv(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1)) ** 2)
+        hvp = jax.jit(lambda w, v: jax.jvp(jax.grad(loss), (w,), (v,))[1])
+        print(float(jnp.sum(hvp(w, w))))
+        """
+    first, second = (_run(script, str(tmp_path)) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout
+    hit = "persistent compilation cache hit for 'jit__lambda'"
+    assert hit not in first.stderr.lower()
+    assert hit in second.stderr.lower(), second.stderr[-2000:]
+
+
 def test_the_primitive_cache_stays_within_its_bound():
     kernels = onednn._kernels()
     _, bound = kernels.cached()

@@ -376,6 +376,11 @@ def test_python_leaves_and_keyword_arguments_reach_the_function_as_given():
             np.testing.assert_allclose(op.matvec(v), dense @ v, rtol=1e-4, atol=1e-5)
     frozen = hessian_operator(loss, w, [{**batch, "train": False}])
     assert not np.allclose(frozen.matvec(v), dense @ v, rtol=1e-3)  # the flag is read
+    from jax_spectral.checkpoint import fingerprint
+
+    scaled = [hessian_operator(loss, w, [{**batch, "scale": k}]) for k in (2, 3, 2)]
+    assert fingerprint(scaled[0]) == fingerprint(scaled[2]) != fingerprint(scaled[1])
+    assert fingerprint(frozen) != fingerprint(scaled[0])
 
     def keywords(x, *, w, flag):
         y = jax.lax.conv_general_dilated(
