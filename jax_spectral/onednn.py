@@ -26,8 +26,10 @@ The geometry (strides, padding, dilation) travels as FFI attributes, so the thre
 have fixed names and a program from JAX's persistent compilation cache runs in another
 process unchanged. The kernels cache oneDNN's primitives per geometry (at most 256), split
 a call's images into chunks that run on XLA's own intra-op thread pool (oneDNN's OpenMP
-limited to one thread on each), and report failures as errors that JAX raises, never as
-NaN. A process forked from one that loaded them gets a clear error instead of a hang.
+limited to one thread on each; ``JAX_SPECTRAL_ONEDNN_THREADS=openmp`` runs each call whole
+on oneDNN's own OpenMP threads instead), and report failures as errors that JAX raises,
+never as NaN. A child forked before the parent computed can use them (JAX itself hangs in
+a child forked after it has computed).
 
 Install with ``pip install --no-build-isolation ./native`` beside ``jax-spectral[onednn]``
 (Linux x86-64, a C++ compiler and CMake; oneDNN's headers and library come from the
@@ -92,11 +94,12 @@ class _Kernels:
 
     def __init__(self, path: Path):
         # libdnnl.so.3 first, where the library's run path would not find it (an install
-        # outside the environment's prefix, or JAX_SPECTRAL_ONEDNN).
+        # outside the environment's prefix, or JAX_SPECTRAL_ONEDNN): the loader then
+        # resolves the kernels' dependency on it by its soname, with no global symbols.
         for candidate in _dnnl_candidates():
             if os.sep not in candidate or os.path.exists(candidate):
                 try:
-                    ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
+                    ctypes.CDLL(candidate)
                     break
                 except OSError:
                     continue

@@ -171,6 +171,7 @@ def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedP
     )
 
 
+@pytest.mark.slow
 def test_a_process_exits_as_it_would_without_onednn():
     # A daemon thread still running convolutions when the main thread ends, and results
     # dropped before they were computed: with handlers written in Python this process hung
@@ -223,6 +224,32 @@ def test_a_failing_kernel_raises_with_its_reason():
         np.asarray(jax.jit(lambda x, w: call(x, w, **bad))(x, w))
 
 
+@pytest.mark.slow
+def test_openmp_threads_instead_of_xla_s_pool_give_the_same_kernels():
+    script = """
+        import jax, jax.numpy as jnp, numpy as np
+        from jax_spectral import onednn
+        x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 26, 26, 8)), jnp.float32)
+        w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 16)), jnp.float32)
+        geometry = ((1, 1), ((1, 0), (0, 1)), (1, 1))
+        mine = lambda x, w: jnp.sum(jnp.tanh(onednn.conv(x, w, *geometry)) ** 2)
+        xla = lambda x, w: jnp.sum(jnp.tanh(jax.lax.conv_general_dilated(
+            x, w, (1, 1), geometry[1], dimension_numbers=("NHWC", "HWIO", "NHWC"))) ** 2)
+        for a, b in zip(jax.jit(jax.grad(mine, (0, 1)))(x, w), jax.grad(xla, (0, 1))(x, w)):
+            assert np.max(np.abs(a - b)) <= 2e-5 * np.max(np.abs(b)), np.max(np.abs(a - b))
+        print("same")
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_SPECTRAL_ONEDNN_THREADS": "openmp"},
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr
+
+
+@pytest.mark.slow
 def test_a_forked_child_computes_with_the_kernels():
     # The parent loaded and registered the kernels (and computed nothing: JAX itself hangs
     # in a child forked after it has computed, and warns so); the child's convolution and

@@ -364,7 +364,11 @@ ffi::Error Convolve(Kernel kernel, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a
                                        " and " + Shape(b.dimensions()) + ", result " +
                                        Shape(result->dimensions()));
   }
-  const int64_t threads = pool.num_threads();
+  static const bool use_openmp = [] {
+    const char* setting = std::getenv("JAX_SPECTRAL_ONEDNN_THREADS");
+    return setting && std::string(setting) == "openmp";
+  }();
+  const int64_t threads = use_openmp ? 0 : pool.num_threads();
   int64_t chunks = std::min<int64_t>({g.n, std::max<int64_t>(threads, 1),
                                       std::max<int64_t>(g.Work() / kMinChunkWork, 1)});
   const int64_t base = g.n / chunks, extra = g.n % chunks;  // `extra` chunks get one more
