@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .data import Static, Unwrapping
+from .data import Unwrapping, static_values
 from .validate import write_atomic
 
 __all__ = ["Checkpointer", "fingerprint"]
@@ -288,11 +288,7 @@ def _describe_loss(operator: Any, digest) -> None:
         batch = first_batch(operator.stacked, operator.remainder)
     closed = jax.make_jaxpr(Unwrapping(operator.loss))(operator.params, batch)
     digest.update(re.sub(r" at 0x[0-9a-fA-F]+", "", str(closed.jaxpr)).encode())
-    # the batch's Python leaves (data.Static: a flag, a scale)
-    is_static = lambda x: isinstance(x, Static)  # noqa: E731
-    statics = [x.value for x in jax.tree_util.tree_leaves(batch, is_leaf=is_static) if is_static(x)]
-    if statics:
-        digest.update(repr(statics).encode())
+    # (the batches' Python values, data.Static, are hashed with the data)
     for const in closed.consts:
         _hash_update(digest, const)
     for value in _literals(closed.jaxpr):  # printed as [...] when JAX inlines array constants
@@ -362,6 +358,9 @@ def fingerprint(operator: Any) -> str:
         leaves = [operator.params, operator.stacked, operator.remainder]
         for leaf in jax.tree_util.tree_leaves(leaves):
             _hash_update(digest, leaf)
+        statics = static_values([operator.stacked, operator.remainder])
+        if statics:  # the batches' Python values (a stream's are in its sample hashes)
+            digest.update(repr(statics).encode())
     else:  # a Partial, a plain function, a user operator registered as a pytree
         _describe_value(digest, operator)
     return digest.hexdigest()

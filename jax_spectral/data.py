@@ -54,6 +54,7 @@ __all__ = [
     "is_array_data",
     "split_arrays",
     "stack_batches",
+    "static_values",
     "unwrap_static",
 ]
 
@@ -141,6 +142,13 @@ class Unwrapping:
         return self.fn(params, unwrap_static(batch), *rest)
 
 
+def static_values(batch: PyTree) -> list:
+    """The values of the :class:`Static` leaves of ``batch``, in order (for fingerprints:
+    they are part of the data, though not arrays)."""
+    is_static = lambda x: isinstance(x, Static)  # noqa: E731
+    return [x.value for x in jax.tree_util.tree_leaves(batch, is_leaf=is_static) if is_static(x)]
+
+
 def as_host_arrays(batch: PyTree) -> PyTree:
     """``batch`` with every array-like leaf that is not a NumPy or JAX array (a
     ``tf.Tensor``, a CPU ``torch.Tensor``, anything with ``__array__``) converted by
@@ -209,6 +217,8 @@ def stack_batches(batches: Any) -> SplitArrays | None:
             )
     if not all(is_array_data(b) for b in batches):
         return None
+    # Python values as Static first: batches whose values differ have other structures
+    batches = [as_host_arrays(b) for b in batches]
     treedef = jax.tree_util.tree_structure(batches[0])
     if any(jax.tree_util.tree_structure(b) != treedef for b in batches[1:]):
         return None
@@ -228,14 +238,13 @@ def stack_batches(batches: Any) -> SplitArrays | None:
     free = free_device_bytes()
     if free is not None and nbytes > _STACK_SHARE * free:
         return None
-    full = [as_host_arrays(b) for b in full]
 
     def stack(*leaves):
         on_device = any(isinstance(x, jax.Array) for x in leaves)
         return (jnp.stack if on_device else np.stack)(leaves)
 
     stacked = jax.tree_util.tree_map(stack, *full)
-    remainder = as_host_arrays(batches[-1]) if sizes[-1] < size else None
+    remainder = batches[-1] if sizes[-1] < size else None
     return SplitArrays(stacked, remainder, int(sum(sizes)), int(size))
 
 
@@ -312,6 +321,10 @@ def sample_hashes(batch: PyTree) -> np.ndarray:
     Not cryptographic; it tells accidentally different data apart."""
     n = batch_size_of(batch)
     hashes = np.zeros(n, np.uint64)
+    statics = static_values(batch)
+    if statics:  # Python values count for every sample, as a leaf without a sample axis
+        digest = hashlib.sha256(repr(statics).encode()).digest()[:8]
+        hashes += np.uint64(int.from_bytes(digest, "little"))
     with np.errstate(over="ignore"):
         for index, leaf in enumerate(jax.tree_util.tree_leaves(batch)):
             if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(

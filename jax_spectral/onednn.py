@@ -340,6 +340,11 @@ def _batcher(primitive):
         size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
         args = [a if d is None else jnp.moveaxis(a, d, 0) for a, d in zip(args, dims, strict=True)]
         mapped = [d is not None for d in dims]
+        if size == 0:  # nothing to compute: the empty result, as XLA's rule gives
+            pairs = zip(args, mapped, strict=True)
+            one = [jax.ShapeDtypeStruct(a.shape[m:], a.dtype) for a, m in pairs]
+            out = jax.eval_shape(lambda *a: primitive.bind(*a, **params), *one)
+            return jnp.zeros((0, *out.shape), out.dtype), 0
         if primitive in _FOLDABLE and mapped == [True, False]:
             a = args[0]
             folded = a.reshape(size * a.shape[1], *a.shape[2:])

@@ -132,6 +132,9 @@ def test_vmap_folds_images_or_loops_and_scan_works():
         return jax.lax.scan(body, jnp.zeros_like(ws[0]), xs)[0]
 
     _close(jax.jit(summed_gradients, static_argnums=0)(mine), summed_gradients(xla))
+    for axes, args in (((0, None), (xs[:0], ws[0])), ((None, 0), (xs[0], ws[:0]))):
+        # an empty mapped axis: an empty result, as XLA's rule gives (it divided by zero)
+        assert jax.vmap(mine, axes)(*args).shape == jax.vmap(xla, axes)(*args).shape
 
 
 def test_supports_refuses_what_it_cannot_run():

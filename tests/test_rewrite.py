@@ -381,6 +381,24 @@ def test_python_leaves_and_keyword_arguments_reach_the_function_as_given():
     scaled = [hessian_operator(loss, w, [{**batch, "scale": k}]) for k in (2, 3, 2)]
     assert fingerprint(scaled[0]) == fingerprint(scaled[2]) != fingerprint(scaled[1])
     assert fingerprint(frozen) != fingerprint(scaled[0])
+    # Batches whose Python values differ: not stacked together (they crashed), and every
+    # batch's values count in the fingerprint, not only the first's (a resume across them
+    # returned the other run's spectrum).
+    half = {"x": x[:3], "train": True}
+    dense2 = [
+        np.asarray(jax.hessian(lambda z, k=k: loss(unravel(z), {**half, "scale": k}))(flat))
+        for k in (2, 3, 5)
+    ]
+    for data in (
+        [{**half, "scale": 2}, {**half, "scale": 3}],
+        lambda: iter([{**half, "scale": 2}, {**half, "scale": 3}]),
+    ):
+        op = hessian_operator(loss, w, data)
+        np.testing.assert_allclose(op.matvec(v), (dense2[0] + dense2[1]) / 2 @ v, rtol=1e-4)
+        other = data[:1] + [{**half, "scale": 5}] if isinstance(data, list) else None
+        if other is None:
+            other = lambda: iter([{**half, "scale": 2}, {**half, "scale": 5}])  # noqa: E731
+        assert fingerprint(op) != fingerprint(hessian_operator(loss, w, other))
 
     def keywords(x, *, w, flag):
         y = jax.lax.conv_general_dilated(
