@@ -165,6 +165,16 @@ struct Entry {
   uint64_t used = 0;
 };
 
+// The primitive of `pd`, its implementation's name, its scratchpad size and the kernel
+// layout `packed` it chose.
+template <typename PrimitiveT, typename DescT>
+void Adopt(Entry* entry, const DescT& pd, const dnnl::memory::desc& packed) {
+  entry->packed = packed;
+  entry->primitive = PrimitiveT(pd);
+  entry->implementation = pd.impl_info_str();
+  entry->scratch = pd.scratchpad_desc().get_size();
+}
+
 std::shared_ptr<Entry> Build(Kernel kernel, const Geometry& g, int64_t images) {
   auto entry = std::make_shared<Entry>();
   entry->x = ImagesDesc(images, g.c, g.spatial);
@@ -178,30 +188,19 @@ std::shared_ptr<Entry> Build(Kernel kernel, const Geometry& g, int64_t images) {
   dnnl::convolution_forward::primitive_desc forward(
       engine, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct, entry->x,
       any, entry->y, g.strides, g.dilation, g.low, g.high, attr);
-  dnnl::memory::desc scratch;
   if (kernel == kForward) {
-    entry->packed = forward.weights_desc();
-    entry->primitive = dnnl::convolution_forward(forward);
-    entry->implementation = forward.impl_info_str();
-    scratch = forward.scratchpad_desc();
+    Adopt<dnnl::convolution_forward>(entry.get(), forward, forward.weights_desc());
   } else if (kernel == kInputGrad) {
     dnnl::convolution_backward_data::primitive_desc pd(
         engine, dnnl::algorithm::convolution_direct, entry->x, any, entry->y, g.strides,
         g.dilation, g.low, g.high, forward, attr);
-    entry->packed = pd.weights_desc();
-    entry->primitive = dnnl::convolution_backward_data(pd);
-    entry->implementation = pd.impl_info_str();
-    scratch = pd.scratchpad_desc();
+    Adopt<dnnl::convolution_backward_data>(entry.get(), pd, pd.weights_desc());
   } else {
     dnnl::convolution_backward_weights::primitive_desc pd(
         engine, dnnl::algorithm::convolution_direct, entry->x, any, entry->y, g.strides,
         g.dilation, g.low, g.high, forward, attr);
-    entry->packed = pd.diff_weights_desc();
-    entry->primitive = dnnl::convolution_backward_weights(pd);
-    entry->implementation = pd.impl_info_str();
-    scratch = pd.scratchpad_desc();
+    Adopt<dnnl::convolution_backward_weights>(entry.get(), pd, pd.diff_weights_desc());
   }
-  entry->scratch = scratch.get_size();
   entry->needs_reorder = !(entry->packed == entry->w);
   if (entry->needs_reorder) {
     dnnl::primitive_attr reorder_attr;
