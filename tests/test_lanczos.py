@@ -650,3 +650,43 @@ def test_basis_in_host_memory_gives_the_same_run():
         )
     with pytest.raises(ValueError, match="basis_memory must be 'device' or 'host'"):
         lanczos(lambda v: a @ v, jax.random.key(0), 8, dim=20, basis_memory="disk")
+
+
+def test_reorthogonalisation_repeats_when_one_pass_is_not_enough():
+    # A vector almost inside the basis's span: one Gram-Schmidt pass leaves a remainder far
+    # from orthogonal (its rounding is large against what is left), so the second pass must
+    # run; a vector far from the span keeps what one pass gives.
+    from jax_spectral.lanczos import _gram_schmidt, _reorthogonalize
+
+    basis = jnp.asarray(np.linalg.qr(np.random.default_rng(0).normal(size=(2000, 30)))[0].T)
+    basis = basis.astype(jnp.float32)
+    inside = basis.T @ jnp.linspace(1.0, 2.0, 30) + 1e-4 * jnp.ones(2000) / np.sqrt(2000)
+    once = _gram_schmidt(basis, inside)
+    out = _reorthogonalize(basis, inside)
+
+    def leak(x):
+        return float(jnp.max(jnp.abs(basis @ x)) / jnp.linalg.norm(x))
+
+    assert leak(once) > 1e-4  # one pass is not enough here
+    assert leak(out) < 1e-6
+    far = jnp.asarray(np.random.default_rng(1).normal(size=2000), jnp.float32)
+    np.testing.assert_array_equal(_reorthogonalize(basis, far), _gram_schmidt(basis, far))
+
+
+@pytest.mark.parametrize("spectrum", ["geometric", "clustered", "outliers"])
+def test_basis_stays_orthonormal_on_hard_spectra_float32(spectrum):
+    # Spectra on which Lanczos without reorthogonalisation loses orthogonality within a few
+    # steps; with it the float32 basis stays orthonormal to working precision.
+    rng = np.random.default_rng(0)
+    eig = {
+        "geometric": np.geomspace(1e-6, 1e3, 300),
+        "clustered": np.r_[1 + 1e-6 * rng.normal(size=200), np.linspace(50, 100, 100)],
+        "outliers": np.r_[rng.normal(size=295), [1e3, 900, 800, 700, 600]],
+    }[spectrum]
+    q = np.linalg.qr(rng.normal(size=(300, 300)))[0]
+    a = jnp.asarray((q * eig) @ q.T, jnp.float32)
+    res = lanczos(lambda v: a @ v, jax.random.key(1), 150, dim=300)
+    k = int(res.num_steps)
+    v = np.asarray(res.basis[:k], np.float64)
+    assert k > 60
+    np.testing.assert_allclose(v @ v.T, np.eye(k), atol=2e-6)
