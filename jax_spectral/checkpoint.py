@@ -57,6 +57,15 @@ def _hash_update(digest, value: Any) -> None:
     if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
         digest.update(str(value.dtype).encode())
         value = jax.random.key_data(value)
+    if isinstance(value, jax.Array) and not (
+        value.is_fully_addressable or value.is_fully_replicated
+    ):  # split over several processes: this process's shards (the run's own fingerprint)
+        layout = getattr(value.sharding, "spec", value.sharding)
+        digest.update(f"{value.dtype}{value.shape}{layout}".encode())
+        for shard in sorted(value.addressable_shards, key=lambda s: repr(s.index)):
+            digest.update(repr(shard.index).encode())
+            digest.update(np.ascontiguousarray(np.asarray(shard.data)).tobytes())
+        return
     if isinstance(value, (np.ndarray, jax.Array)) or np.isscalar(value):
         array = np.asarray(value)
         digest.update(f"{array.dtype}{array.shape}".encode())
@@ -418,8 +427,20 @@ class Checkpointer:
     (0 for one run, 1 for SLQ's ``(probes, order, dim)``).
     """
 
-    def __init__(self, folder: str | Path, *, settings: dict, identity: dict, rows_axis: int):
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        settings: dict,
+        identity: dict,
+        rows_axis: int,
+        keep_previous: bool = False,
+    ):
         self.folder = Path(folder)
+        # keep the state before the last as well (a run over several processes, whose
+        # copies a kill can catch one save apart: they resume from the older one)
+        self.keep_previous = keep_previous
+        self._base: bytes | None = None  # the state file this run last loaded or wrote
         self.settings = settings
         self.identity = identity
         self.rows_axis = rows_axis
@@ -457,8 +478,25 @@ class Checkpointer:
     def state_file(self) -> Path:
         return self.folder / "state.npz"
 
+    @property
+    def previous_file(self) -> Path:
+        return self.folder / "state-previous.npz"
+
     def exists(self) -> bool:
         return self.state_file.is_file()
+
+    def saved_steps(self) -> list[tuple[int, Path]]:
+        """``(next_step, file)`` of the last state written and, with ``keep_previous``, of
+        the one before it (the files that can be read, latest first)."""
+        found = []
+        for path in (self.state_file, self.previous_file):
+            if path.is_file():
+                try:
+                    meta, _ = self._read_state(path)
+                except ValueError:
+                    continue
+                found.append((int(meta["next_step"]), path))
+        return found
 
     # -- writing ----------------------------------------------------------------------
     def save(self, state: Any, next_step: int, done: bool, background: bool = True) -> None:
@@ -534,12 +572,21 @@ class Checkpointer:
         }
         buffer = io.BytesIO()
         np.savez(buffer, meta=np.array(json.dumps(meta)), **small)
+        if self.keep_previous:  # the state this run stood on before, not whatever is there
+            base = self._base
+            if base is None:
+                self.previous_file.unlink(missing_ok=True)  # an older run's
+            else:
+                write_atomic(self.previous_file, lambda tmp: tmp.write_bytes(base), durable=True)
+            self._base = buffer.getvalue()
         write_atomic(self.state_file, lambda tmp: tmp.write_bytes(buffer.getvalue()), durable=True)
 
     # -- reading ----------------------------------------------------------------------
-    def load(self, template: Any) -> tuple[Any, int, bool]:
-        """``(state, next_step, done)`` from the folder, shaped like ``template``."""
-        meta, small = self._read_state()
+    def load(self, template: Any, path: Path | None = None) -> tuple[Any, int, bool]:
+        """``(state, next_step, done)`` from the folder (the last state written, or the
+        state file ``path``), shaped like ``template``."""
+        path = path or self.state_file
+        meta, small = self._read_state(path)
         self._check_written_for_this_run(meta)
         basis = np.zeros(template.basis.shape, template.basis.dtype)
         for segment in meta["segments"]:
@@ -553,13 +600,14 @@ class Checkpointer:
             fields[field] = jax.numpy.asarray(value)
         self.segments = list(meta["segments"])
         self.rows_saved = max((s["stop"] for s in self.segments), default=0)
+        self._base = path.read_bytes() if self.keep_previous else None
         return type(template)(**fields), int(meta["next_step"]), bool(meta["done"])
 
-    def _read_state(self) -> tuple[dict, dict]:
-        """``state.npz``'s metadata and small fields; ``ValueError`` if it cannot be read or
+    def _read_state(self, path: Path) -> tuple[dict, dict]:
+        """A state file's metadata and small fields; ``ValueError`` if it cannot be read or
         has another format."""
         try:
-            with np.load(self.state_file, allow_pickle=False) as saved:
+            with np.load(path, allow_pickle=False) as saved:
                 meta = json.loads(str(saved["meta"]))
                 small = {name: saved[name] for name in saved.files if name != "meta"}
         except Exception as err:  # a truncated or foreign file

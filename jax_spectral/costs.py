@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._processes import operand_mesh, smallest
 from .validate import count
 
 __all__ = ["CostEstimate", "check_fits", "estimate"]
@@ -76,7 +77,7 @@ def _size(nbytes: float) -> str:
 def free_device_bytes(device: Any = None) -> int | None:
     """Free memory of ``device`` (default: the first): from the accelerator's allocator,
     or the host's available physical memory for a CPU device; ``None`` when unknown."""
-    device = device or jax.devices()[0]
+    device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
@@ -140,13 +141,16 @@ def estimate(
         per_device = int(num_probes) * int(np.prod(shard)) * itemsize
     else:
         per_device = total
+    free = free_device_bytes(jax.local_devices(backend="cpu")[0] if on_host else None)
+    if operand_mesh(operator) is not None:  # several processes decide alike: the least
+        free = smallest(free)
     return CostEstimate(
         passes=int(order),
         hvps=int(order) * int(num_probes),
         basis_bytes=total,
         basis_bytes_per_device=per_device,
         devices=devices,
-        free_bytes=free_device_bytes(jax.devices("cpu")[0] if on_host else None),
+        free_bytes=free,
         dtype=recurrence.name,
         probe_chunk=_probe_chunk(operator, int(num_probes)),
     )
@@ -167,7 +171,7 @@ def check_fits(cost: CostEstimate, *, num_probes: int = 1, on_host: bool = False
         return
     budget = USABLE_FRACTION * cost.free_bytes
     options = []
-    host = free_device_bytes(jax.devices("cpu")[0])
+    host = free_device_bytes(jax.local_devices(backend="cpu")[0])
     if num_probes > 1 and not on_host and host and cost.basis_bytes <= USABLE_FRACTION * host:
         options.append("keep the bases in host memory (slq(..., basis_memory='host'))")
     count = jax.device_count()

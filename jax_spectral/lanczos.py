@@ -57,6 +57,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import interrupt
+from ._processes import all_ok, gather, operand_mesh
 from .interrupt import Interrupted
 from .linop import (
     as_argument,
@@ -481,7 +482,18 @@ def _host_steps(matvec, state, start, stop, *, steps, bar, watch):
 SEGMENT_SECONDS = 0.5
 
 
-def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10, resume=False):
+def run_steps(
+    advance,
+    state,
+    order,
+    *,
+    bar,
+    synced,
+    checkpointer=None,
+    every=10,
+    resume=False,
+    collective=False,
+):
     """Drive a recurrence to ``order`` steps: the one loop behind ``lanczos`` and ``slq``.
 
     ``advance(state, start, stop, watch) -> (state, reached)`` runs steps ``start ..
@@ -490,15 +502,27 @@ def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10
     ``watch.requested`` between its steps. With a ``checkpointer`` the state is saved every
     ``every`` steps, at the end and after Ctrl-C, and a saved run continues when ``resume``.
     Returns ``(state, interrupted)``; after Ctrl-C the state holds the finished steps.
+
+    ``collective``: the operator spans several processes, which must run the same
+    segments (their collectives pair up in order): every segment's length is process 0's,
+    a stop asked on any process stops all of them at the same step, and the host loop
+    advances one step per segment.
     """
     if checkpointer is not None:
         every = count("checkpoint_every", every)
     start, done, length = 0, False, 1
     with interrupt.watch() as watch:
+        inner = _NoStop() if collective else watch  # decisions between segments only
         try:
             if checkpointer is not None:
                 checkpointer.lock()  # one run per folder, until close()
-                if checkpointer.exists():
+                if collective:
+                    loaded = _resume_together(checkpointer, state, resume)
+                    if loaded is not None:
+                        state = jax.tree_util.tree_map(_put_like, loaded[0], state)
+                        start, done = loaded[1:]
+                        bar.update_to(order if done else start)
+                elif checkpointer.exists():
                     if not resume:
                         raise FileExistsError(
                             f"{checkpointer.folder} already holds a checkpoint; pass "
@@ -508,12 +532,16 @@ def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10
                     # where the fresh state was: host memory for basis_memory="host"
                     state = jax.tree_util.tree_map(_put_like, loaded, state)
                     bar.update_to(order if done else start)
-            while not done and not watch.requested:
-                stop = order if synced else min(start + length, order)
+            while not done:
+                if collective:
+                    length, watch.requested = _agree(length, watch.requested)
+                if watch.requested:
+                    break
+                stop = order if synced and not collective else min(start + length, order)
                 if checkpointer is not None:
                     stop = min(stop, (start // every + 1) * every)
                 began = time.perf_counter()
-                state, reached = advance(state, start, stop, watch)
+                state, reached = advance(state, start, stop, inner)
                 stopped = bool(np.all(np.asarray(state.stopped)))  # waits for the segment
                 if not synced:  # the next segment: at most twice as long, about SEGMENT_SECONDS
                     per_step = (time.perf_counter() - began) / max(reached - start, 1)
@@ -525,7 +553,9 @@ def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10
                     # A host loop is busy in Python between its dispatches: a writer thread
                     # would compete with it for the interpreter (measured: twice the cost),
                     # so it writes in line; a scanned run's writes overlap its next segment.
-                    checkpointer.save(state, reached, done, background=not synced)
+                    # A collective run writes in line too: its processes then finish each
+                    # save before the next segment, so a kill finds them at most one apart.
+                    checkpointer.save(state, reached, done, background=not (synced or collective))
                 start = reached
         finally:
             if checkpointer is not None:
@@ -536,7 +566,68 @@ def run_steps(advance, state, order, *, bar, synced, checkpointer=None, every=10
 def _put_like(new: Any, old: Any) -> Any:
     """``new`` on the devices of ``old`` (a checkpoint is read onto the default device)."""
     sharding = getattr(old, "sharding", None)
-    return new if sharding is None else jax.device_put(new, sharding)
+    if sharding is None:
+        return new
+    if not sharding.is_fully_addressable:  # several processes: each provides its shards
+        new = np.asarray(new)
+        return jax.make_array_from_callback(new.shape, sharding, lambda index: new[index])
+    return jax.device_put(new, sharding)
+
+
+def _resume_together(checkpointer, state, resume):
+    """A collective run's start: every process resumes from the same step, the latest
+    that all of their checkpoints hold (each keeps its last two states, and a kill can
+    catch their writes one save apart), or all start afresh when one has none. Returns
+    ``(state, next_step, done)`` or ``None``; raises on every process alike."""
+    saved = checkpointer.saved_steps()
+    latest = saved[0][0] if saved else -1
+    everyone = gather(latest)[:, 0]
+    if np.any(everyone >= 0) and not resume:
+        raise FileExistsError(
+            f"{checkpointer.folder.parent} already holds a checkpoint of processes "
+            f"{np.flatnonzero(everyone >= 0).tolist()}; pass resume=True to continue that "
+            "run, or give an empty folder."
+        )
+    if not resume or np.any(everyone < 0):
+        return None
+    target = int(everyone.min())
+    files = dict(reversed(saved))  # the last state written wins over an equal previous one
+    agreed = all_ok(target in files)
+    if not np.all(agreed):
+        raise ValueError(
+            f"the processes' checkpoints in {checkpointer.folder.parent} end at steps "
+            f"{everyone.tolist()}, and process(es) {np.flatnonzero(~agreed).tolist()} "
+            f"no longer hold step {target}; they cannot resume together. Start afresh in "
+            "another folder."
+        )
+    loaded, error = None, None
+    try:
+        loaded = checkpointer.load(state, files[target])
+    except Exception as err:  # corrupt, or written for other data: raise on every process
+        error = err
+    failed = ~all_ok(error is None)
+    if error is not None:
+        raise error
+    if np.any(failed):
+        raise ValueError(
+            f"process(es) {np.flatnonzero(failed).tolist()} could not read their checkpoint "
+            f"in {checkpointer.folder.parent} (their error says why); no process resumes."
+        )
+    return loaded
+
+
+class _NoStop:
+    """What a collective run's segments see in place of the Ctrl-C watch: no stop inside
+    a segment (the processes decide together between segments)."""
+
+    requested = False
+
+
+def _agree(length: int, requested: bool) -> tuple[int, bool]:
+    """Process 0's segment length, and whether any process was asked to stop: the same
+    on every process of a collective run."""
+    everyone = gather([length, int(requested)])
+    return int(everyone[0, 0]), bool(everyone[:, 1].any())
 
 
 def interrupted(what: str, steps: int, order: int, result: Any, checkpoint: Any) -> Interrupted:
@@ -707,7 +798,7 @@ def lanczos(
     traced = _is_tracer(v0) or any(map(_is_tracer, jax.tree_util.tree_leaves(problem.args)))
     if traced:
         _check_traceable_run(untraceable, loop, checkpoint, precision)
-    _check_placement(problem.dim, order, precision.wide, placement, loop, checkpoint, traced)
+    _check_placement(problem, order, precision.wide, placement, loop, checkpoint, traced)
     checkpointer = None
     if checkpoint is not None:
         checkpointer = _checkpointer(checkpoint, problem, v0, order, precision, steps, loop)
@@ -913,15 +1004,18 @@ def _check_traceable_run(untraceable, loop, checkpoint, precision) -> None:
         )
 
 
-def _check_placement(dim, order, wide, placement, loop, checkpoint, traced) -> None:
+def _check_placement(problem, order, wide, placement, loop, checkpoint, traced) -> None:
     """Refuse a basis that cannot fit (before allocating it) or cannot be sharded."""
     basis_sharding, on_host = placement
     if not traced:
+        from ._processes import smallest
         from .costs import check_fits, estimate
 
         cost = estimate(
-            dim, order=order, dtype=wide, basis_sharding=basis_sharding, on_host=on_host
+            problem.dim, order=order, dtype=wide, basis_sharding=basis_sharding, on_host=on_host
         )
+        if operand_mesh(problem.args) is not None:  # several processes decide alike
+            cost = cost._replace(free_bytes=smallest(cost.free_bytes))
         check_fits(cost, on_host=on_host)
     if basis_sharding is not None:
         if loop == "host" or checkpoint is not None:
@@ -953,7 +1047,12 @@ def checkpointer_for(folder, settings, steps, operator, starts, *, rows_axis):
 
     settings = {**settings, "reorthogonalize": steps.reorthogonalize, "tol": steps.tol}
     identity = {"operator and data": fingerprint(operator), "start vector": fingerprint(starts)}
-    return Checkpointer(folder, settings=settings, identity=identity, rows_axis=rows_axis)
+    several = operand_mesh(operator) is not None
+    if several:  # several processes: each its own copy
+        folder = os.path.join(folder, f"process-{jax.process_index()}-of-{jax.process_count()}")
+    return Checkpointer(
+        folder, settings=settings, identity=identity, rows_axis=rows_axis, keep_previous=several
+    )
 
 
 def _drive(problem, v0, order, steps, run, *, bar):
@@ -975,6 +1074,9 @@ def _drive(problem, v0, order, steps, run, *, bar):
             )
             return state, stop
 
+    mesh = operand_mesh(problem.args)
+    if mesh is not None:  # a start vector on the host: on every device of the operator's
+        v0 = replicated(mesh, v0)
     state = _place(_init_jit(v0, order), steps.basis_sharding)
     state, stopped_early = run_steps(
         advance,
@@ -985,6 +1087,7 @@ def _drive(problem, v0, order, steps, run, *, bar):
         checkpointer=run.checkpointer,
         every=run.every,
         resume=run.resume,
+        collective=mesh is not None,
     )
     result = _pack_jit(state)
     if steps.basis_sharding is not None:
@@ -995,12 +1098,19 @@ def _drive(problem, v0, order, steps, run, *, bar):
 def _products_elsewhere(v0: jax.Array, matvec: Callable) -> tuple[jax.Array, Callable]:
     """``v0`` on the host's CPU device, and ``matvec`` for vectors there that runs on the
     default device (for ``basis_memory="host"``)."""
-    host, compute = jax.devices("cpu")[0], jax.devices()[0]
+    host, compute = jax.local_devices(backend="cpu")[0], jax.local_devices()[0]
 
     def product(v):
         return jax.device_put(matvec(jax.device_put(v, compute)), host)
 
     return jax.device_put(v0, host), product
+
+
+def replicated(mesh: Any, x: Any) -> jax.Array:
+    """``x`` (the same on every process) replicated over ``mesh``."""
+    x = np.asarray(x)
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def _place(state: LanczosState, basis_sharding: Any) -> LanczosState:

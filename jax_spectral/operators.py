@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from ._processes import all_ok, operand_mesh, smallest
 from .costs import USABLE_FRACTION, free_device_bytes
 from .data import (
     BatchStream,
@@ -518,6 +519,8 @@ def tangent_chunk(operator: CurvatureOperator, num: int) -> int:
         return min(num, HOST_TANGENT_CHUNK)
     budget = max(TANGENT_MEMORY_FLOOR, per_tangent)
     free = free_device_bytes()
+    if operand_mesh(operator) is not None:  # one compiled chunk on every process
+        free = smallest(free)
     if free is not None:
         budget = min(budget, USABLE_FRACTION * free)
     return int(max(1, min(num, budget // max(per_tangent, 1))))
@@ -603,6 +606,145 @@ def _shard_data(mesh, axis, params, stacked, remainder, batch_size):
         spec = P(axis) if rest % devices == 0 else P()
         remainder = jax.device_put(remainder, NamedSharding(mesh, spec))
     return params, stacked, remainder
+
+
+def process_count(mesh) -> int:
+    """How many processes own devices of ``mesh`` (more than 1 on several hosts, after
+    ``jax.distributed.initialize()``)."""
+    return len({d.process_index for d in mesh.devices.flat})
+
+
+def _local_batch_size(batch_size: int | None, mesh: Any) -> int | None:
+    """The batch size of one process's share of the data: on a mesh over ``n``
+    processes, each passes its own samples and contributes ``batch_size / n`` of every
+    batch."""
+    processes = 1 if mesh is None else process_count(mesh)
+    if batch_size is None or processes == 1:
+        return batch_size
+    if isinstance(batch_size, (int, np.integer)) and batch_size > 0 and batch_size % processes:
+        raise ValueError(
+            f"batch_size {batch_size} is not a multiple of the {processes} processes of the "
+            "mesh; each process contributes an equal share of every batch."
+        )
+    return batch_size // processes if isinstance(batch_size, (int, np.integer)) else batch_size
+
+
+def _shard_process_data(mesh, axis, params, split, settings):
+    """The global operator data on a mesh over several processes, from each process's own
+    share (``split``, cut with the local batch size): every batch is the processes'
+    local batches side by side, split over ``axis``; the remainders likewise when each
+    process's divides its devices, else gathered and replicated. The parameters are
+    replicated, after checking that every process passed the same ones, the same
+    settings and the same amount of data (a mismatch would deadlock or mix runs)."""
+    from jax.experimental import multihost_utils
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    if axis not in mesh.axis_names:
+        raise ValueError(f"mesh has axes {mesh.axis_names}, not {axis!r}.")
+    check_auto_mesh(mesh)
+    processes = process_count(mesh)
+    local_devices = _data_devices_of_this_process(mesh, axis)
+    rest = 0 if split.remainder is None else split.num_samples % split.batch_size
+    _agree_across_processes(params, split, settings, rest)
+    if split.stacked is not None and split.batch_size % local_devices:
+        raise ValueError(
+            f"each process's share of a batch ({split.batch_size} samples) is not a multiple "
+            f"of its {local_devices} devices on mesh axis {axis!r}; each device takes an "
+            "equal part of every batch."
+        )
+
+    def global_from_local(tree, spec):
+        sharding = NamedSharding(mesh, spec)
+        return jax.tree_util.tree_map(
+            lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree
+        )
+
+    stacked = remainder = None
+    if split.stacked is not None:
+        stacked = global_from_local(split.stacked, P(None, axis))
+    if split.remainder is not None:
+        if rest % local_devices == 0:
+            remainder = global_from_local(split.remainder, P(axis))
+        else:  # a few samples: every process holds all of them
+            gathered = multihost_utils.process_allgather(split.remainder, tiled=True)
+            remainder = replicate(mesh, gathered)
+    params = replicate(mesh, params)
+    global_split = split._replace(
+        stacked=stacked,
+        remainder=remainder,
+        num_samples=split.num_samples * processes,
+        batch_size=split.batch_size * processes,
+    )
+    return params, global_split
+
+
+def replicate(mesh, tree: PyTree) -> PyTree:
+    """``tree``'s arrays as global arrays replicated over ``mesh`` (on several processes
+    each process provides its own copy, which must be the same)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    sharding = NamedSharding(mesh, P())
+
+    def put(a):
+        a = np.asarray(a)
+        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def _data_devices_of_this_process(mesh, axis) -> int:
+    """How many positions along the data axis this process owns. Each process's share of
+    the data is one block of every batch, so each position must belong to one process
+    (the other axes within it: a model axis across processes would make each process's
+    share look like the whole batch) and each process's positions must be contiguous."""
+    devices = np.moveaxis(mesh.devices, mesh.axis_names.index(axis), 0)
+    owners = []
+    for position in devices:
+        procs = {d.process_index for d in np.ravel(position)}
+        if len(procs) != 1:
+            raise ValueError(
+                f"mesh axis {axis!r} position {len(owners)} spans processes {sorted(procs)}: "
+                f"on several processes, every other axis of the mesh ({mesh.axis_names}) "
+                f"must lie within one process, and the processes along {axis!r}, so that "
+                "each process's data is its own block of every batch."
+            )
+        owners.append(procs.pop())
+    changes = sum(a != b for a, b in zip(owners, owners[1:], strict=False))
+    if changes != len(set(owners)) - 1:
+        raise ValueError(
+            f"the processes own positions {owners} along mesh axis {axis!r}; each process's "
+            "positions must be contiguous (as jax.make_mesh lays them out)."
+        )
+    return owners.count(jax.process_index())
+
+
+def _agree_across_processes(params, split, settings, rest) -> None:
+    """Refuse, on every process, a run whose processes passed different parameters,
+    settings or amounts of data."""
+    from jax.experimental import multihost_utils
+
+    from .checkpoint import fingerprint
+
+    product, reduce, loop, layout, rewrite, select = settings
+    mine = {
+        "parameters and settings": fingerprint(
+            (params, repr((type(product).__name__, reduce, loop, rewrite, select)))
+        ),
+        "number of samples": str(split.num_samples),
+        "samples per batch": str(split.batch_size),
+        "remainder": str(rest),
+    }
+    encoded = np.frombuffer(repr(sorted(mine.items())).encode().ljust(512)[:512], np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(encoded))
+    differ = [i for i in range(everyone.shape[0]) if not np.array_equal(everyone[i], encoded)]
+    if differ:
+        raise ValueError(
+            f"process {jax.process_index()} and process(es) {differ} passed different "
+            f"parameters, settings or amounts of data to the operator ({mine}); every "
+            "process passes the same parameters and settings and an equal share of the data."
+        )
 
 
 def _refuse_arrays_as_batches(data: Any) -> None:
@@ -807,7 +949,12 @@ def build_operator(
             "its batches."
         )
     # a list of equal in-memory batches (and a smaller last one) scans like arrays
-    split = split_arrays(data, batch_size) if is_array_data(data) else stack_batches(data)
+    if is_array_data(data):
+        split = split_arrays(data, _local_batch_size(batch_size, mesh))
+    else:
+        split = stack_batches(data)  # None (a stream) also when it would not fit in memory
+        if mesh is not None and process_count(mesh) > 1 and not all(all_ok(split is not None)):
+            split = None  # every process refuses below, as the one that could not stack
     if split is not None:
         return _in_memory(split, params, settings, mesh, data_axis, check_batch)
     if mesh is not None:
@@ -846,7 +993,10 @@ def _in_memory(split, params, settings, mesh, data_axis, check_batch) -> Curvatu
     product, reduce, loop, layout, rewrite, select = settings
     stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
     remainder = jax.tree_util.tree_map(jnp.asarray, split.remainder)
-    if mesh is not None:
+    if mesh is not None and process_count(mesh) > 1:
+        params, split = _shard_process_data(mesh, data_axis, params, split, settings)
+        stacked, remainder = split.stacked, split.remainder
+    elif mesh is not None:
         params, stacked, remainder = _shard_data(
             mesh, data_axis, params, stacked, remainder, split.batch_size
         )

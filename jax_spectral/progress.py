@@ -10,7 +10,8 @@ Host-driven loops report after every step; compiled loops, which run in segments
 half a second (see :func:`jax_spectral.lanczos.run_steps`), after every segment, from the
 host: nothing is compiled into the program, so progress works on meshes too. Under the
 caller's own ``jit`` or ``vmap`` progress is off (there is nothing to report to while
-tracing).
+tracing). On several processes (``jax.distributed``) the bar shows on process 0 only; a
+callable is called on every process.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Progress:
         self._callback = progress if callable(progress) and progress is not True else None
         self._started = time.perf_counter()
         self._bar = None
-        if progress is True:
+        if progress is True and _shows_bar():
             from tqdm import tqdm  # plain text, also in notebooks (no ipywidgets needed)
 
             # A terminal that reports zero columns (some pseudo-terminals) would get no bar.
@@ -80,6 +81,13 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _shows_bar() -> bool:
+    """Whether this process draws bars: process 0 of a multi-process run, or the only one."""
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _stderr_columns() -> int | None:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._processes import operand_mesh
 from .costs import check_fits, estimate
 from .density import eigv_to_density, tridiag_to_eigv
 from .lanczos import (
@@ -47,6 +48,7 @@ from .lanczos import (
     interrupted,
     lanczos_step,
     pack_result,
+    replicated,
     run_steps,
     warn_if_zero,
 )
@@ -213,7 +215,9 @@ def slq(
     )
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
     if on_host:  # the state on the host's CPU device; the products where the operator is
-        starts = jax.device_put(starts, jax.devices("cpu")[0])
+        starts = jax.device_put(starts, jax.local_devices(backend="cpu")[0])
+    elif (mesh := operand_mesh(operator)) is not None:  # several processes
+        starts = replicated(mesh, starts)
     steps = Steps(reorthogonalize, default_tol(dtype), None, None)
     traceable = is_traceable(operator) and not on_host
     checkpointer = None
@@ -234,6 +238,7 @@ def slq(
             checkpointer=checkpointer,
             every=checkpoint_every,
             resume=resume,
+            collective=operand_mesh(operator) is not None,
         )
         result = _pack_many(state)
     if stopped_early:
@@ -274,7 +279,7 @@ def _advance(operator, steps, traceable, on_host, bar):
             return state, stop
 
         return advance
-    compute = jax.devices()[0] if on_host else None
+    compute = jax.local_devices()[0] if on_host else None
 
     def advance(state, start, stop, watch):
         return _host_slq(

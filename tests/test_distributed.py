@@ -1,0 +1,97 @@
+"""Several processes for real: 2 processes x 2 CPU devices joined by jax.distributed (gloo
+collectives on localhost), each passing its own half of the data, against one device."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow  # two subprocesses that start JAX and connect
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _run_two(tmp_path, *extra, returncode=0):
+    port = str(_free_port())
+    outs = [tmp_path / f"process{i}-{'-'.join(extra[:1])}.json" for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(i), port, str(outs[i]), *extra],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=600))
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (_, err) in zip(procs, logs, strict=True):
+        assert proc.returncode == returncode, err[-3000:]
+    if returncode:
+        return None
+    return [
+        json.loads(out.read_text()) | {"stderr": err}
+        for out, (_, err) in zip(outs, logs, strict=True)
+    ]
+
+
+def test_two_processes_with_their_own_data_give_the_one_device_results(tmp_path):
+    results = _run_two(tmp_path)
+    for got in results:
+        assert got["processes"] == 2 and got["devices"] == 4
+        # each process passed 35 samples: batches of 16 (8 from each), 6 left over
+        assert got["num_samples"] == 70 and got["batch_size"] == 16
+        assert got["local_batch_shards"] == [[4, 4, 6]]  # 4 of each batch's 16 per device
+        for name in (
+            "lanczos",
+            "lanczos_progress",
+            "lanczos_sharded_basis",
+            "slq",
+            "eigenpairs",
+            "hutchinson",
+            "hutchpp",
+            "matvec",
+        ):
+            assert isinstance(got[name], float), (name, got[name])
+            assert got[name] <= 1e-5, (name, got[name])
+        assert got["progress_last"] == [30, 30]
+        assert "passed different parameters" in got["different_params"]
+        assert "passed different parameters" in got["different_sizes"]
+        assert "must lie within one process" in got["processes_across_data"]
+    assert "lanczos: 100%" in results[0]["stderr"]  # the bar draws on process 0 only
+    assert "lanczos:" not in results[1]["stderr"]
+
+
+def test_both_processes_killed_resume_from_their_checkpoints(tmp_path):
+    folder = str(tmp_path / "run")
+    _run_two(tmp_path, "kill", folder, returncode=3)  # both exit at step 15
+    # each process wrote its own copy; the last save before the kill was step 10
+    for i in range(2):
+        assert (tmp_path / "run" / f"process-{i}-of-2" / "state.npz").is_file()
+    for got in _run_two(tmp_path, "resume", folder):
+        assert got["rel"] <= 1e-5
+        assert got["reports"][0] == 10 and got["reports"][-1] == 30  # continued from 10
+    # Process 1 one save behind (killed while writing its last state): both go back to
+    # the step they both hold, and the result is the same.
+    for _ in range(2):  # twice: a run resumed from its previous state keeps that one
+        for got in _run_two(tmp_path, "skew", folder):
+            assert got["rel"] <= 1e-5
+            assert got["reports"][0] == 25 and got["reports"][-1] == 30
+    # Process 1's data changed: its copy refuses, and process 0 raises too (not waits).
+    errors = [got["error"] for got in _run_two(tmp_path, "perturbed", folder)]
+    assert "written for different operator" in errors[1]
+    assert "process(es) [1] could not read their checkpoint" in errors[0]
