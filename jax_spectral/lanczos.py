@@ -1106,9 +1106,20 @@ def _products_elsewhere(v0: jax.Array, matvec: Callable) -> tuple[jax.Array, Cal
     return jax.device_put(v0, host), product
 
 
-def replicated(mesh: Any, x: Any) -> jax.Array:
-    """``x`` (the same on every process) replicated over ``mesh``."""
-    x = np.asarray(x)
+def replicated(mesh: Any, x: Any, what: str = "start vector") -> jax.Array:
+    """``x`` replicated over ``mesh``; ``ValueError`` on every process unless every
+    process passed the same ``x`` (a start vector from another key or ``v0`` would
+    otherwise make one "replicated" array that differs between processes)."""
+    import hashlib
+
+    x = np.ascontiguousarray(np.asarray(x))
+    digest = hashlib.sha256(f"{x.dtype}{x.shape}".encode() + x.tobytes()).digest()
+    everyone = gather(np.frombuffer(digest[:8], np.int64))[:, 0]
+    if np.any(everyone != everyone[0]):
+        raise ValueError(
+            f"the processes passed different {what}s (keys or v0); every process of a "
+            "run over several processes passes the same ones."
+        )
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

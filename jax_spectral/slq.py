@@ -217,7 +217,7 @@ def slq(
     if on_host:  # the state on the host's CPU device; the products where the operator is
         starts = jax.device_put(starts, jax.local_devices(backend="cpu")[0])
     elif (mesh := operand_mesh(operator)) is not None:  # several processes
-        starts = replicated(mesh, starts)
+        starts = replicated(mesh, starts, "probe start vector")
     steps = Steps(reorthogonalize, default_tol(dtype), None, None)
     traceable = is_traceable(operator) and not on_host
     checkpointer = None

@@ -103,6 +103,11 @@ def main(pid: int, port: str, out: str, mode: str = "all", folder: str = "") -> 
         got["different_sizes"] = "accepted"
     except ValueError as err:
         got["different_sizes"] = str(err)
+    try:
+        js.lanczos(four, jax.random.key(10 + pid), 5)  # a key of its own on each process
+        got["different_keys"] = "accepted"
+    except ValueError as err:
+        got["different_keys"] = str(err)
     devices = np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
     across = jax.sharding.Mesh(  # processes along "model", each data position across both
         devices.reshape(2, 2), ("model", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2

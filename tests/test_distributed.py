@@ -72,6 +72,7 @@ def test_two_processes_with_their_own_data_give_the_one_device_results(tmp_path)
         assert "passed different parameters" in got["different_params"]
         assert "passed different parameters" in got["different_sizes"]
         assert "must lie within one process" in got["processes_across_data"]
+        assert "passed different start vectors" in got["different_keys"]
     assert "lanczos: 100%" in results[0]["stderr"]  # the bar draws on process 0 only
     assert "lanczos:" not in results[1]["stderr"]
 
