@@ -712,10 +712,12 @@ def _data_devices_of_this_process(mesh, axis) -> int:
             )
         owners.append(procs.pop())
     changes = sum(a != b for a, b in zip(owners, owners[1:], strict=False))
-    if changes != len(set(owners)) - 1:
+    counts = {owners.count(p) for p in set(owners)}
+    if changes != len(set(owners)) - 1 or len(counts) > 1:
         raise ValueError(
             f"the processes own positions {owners} along mesh axis {axis!r}; each process's "
-            "positions must be contiguous (as jax.make_mesh lays them out)."
+            "positions must be contiguous and as many as every other's (as jax.make_mesh "
+            "lays them out), since each passes an equal share of the data."
         )
     return owners.count(jax.process_index())
 

@@ -589,3 +589,26 @@ def test_misleading_inputs_get_messages_that_name_them():
         op.matmat(jnp.ones((2, op.dim), jnp.complex64))
     with pytest.raises(ValueError, match=r"pass a tuple, \(X, y\)"):
         hessian_operator(mlp_loss, params, [x, y])
+
+
+def test_processes_must_each_own_an_equal_contiguous_block_of_the_data_axis():
+    # The layout rule for several processes, checked on stand-in meshes (process 0 here).
+    from types import SimpleNamespace
+
+    from jax_spectral.operators import _data_devices_of_this_process as owned
+
+    def mesh(owners, names=("data",)):
+        devices = np.vectorize(lambda p: SimpleNamespace(process_index=int(p)), otypes=[object])(
+            np.asarray(owners)
+        )
+        return SimpleNamespace(devices=devices, axis_names=names)
+
+    assert owned(mesh([0, 0, 1, 1]), "data") == 2
+    assert owned(mesh([[0, 0], [1, 1]], ("data", "model")), "data") == 1  # model within
+    for bad, names in (
+        ([0, 1, 0, 1], ("data",)),  # interleaved
+        ([0, 0, 0, 1], ("data",)),  # unequal shares
+        ([[0, 1], [0, 1]], ("data", "model")),  # model axis across processes
+    ):
+        with pytest.raises(ValueError, match="mesh axis 'data'"):
+            owned(mesh(bad, names), "data")
