@@ -732,7 +732,8 @@ def lanczos(
         Scanned loop: the layout of the ``(order, dim)`` basis across devices, for example
         ``NamedSharding(mesh, PartitionSpec(None, "data"))`` to split its columns, so that
         each device holds ``order * dim / n`` entries; the reorthogonalisation products
-        then run sharded with a reduction across devices.
+        then run sharded with a reduction across devices. Checkpoints work with it on one
+        process (not yet with a basis split over several processes).
     basis_memory:
         ``"device"``, or ``"host"`` to keep the ``(order, dim)`` basis and the recurrence
         in host memory, on JAX's CPU device, while the products run on the default device
@@ -1018,8 +1019,13 @@ def _check_placement(problem, order, wide, placement, loop, checkpoint, traced) 
             cost = cost._replace(free_bytes=smallest(cost.free_bytes))
         check_fits(cost, on_host=on_host)
     if basis_sharding is not None:
-        if loop == "host" or checkpoint is not None:
-            raise ValueError("basis_sharding= applies to the scanned loop without checkpoints.")
+        if loop == "host":
+            raise ValueError("basis_sharding= applies to the scanned loop.")
+        if checkpoint is not None and not basis_sharding.is_fully_addressable:
+            raise ValueError(
+                "checkpoints of a basis split over several processes are not supported yet; "
+                "leave basis_sharding out (the basis is then replicated) or the checkpoint."
+            )
         from .operators import check_auto_mesh
 
         check_auto_mesh(basis_sharding.mesh)

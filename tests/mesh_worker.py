@@ -40,6 +40,7 @@ def main():
         return lambda done, total, elapsed: reports[name].append((done, total))
 
     sharded = lanczos(four, key, order, basis_sharding=basis_sharding, progress=report("lanczos"))
+    resumed, interrupted_at = _sharded_checkpoint(four, key, order, basis_sharding)
     probes_one = slq(one, key, num_probes=3, order=order).lanczos.tridiag
     probes_four = slq(four, key, num_probes=3, order=order, progress=report("slq"))
     probes_four = probes_four.lanczos.tridiag
@@ -75,12 +76,39 @@ def main():
                     four, order=order, basis_sharding=basis_sharding
                 ).basis_bytes_per_device,
                 "explicit_refused": _explicit_refused(params, x, y),
+                "checkpoint_rel": rel(resumed.tridiag, single.tridiag),
+                "checkpoint_interrupted_at": interrupted_at,
+                "checkpoint_spec": str(resumed.basis.sharding.spec),
                 "progress_last": {
                     name: calls[-1] if calls else None for name, calls in reports.items()
                 },
             }
         )
     )
+
+
+def _sharded_checkpoint(op, key, order, basis_sharding):
+    """A checkpointed run with a sharded basis, stopped by Ctrl-C after step 10 and resumed."""
+    import signal
+    import tempfile
+
+    from jax_spectral import Interrupted
+
+    folder = tempfile.mkdtemp()
+    sent = []
+
+    def ctrl_c_at_10(done, total, elapsed):
+        if done >= 10 and not sent:
+            sent.append(done)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    options = dict(basis_sharding=basis_sharding, checkpoint=folder, checkpoint_every=5)
+    try:
+        lanczos(op, key, order, progress=ctrl_c_at_10, **options)
+        stopped = None
+    except Interrupted as err:
+        stopped = err.steps
+    return lanczos(op, key, order, resume=True, **options), stopped
 
 
 def _explicit_refused(params, x, y):

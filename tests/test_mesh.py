@@ -30,4 +30,7 @@ def test_four_devices_give_the_one_device_tridiagonal(precision, tol):
     assert got["estimate_per_device"] == got["basis_bytes_per_device"]  # known beforehand
     # progress= works with a mesh and a sharded basis, and reaches the end
     assert got["progress_last"] == {"lanczos": [30, 30], "slq": [30, 30]}
+    # a checkpointed run with the sharded basis, stopped by Ctrl-C and resumed
+    assert got["checkpoint_rel"] <= tol and got["checkpoint_spec"] == "P(None, 'data')"
+    assert 10 <= got["checkpoint_interrupted_at"] < 30
     assert got["explicit_refused"]  # a mesh with Explicit axes gets a clear message
