@@ -136,8 +136,11 @@ def estimate(
     total = int(num_probes) * int(order) * dim * itemsize
     devices = 1
     if basis_sharding is not None:
+        from .lanczos import column_padding
+
         devices = len(basis_sharding.device_set)
-        shard = basis_sharding.shard_shape((int(order), dim))  # each probe's (order, dim)
+        padded = dim + column_padding(basis_sharding, dim)  # zero columns that make it divide
+        shard = basis_sharding.shard_shape((int(order), padded))  # each probe's (order, dim)
         per_device = int(num_probes) * int(np.prod(shard)) * itemsize
     else:
         per_device = total

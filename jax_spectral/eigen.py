@@ -101,6 +101,7 @@ def eigenpairs(
             f"{int(result.num_steps)} steps; ask for fewer pairs."
         )
     values, vectors = ritz(result)
+    vectors = vectors[:, : problem.dim]  # without the padding of a sharded basis, if any
     scale = float(np.max(np.abs(values)))
     pick = np.argsort(values)[::-1][:k] if which == "largest" else np.argsort(values)[:k]
     values, vectors = values[pick], vectors[jnp.asarray(pick)]

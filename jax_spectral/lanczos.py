@@ -97,6 +97,11 @@ class LanczosResult(NamedTuple):
 
     Results batched over runs (``jax.vmap`` of ``lanczos``, or ``SLQResult.lanczos``) have
     a leading axis on every field.
+
+    With ``basis_sharding`` splitting the columns into ``n`` pieces and ``n`` not dividing
+    ``dim``, the basis has ``dim`` rounded up to a multiple of ``n`` columns, the extra
+    ones zero (JAX arrays cannot be split unevenly): ``basis[:, :dim]`` are the vectors.
+    :func:`ritz` with ``like=`` and :func:`jax_spectral.eigenpairs` drop them.
     """
 
     alphas: jax.Array  # shape=(order,), recurrence dtype; alpha_0..alpha_{k-1}, zero after
@@ -401,6 +406,9 @@ def _steps(matvec, state, start, stop, steps):
 
     def product(state, step):
         v = state.basis[step]
+        if steps.pad:  # the basis has zero columns past dim (see column_padding)
+            w = matvec(v[: v.shape[0] - steps.pad]).astype(v.dtype)
+            return jnp.pad(w, (0, steps.pad))
         return matvec(v).astype(v.dtype)
 
     def step_fn(state, step, w):
@@ -731,9 +739,11 @@ def lanczos(
     basis_sharding:
         Scanned loop: the layout of the ``(order, dim)`` basis across devices, for example
         ``NamedSharding(mesh, PartitionSpec(None, "data"))`` to split its columns, so that
-        each device holds ``order * dim / n`` entries; the reorthogonalisation products
-        then run sharded with a reduction across devices. Checkpoints work with it on one
-        process (not yet with a basis split over several processes).
+        each device holds ``order * dim / n`` entries (``dim`` rounded up to a multiple of
+        ``n`` with zero columns when ``n`` does not divide it: see :class:`LanczosResult`);
+        the reorthogonalisation products then run sharded with a reduction across devices.
+        Checkpoints work with it on one process (not yet with a basis split over several
+        processes).
     basis_memory:
         ``"device"``, or ``"host"`` to keep the ``(order, dim)`` basis and the recurrence
         in host memory, on JAX's CPU device, while the products run on the default device
@@ -795,7 +805,8 @@ def lanczos(
     placement = Placement.of(basis_sharding, basis_memory)
     loop, untraceable = _choose_loop(loop, problem, placement)
     tol = default_tol(problem.dtype) if breakdown_tol is None else float(breakdown_tol)
-    steps = Steps(reorthogonalize, tol, precision.products, basis_sharding)
+    pad = column_padding(basis_sharding, problem.dim)
+    steps = Steps(reorthogonalize, tol, precision.products, basis_sharding, pad)
     traced = _is_tracer(v0) or any(map(_is_tracer, jax.tree_util.tree_leaves(problem.args)))
     if traced:
         _check_traceable_run(untraceable, loop, checkpoint, precision)
@@ -806,7 +817,7 @@ def lanczos(
     if precision.x64_off:  # the operand's arrays made now, not as float64 in the x64 context
         problem = problem._replace(args=jax.tree_util.tree_map(jnp.asarray, problem.args))
     with Progress(progress if not traced else False, order, "lanczos") as bar, precision.scope():
-        v0 = v0.astype(precision.wide)
+        v0 = jnp.pad(v0.astype(precision.wide), (0, pad))  # padding: zero entries, kept zero
         if traced:  # under the caller's jit/vmap: the whole recurrence as one program
             result = _scan_lanczos(problem.fn, *problem.args, v0, order=order, steps=steps)
             stopped_early = False
@@ -910,6 +921,7 @@ class Steps(NamedTuple):
     tol: float
     products: tuple | None
     basis_sharding: Any
+    pad: int = 0  # zero columns after the dim entries, so that basis_sharding divides them
 
 
 def _start_vector(problem: Problem, key: Any) -> jax.Array:
@@ -1042,6 +1054,8 @@ def _checkpointer(folder, problem, v0, order, precision, steps, loop):
         "dtype": str(precision.wide),
         "loop": loop,
     }
+    if steps.pad:  # the basis's columns depend on the number of devices
+        settings["padded dim"] = problem.dim + steps.pad
     return checkpointer_for(folder, settings, steps, operator, v0, rows_axis=0)
 
 
@@ -1248,6 +1262,26 @@ def _is_array_vector(x: Any) -> bool:
     return isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 1
 
 
+def column_padding(basis_sharding: Any, dim: int) -> int:
+    """How many zero columns make ``dim`` divisible by the number of pieces
+    ``basis_sharding`` cuts the basis's columns into (0 without a sharding)."""
+    spec = getattr(basis_sharding, "spec", None)
+    if spec is None or len(spec) < 2 or spec[1] is None:
+        return 0
+    axes = spec[1] if isinstance(spec[1], tuple) else (spec[1],)
+    pieces = int(np.prod([basis_sharding.mesh.shape[a] for a in axes]))
+    return -int(dim) % pieces
+
+
+def _padded_to(basis: Any, size: int) -> bool:
+    """Whether ``basis`` is a padded one (``basis_sharding`` on a ``dim`` it does not
+    divide) of ``size`` true columns: a few more columns, all zero."""
+    extra = basis.shape[-1] - size
+    if extra <= 0 or extra >= basis.shape[-1]:
+        return False
+    return not bool(jnp.any(basis[..., size:] != 0))
+
+
 def ritz(
     result: LanczosResult, *, like: PyTree | None = None, unravel: Callable | None = None
 ) -> tuple[np.ndarray, jax.Array | PyTree]:
@@ -1271,11 +1305,13 @@ def ritz(
         )
     if like is not None:
         flat = ravel_pytree(like)[0]
-        if flat.shape[0] != result.basis.shape[-1]:
+        size = flat.shape[0]
+        if size != result.basis.shape[-1] and not _padded_to(result.basis, size):
             raise ValueError(
-                f"like= has {flat.shape[0]} entries but the Lanczos vectors have "
+                f"like= has {size} entries but the Lanczos vectors have "
                 f"{result.basis.shape[-1]}; pass the params the operator was built on."
             )
+        result = result._replace(basis=result.basis[..., :size])
         unravel = ravel_pytree(like)[1]
     k = int(result.num_steps)
     tridiag = np.asarray(result.tridiag, np.float64)

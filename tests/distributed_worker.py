@@ -90,6 +90,20 @@ def main(pid: int, port: str, out: str, mode: str = "all", folder: str = "") -> 
         except Exception:
             got[name] = traceback.format_exc()
     got["progress_last"] = list(calls[-1][:2]) if calls else None
+    try:  # 123 parameters, which the 4 devices do not divide: a padded sharded basis
+        odd = init_mlp(jax.random.key(0), [6, 12, 3])
+        xo, yo = map(np.asarray, classification_data(jax.random.key(1), SAMPLES, 6, 3))
+        sharding = NamedSharding(mesh, P(None, "data"))
+        odd_four = js.hessian_operator(
+            mlp_loss, odd, (xo[half], yo[half]), batch_size=16, mesh=mesh
+        )
+        odd_one = js.hessian_operator(mlp_loss, odd, (xo, yo), batch_size=16)
+        got["indivisible_sharded_basis"] = rel(
+            js.lanczos(odd_four, key, 30, basis_sharding=sharding).tridiag,
+            js.lanczos(odd_one, key, 30).tridiag,
+        )
+    except Exception:
+        got["indivisible_sharded_basis"] = traceback.format_exc()
     js.lanczos(four, key, 5, progress=True)  # a bar on stderr: process 0's only
     try:
         skewed = jax.tree_util.tree_map(lambda a: a * (1 + pid), params)

@@ -16,6 +16,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from conftest import classification_data, init_mlp, mlp_loss  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -41,6 +42,7 @@ def main():
 
     sharded = lanczos(four, key, order, basis_sharding=basis_sharding, progress=report("lanczos"))
     resumed, interrupted_at = _sharded_checkpoint(four, key, order, basis_sharding)
+    odd = _indivisible(dtype, mesh, key, order, basis_sharding)
     probes_one = slq(one, key, num_probes=3, order=order).lanczos.tridiag
     probes_four = slq(four, key, num_probes=3, order=order, progress=report("slq"))
     probes_four = probes_four.lanczos.tridiag
@@ -76,6 +78,7 @@ def main():
                     four, order=order, basis_sharding=basis_sharding
                 ).basis_bytes_per_device,
                 "explicit_refused": _explicit_refused(params, x, y),
+                **odd,
                 "checkpoint_rel": rel(resumed.tridiag, single.tridiag),
                 "checkpoint_interrupted_at": interrupted_at,
                 "checkpoint_spec": str(resumed.basis.sharding.spec),
@@ -85,6 +88,46 @@ def main():
             }
         )
     )
+
+
+def _indivisible(dtype, mesh, key, order, basis_sharding):
+    """A model of 123 parameters, which 4 devices do not divide: the sharded basis is
+    padded with zero columns, and the results are those of one device."""
+    from jax_spectral import eigenpairs, ritz
+
+    params = init_mlp(jax.random.key(0), [6, 12, 3], dtype)  # 123 parameters
+    data = classification_data(jax.random.key(1), 70, 6, 3, dtype)
+    one = hessian_operator(mlp_loss, params, data, batch_size=16)
+    four = hessian_operator(mlp_loss, params, data, batch_size=16, mesh=mesh)
+    single = lanczos(one, key, order)
+    sharded = lanczos(four, key, order, basis_sharding=basis_sharding)
+    pairs_one = eigenpairs(one, key, 3, order=order)
+    pairs_four = eigenpairs(four, key, 3, order=order, basis_sharding=basis_sharding)
+    _, vectors = ritz(sharded, like=params)
+
+    def flat(vectors):  # (k, dim) from params-shaped vectors with a leading k axis
+        return np.asarray(jax.vmap(lambda tree: ravel_pytree(tree)[0])(vectors), np.float64)
+
+    overlaps = np.abs(np.sum(flat(pairs_one.vectors) * flat(pairs_four.vectors), axis=1))
+    return {
+        "odd_dim": one.dim,
+        "odd_tridiag_rel": float(
+            np.abs(np.asarray(sharded.tridiag) - np.asarray(single.tridiag)).max()
+            / np.abs(np.asarray(single.tridiag)).max()
+        ),
+        "odd_basis_shape": list(sharded.basis.shape),
+        "odd_basis_shards": sorted({tuple(s.data.shape) for s in sharded.basis.addressable_shards}),
+        "odd_padding_zero": not np.any(np.asarray(sharded.basis)[:, one.dim :]),
+        "odd_ritz_leaf_shape": list(vectors["layer1"]["w"].shape),
+        "odd_eig_rel": float(
+            np.abs(pairs_four.values - pairs_one.values).max() / np.abs(pairs_one.values).max()
+        ),
+        "odd_residuals": pairs_four.residuals.tolist(),
+        "odd_estimate_per_device": estimate(
+            four, order=order, basis_sharding=basis_sharding
+        ).basis_bytes_per_device,
+        "odd_vector_overlap": float(overlaps.min()),
+    }
 
 
 def _sharded_checkpoint(op, key, order, basis_sharding):

@@ -65,6 +65,7 @@ def test_two_processes_with_their_own_data_give_the_one_device_results(tmp_path)
             "hutchinson",
             "hutchpp",
             "matvec",
+            "indivisible_sharded_basis",
         ):
             assert isinstance(got[name], float), (name, got[name])
             assert got[name] <= 1e-5, (name, got[name])

@@ -30,6 +30,14 @@ def test_four_devices_give_the_one_device_tridiagonal(precision, tol):
     assert got["estimate_per_device"] == got["basis_bytes_per_device"]  # known beforehand
     # progress= works with a mesh and a sharded basis, and reaches the end
     assert got["progress_last"] == {"lanczos": [30, 30], "slq": [30, 30]}
+    # 123 parameters on 4 devices: the basis padded to 124 columns (31 each, the last zero),
+    # the tridiagonal, Ritz values and vectors those of one device
+    assert got["odd_dim"] == 123 and got["odd_basis_shape"] == [30, 124]
+    assert got["odd_basis_shards"] == [[30, 31]] and got["odd_padding_zero"]
+    assert got["odd_estimate_per_device"] == 30 * 31 * (8 if precision == "float64" else 4)
+    assert got["odd_tridiag_rel"] <= tol and got["odd_eig_rel"] <= tol
+    assert got["odd_ritz_leaf_shape"] == [30, 12, 3]  # ritz(like=params) drops the padding
+    assert got["odd_vector_overlap"] >= 1 - 1e3 * tol  # the same top eigenvectors, up to sign
     # a checkpointed run with the sharded basis, stopped by Ctrl-C and resumed
     assert got["checkpoint_rel"] <= tol and got["checkpoint_spec"] == "P(None, 'data')"
     assert 10 <= got["checkpoint_interrupted_at"] < 30
