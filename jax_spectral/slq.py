@@ -39,8 +39,11 @@ from .lanczos import (
     LanczosResult,
     Placement,
     Steps,
+    _constrain,
+    _place,
     check_finite,
     checkpointer_for,
+    column_padding,
     compiled_steps,
     default_tol,
     host_loop,
@@ -126,20 +129,28 @@ def _matmat(operator, vectors):
     return matmat(operator, vectors)
 
 
-@functools.partial(jax.jit, static_argnames=("reorthogonalize", "tol"), donate_argnames=("state",))
-def _scan_slq(operator, state, start, stop, *, reorthogonalize, tol):
+@functools.partial(jax.jit, static_argnames=("steps",), donate_argnames=("state",))
+def _scan_slq(operator, state, start, stop, *, steps):
     """Steps ``start .. stop - 1`` for all probes, as one compiled loop that ends when
-    every probe has stopped (traced bounds: one compilation for every segment).
+    every probe has stopped (traced bounds: one compilation for every segment). The
+    bases keep ``steps.basis_sharding``; ``steps.pad`` zero columns, if any, stay zero.
 
     The operator is a pytree argument: its arrays are inputs, not compiled-in constants.
     """
-    step_fn = jax.vmap(
-        functools.partial(lanczos_step, reorthogonalize=reorthogonalize, tol=tol),
+    vmapped = jax.vmap(
+        functools.partial(lanczos_step, reorthogonalize=steps.reorthogonalize, tol=steps.tol),
         in_axes=(0, None, 0),
     )
 
+    def step_fn(state, step, w):
+        return _constrain(vmapped(state, step, w), steps.basis_sharding)
+
     def product(state, step):
-        return _matmat(operator, state.basis[:, step]).astype(state.basis.dtype)
+        vectors = state.basis[:, step]
+        if steps.pad:
+            w = _matmat(operator, vectors[:, : vectors.shape[1] - steps.pad])
+            return jnp.pad(w.astype(vectors.dtype), ((0, 0), (0, steps.pad)))
+        return _matmat(operator, vectors).astype(state.basis.dtype)
 
     return compiled_steps(product, step_fn, state, start, stop)
 
@@ -196,8 +207,10 @@ def slq(
     accelerator holds only the operator and one vector per probe, which travel to it and
     back each step. For SLQ on models whose bases do not fit the accelerator. It runs
     from the host loop; the results equal the ``"device"`` run to rounding.
-    ``basis_sharding`` is accepted for symmetry with :func:`jax_spectral.lanczos` and
-    refused: the probes' bases are not sharded yet.
+    ``basis_sharding`` is as for :func:`jax_spectral.lanczos`, the layout of one probe's
+    ``(order, dim)`` basis (for example ``NamedSharding(mesh, PartitionSpec(None,
+    "data"))``): every probe's basis is split the same way, zero-padded the same way when
+    the devices do not divide ``dim``. Traceable operators only (the scanned loop).
 
     The probes' products on each batch run a few probes at a time, as many as fit in
     about one probe's working memory (:func:`jax_spectral.operators.tangent_chunk`;
@@ -208,30 +221,42 @@ def slq(
     on_host = _placement(basis_sharding, basis_memory)
     operator = as_argument(check_operator(operator))
     dtype = jnp.promote_types(dtype_of(operator), jnp.float32)
-    check_fits(
-        estimate(operator, order=order, num_probes=num_probes, on_host=on_host),
-        num_probes=num_probes,
-        on_host=on_host,
+    cost = estimate(
+        operator, order=order, num_probes=num_probes, basis_sharding=basis_sharding, on_host=on_host
     )
+    check_fits(cost, num_probes=num_probes, on_host=on_host)
+    pad = column_padding(basis_sharding, operator.dim)
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
+    starts = jnp.pad(starts, ((0, 0), (0, pad)))  # zero columns a sharded basis may need
     if on_host:  # the state on the host's CPU device; the products where the operator is
         starts = jax.device_put(starts, jax.local_devices(backend="cpu")[0])
     elif (mesh := operand_mesh(operator)) is not None:  # several processes
         starts = replicated(mesh, starts, "probe start vector")
-    steps = Steps(reorthogonalize, default_tol(dtype), None, None)
+    probes_sharding = _probes_sharding(basis_sharding)
+    steps = Steps(reorthogonalize, default_tol(dtype), None, probes_sharding, pad)
     traceable = is_traceable(operator) and not on_host
+    if basis_sharding is not None and not traceable:
+        raise ValueError("basis_sharding= applies to traceable operators (the scanned loop).")
+    if basis_sharding is not None and checkpoint is not None:
+        if not basis_sharding.is_fully_addressable:
+            raise ValueError(
+                "checkpoints of bases split over several processes are not supported yet; "
+                "leave basis_sharding out (the bases are then replicated) or the checkpoint."
+            )
     checkpointer = None
     if checkpoint is not None:
         settings = {"kind": "slq", "order": order, "num_probes": num_probes}
         settings.update(dim=int(operator.dim), dtype=str(dtype), basis_memory=basis_memory)
         settings.update(loop="scan" if traceable else "host")
+        if pad:  # the bases' columns depend on the number of devices
+            settings["padded dim"] = int(operator.dim) + pad
         checkpointer = checkpointer_for(checkpoint, settings, steps, operator, starts, rows_axis=1)
     what = f"SLQ ({num_probes} probes)"
     with Progress(progress, order, what) as bar:
         advance = _advance(operator, steps, traceable, on_host, bar)
         state, stopped_early = run_steps(
             advance,
-            _init_many(starts, order),
+            _place(_init_many(starts, order), probes_sharding),
             order,
             bar=bar,
             synced=not traceable,
@@ -251,14 +276,22 @@ def slq(
 
 
 def _placement(basis_sharding, basis_memory) -> bool:
-    """Whether the bases live in host memory; a sharding is refused (not supported)."""
-    on_host = Placement.of(basis_sharding, basis_memory).on_host
+    """Whether the bases live in host memory (refused together with a sharding)."""
+    placement = Placement.of(basis_sharding, basis_memory)
     if basis_sharding is not None:
-        raise ValueError(
-            "slq cannot shard the probes' bases across devices yet; keep them in host "
-            "memory (basis_memory='host'), or run fewer probes per call."
-        )
-    return on_host
+        from .operators import check_auto_mesh
+
+        check_auto_mesh(basis_sharding.mesh)
+    return placement.on_host
+
+
+def _probes_sharding(basis_sharding):
+    """The layout of the probes' ``(probes, order, dim)`` bases for a ``basis_sharding``
+    given, as to :func:`jax_spectral.lanczos`, for one ``(order, dim)`` basis."""
+    if basis_sharding is None:
+        return None
+    spec = jax.sharding.PartitionSpec(None, *basis_sharding.spec)
+    return jax.sharding.NamedSharding(basis_sharding.mesh, spec)
 
 
 def _advance(operator, steps, traceable, on_host, bar):
@@ -268,14 +301,7 @@ def _advance(operator, steps, traceable, on_host, bar):
     if traceable:
 
         def advance(state, start, stop, watch):
-            state = _scan_slq(
-                operator,
-                state,
-                jnp.int32(start),
-                jnp.int32(stop),
-                reorthogonalize=steps.reorthogonalize,
-                tol=steps.tol,
-            )
+            state = _scan_slq(operator, state, jnp.int32(start), jnp.int32(stop), steps=steps)
             return state, stop
 
         return advance

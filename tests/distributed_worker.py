@@ -79,6 +79,13 @@ def main(pid: int, port: str, out: str, mode: str = "all", folder: str = "") -> 
             else single.tridiag
         ),
         "slq": lambda op: js.slq(op, key, 30, num_probes=3).lanczos.tridiag,
+        "slq_sharded_bases": lambda op: (
+            js.slq(
+                op, key, 30, num_probes=3, basis_sharding=NamedSharding(mesh, P(None, "data"))
+            ).lanczos.tridiag
+            if op is four
+            else js.slq(op, key, 30, num_probes=3).lanczos.tridiag
+        ),
         "eigenpairs": lambda op: js.eigenpairs(op, key, 3, order=40).values,
         "hutchinson": lambda op: js.hutchinson(op, key, num_probes=8).estimate,
         "hutchpp": lambda op: js.hutchpp(op, key, num_matvecs=12).estimate,

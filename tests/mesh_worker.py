@@ -93,7 +93,7 @@ def main():
 def _indivisible(dtype, mesh, key, order, basis_sharding):
     """A model of 123 parameters, which 4 devices do not divide: the sharded basis is
     padded with zero columns, and the results are those of one device."""
-    from jax_spectral import eigenpairs, ritz
+    from jax_spectral import eigenpairs, ritz, slq
 
     params = init_mlp(jax.random.key(0), [6, 12, 3], dtype)  # 123 parameters
     data = classification_data(jax.random.key(1), 70, 6, 3, dtype)
@@ -109,7 +109,21 @@ def _indivisible(dtype, mesh, key, order, basis_sharding):
         return np.asarray(jax.vmap(lambda tree: ravel_pytree(tree)[0])(vectors), np.float64)
 
     overlaps = np.abs(np.sum(flat(pairs_one.vectors) * flat(pairs_four.vectors), axis=1))
+    probes_one = slq(one, key, order, num_probes=3)
+    probes_four = slq(four, key, order, num_probes=3, basis_sharding=basis_sharding)
+    bases = probes_four.lanczos.basis
     return {
+        "odd_slq_rel": float(
+            np.abs(
+                np.asarray(probes_four.lanczos.tridiag) - np.asarray(probes_one.lanczos.tridiag)
+            ).max()
+            / np.abs(np.asarray(probes_one.lanczos.tridiag)).max()
+        ),
+        "odd_slq_shards": sorted({tuple(s.data.shape) for s in bases.addressable_shards}),
+        "odd_slq_padding_zero": not np.any(np.asarray(bases)[..., one.dim :]),
+        "odd_slq_estimate_per_device": estimate(
+            four, order=order, num_probes=3, basis_sharding=basis_sharding
+        ).basis_bytes_per_device,
         "odd_dim": one.dim,
         "odd_tridiag_rel": float(
             np.abs(np.asarray(sharded.tridiag) - np.asarray(single.tridiag)).max()

@@ -61,6 +61,7 @@ def test_two_processes_with_their_own_data_give_the_one_device_results(tmp_path)
             "lanczos_progress",
             "lanczos_sharded_basis",
             "slq",
+            "slq_sharded_bases",
             "eigenpairs",
             "hutchinson",
             "hutchpp",

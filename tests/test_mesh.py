@@ -38,6 +38,10 @@ def test_four_devices_give_the_one_device_tridiagonal(precision, tol):
     assert got["odd_tridiag_rel"] <= tol and got["odd_eig_rel"] <= tol
     assert got["odd_ritz_leaf_shape"] == [30, 12, 3]  # ritz(like=params) drops the padding
     assert got["odd_vector_overlap"] >= 1 - 1e3 * tol  # the same top eigenvectors, up to sign
+    # slq with the same basis_sharding: every probe's basis split and padded alike
+    assert got["odd_slq_rel"] <= tol and got["odd_slq_shards"] == [[3, 30, 31]]
+    assert got["odd_slq_padding_zero"]
+    assert got["odd_slq_estimate_per_device"] == 3 * got["odd_estimate_per_device"]
     # a checkpointed run with the sharded basis, stopped by Ctrl-C and resumed
     assert got["checkpoint_rel"] <= tol and got["checkpoint_spec"] == "P(None, 'data')"
     assert 10 <= got["checkpoint_interrupted_at"] < 30

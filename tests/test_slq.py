@@ -152,8 +152,20 @@ def test_matmat_rejects_a_bad_chunk():
 
 def test_errors():
     op = DenseOperator(np.eye(3))
-    with pytest.raises(ValueError, match="cannot shard the probes' bases"):
-        slq(op, jax.random.key(0), 3, num_probes=2, basis_sharding=object())
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Auto,))
+    sharding = NamedSharding(mesh, P(None, "data"))
+    params = init_mlp(jax.random.key(0), [5, 6, 3])
+    data = classification_data(jax.random.key(1), 20, 5, 3)
+    host = hessian_operator(mlp_loss, params, data, batch_size=8, loop="host")
+    with pytest.raises(ValueError, match="applies to traceable operators"):
+        slq(host, jax.random.key(0), 3, num_probes=2, basis_sharding=sharding)
+    scan = hessian_operator(mlp_loss, params, data, batch_size=8, loop="scan")
+    one = slq(scan, jax.random.key(0), 6, num_probes=2, basis_sharding=sharding)  # a no-op
+    plain = slq(scan, jax.random.key(0), 6, num_probes=2)
+    np.testing.assert_array_equal(one.lanczos.tridiag, plain.lanczos.tridiag)
     with pytest.raises(ValueError, match="num_probes must be a positive int"):
         slq(op, jax.random.key(0), num_probes=0, order=3)
     with pytest.raises(ValueError, match="order must be a positive int"):
