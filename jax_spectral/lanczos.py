@@ -106,7 +106,7 @@ class LanczosResult(NamedTuple):
 
     alphas: jax.Array  # shape=(order,), recurrence dtype; alpha_0..alpha_{k-1}, zero after
     betas: jax.Array  # shape=(order,); betas[i] couples v_i and v_{i+1}; zero from k on
-    basis: jax.Array  # shape=(order, dim); rows v_0..v_{k-1}, zero after
+    basis: jax.Array  # shape=(order, dim) (dim padded by basis_sharding); v_0..v_{k-1}, then 0
     num_steps: jax.Array  # shape=(), int32; k, the number of valid steps
     nonfinite_step: jax.Array  # shape=(), int32; first step with a NaN/Inf product, else -1
 
@@ -1055,7 +1055,7 @@ def _checkpointer(folder, problem, v0, order, precision, steps, loop):
         "loop": loop,
     }
     if steps.pad:  # the basis's columns depend on the number of devices
-        settings["padded dim"] = problem.dim + steps.pad
+        settings[_PADDED] = problem.dim + steps.pad
     return checkpointer_for(folder, settings, steps, operator, v0, rows_axis=0)
 
 
@@ -1262,6 +1262,10 @@ def _is_array_vector(x: Any) -> bool:
     return isinstance(x, (np.ndarray, jax.Array)) and np.ndim(x) == 1
 
 
+# The checkpoint setting that records a padded basis's width: resuming needs the same.
+_PADDED = "basis width (dim padded to divide basis_sharding's devices)"
+
+
 def column_padding(basis_sharding: Any, dim: int) -> int:
     """How many zero columns make ``dim`` divisible by the number of pieces
     ``basis_sharding`` cuts the basis's columns into (0 without a sharding)."""
@@ -1269,7 +1273,8 @@ def column_padding(basis_sharding: Any, dim: int) -> int:
     if spec is None or len(spec) < 2 or spec[1] is None:
         return 0
     axes = spec[1] if isinstance(spec[1], tuple) else (spec[1],)
-    pieces = int(np.prod([basis_sharding.mesh.shape[a] for a in axes]))
+    sizes = basis_sharding.mesh.shape
+    pieces = int(np.prod([sizes[a] for a in axes if isinstance(a, str) and a in sizes]))
     return -int(dim) % pieces
 
 
@@ -1291,6 +1296,7 @@ def ritz(
     where the basis is), returns the ``k = num_steps`` eigenvalues of the valid block
     ``T[:k, :k]`` as a NumPy float64 array (ascending, computed on the host), and the
     Ritz vectors ``S^T V[:k]`` as an array of the basis's kind: a ``(k, dim)`` JAX array
+    (``dim`` padded as the basis is after ``basis_sharding``; see :class:`LanczosResult`)
     (NumPy float64 after a float64 recurrence without x64, which JAX would truncate), or
     with ``like`` (a params template, checked against the basis's length) or ``unravel``
     a params-shaped pytree of JAX arrays whose leaves have a leading axis of length ``k``.
@@ -1326,7 +1332,14 @@ def ritz(
     if unravel is not None:
         if isinstance(ritz_vectors, np.ndarray):  # params are float32 without x64
             ritz_vectors = jnp.asarray(ritz_vectors, np.float32)
-        ritz_vectors = jax.vmap(unravel)(ritz_vectors)
+        try:
+            ritz_vectors = jax.vmap(unravel)(ritz_vectors)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"unravel failed on Ritz vectors of length {ritz_vectors.shape[-1]} ({err}). "
+                "After lanczos(basis_sharding=...) on a dim the devices do not divide, the "
+                "basis has zero columns past dim: pass like=params, which drops them."
+            ) from err
     return values, ritz_vectors
 
 

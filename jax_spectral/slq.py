@@ -36,6 +36,7 @@ from ._processes import operand_mesh
 from .costs import check_fits, estimate
 from .density import eigv_to_density, tridiag_to_eigv
 from .lanczos import (
+    _PADDED,
     LanczosResult,
     Placement,
     Steps,
@@ -249,7 +250,7 @@ def slq(
         settings.update(dim=int(operator.dim), dtype=str(dtype), basis_memory=basis_memory)
         settings.update(loop="scan" if traceable else "host")
         if pad:  # the bases' columns depend on the number of devices
-            settings["padded dim"] = int(operator.dim) + pad
+            settings[_PADDED] = int(operator.dim) + pad
         checkpointer = checkpointer_for(checkpoint, settings, steps, operator, starts, rows_axis=1)
     what = f"SLQ ({num_probes} probes)"
     with Progress(progress, order, what) as bar:
