@@ -26,6 +26,20 @@ def operand_mesh(operand: Any) -> Any:
     return None
 
 
+def global_array(x: Any, sharding: Any) -> jax.Array:
+    """The host array ``x`` laid out as ``sharding``, each process providing its own
+    shards (on several processes ``jax.device_put`` cannot place host data)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicate(mesh: Any, tree: Any) -> Any:
+    """``tree``'s arrays replicated over ``mesh`` (on several processes each provides its
+    own copy, which must be the same)."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.tree_util.tree_map(lambda a: global_array(a, sharding), tree)
+
+
 def gather(values: Any) -> np.ndarray:
     """Every process's ``values`` (small integers), stacked along a leading axis in
     process order."""

@@ -57,7 +57,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import interrupt
-from ._processes import all_ok, gather, operand_mesh
+from ._processes import all_ok, gather, global_array, operand_mesh, replicate
 from .interrupt import Interrupted
 from .linop import (
     as_argument,
@@ -577,8 +577,7 @@ def _put_like(new: Any, old: Any) -> Any:
     if sharding is None:
         return new
     if not sharding.is_fully_addressable:  # several processes: each provides its shards
-        new = np.asarray(new)
-        return jax.make_array_from_callback(new.shape, sharding, lambda index: new[index])
+        return global_array(new, sharding)
     return jax.device_put(new, sharding)
 
 
@@ -1140,8 +1139,7 @@ def replicated(mesh: Any, x: Any, what: str = "start vector") -> jax.Array:
             f"the processes passed different {what}s (keys or v0); every process of a "
             "run over several processes passes the same ones."
         )
-    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return replicate(mesh, x)
 
 
 def _place(state: LanczosState, basis_sharding: Any) -> LanczosState:

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._processes import all_ok, operand_mesh, smallest
+from ._processes import all_ok, gather, operand_mesh, replicate, smallest
 from .costs import USABLE_FRACTION, free_device_bytes
 from .data import (
     BatchStream,
@@ -679,21 +679,6 @@ def _shard_process_data(mesh, axis, params, split, settings):
     return params, global_split
 
 
-def replicate(mesh, tree: PyTree) -> PyTree:
-    """``tree``'s arrays as global arrays replicated over ``mesh`` (on several processes
-    each process provides its own copy, which must be the same)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    sharding = NamedSharding(mesh, P())
-
-    def put(a):
-        a = np.asarray(a)
-        return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-    return jax.tree_util.tree_map(put, tree)
-
-
 def _data_devices_of_this_process(mesh, axis) -> int:
     """How many positions along the data axis this process owns. Each process's share of
     the data is one block of every batch, so each position must belong to one process
@@ -725,7 +710,6 @@ def _data_devices_of_this_process(mesh, axis) -> int:
 def _agree_across_processes(params, split, settings, rest) -> None:
     """Refuse, on every process, a run whose processes passed different parameters,
     settings or amounts of data."""
-    from jax.experimental import multihost_utils
 
     from .checkpoint import fingerprint
 
@@ -739,7 +723,7 @@ def _agree_across_processes(params, split, settings, rest) -> None:
         "remainder": str(rest),
     }
     encoded = np.frombuffer(repr(sorted(mine.items())).encode().ljust(512)[:512], np.uint8)
-    everyone = np.asarray(multihost_utils.process_allgather(encoded))
+    everyone = gather(encoded)
     differ = [i for i in range(everyone.shape[0]) if not np.array_equal(everyone[i], encoded)]
     if differ:
         raise ValueError(
