@@ -364,15 +364,29 @@ def fingerprint(operator: Any) -> str:
             else:
                 kept = content.batches
             _hash_update(digest, (content.num_samples, kept))
-        leaves = [operator.params, operator.stacked, operator.remainder]
-        for leaf in jax.tree_util.tree_leaves(leaves):
+        batches = [operator.stacked, _whole_remainder(operator)]
+        for leaf in jax.tree_util.tree_leaves([operator.params, batches]):
             _hash_update(digest, leaf)
-        statics = static_values([operator.stacked, operator.remainder])
+        statics = static_values(batches)
         if statics:  # the batches' Python values (a stream's are in its sample hashes)
             digest.update(repr(statics).encode())
     else:  # a Partial, a plain function, a user operator registered as a pytree
         _describe_value(digest, operator)
     return digest.hexdigest()
+
+
+def _whole_remainder(operator: Any) -> Any:
+    """The remainder batch as the data holds it: on a mesh its tail (see
+    ``operators._cut_tail``) joined back, so the fingerprint does not depend on the number
+    of devices. Split over several processes, the two parts are hashed as they are."""
+    head, tail = operator.remainder, operator.tail
+    if tail is None:
+        return head
+    if not all(getattr(a, "is_fully_addressable", True) for a in jax.tree_util.tree_leaves(head)):
+        return [head, tail]
+    return jax.tree_util.tree_map(
+        lambda a, b: np.concatenate([np.asarray(a), np.asarray(b)]), head, tail
+    )
 
 
 def _product_settings(operator: Any) -> Any:

@@ -172,7 +172,7 @@ class _Kernel:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["params", "stacked", "remainder"],
+    data_fields=["params", "stacked", "remainder", "tail"],
     meta_fields=[
         "product",
         "reduce",
@@ -221,6 +221,9 @@ class CurvatureOperator(OperatorAlgebra):
     layout: tuple = dataclasses.field(default=(), repr=False)
     rewrite: str = "none"  # "onednn", "patches" or "none" (see hessian_operator)
     select: tuple | None = None
+    # On a mesh, the samples of the remainder past its largest multiple of the data
+    # devices (replicated; the remainder before them is split over the devices).
+    tail: PyTree | None = None
 
     # -- shapes and conversions -------------------------------------------------------
     @property
@@ -315,12 +318,14 @@ class CurvatureOperator(OperatorAlgebra):
         """``C v`` for a params-shaped pytree ``v``; returns a params-shaped pytree."""
         return self.unravel(self.matvec(self.ravel(v)))
 
-    def _weights(self) -> tuple[float, float]:
-        """Weights of a full batch and of the remainder batch in the reduction."""
+    def _weights(self) -> tuple[float, float, float]:
+        """Weights of a full batch, of the remainder batch and of its tail in the
+        reduction."""
         if self.reduce == "sum":
-            return 1.0, 1.0
-        rest = self.num_samples % self.batch_size
-        return self.batch_size / self.num_samples, rest / self.num_samples
+            return 1.0, 1.0, 1.0
+        tail = 0 if self.tail is None else batch_size_of(self.tail)
+        rest = self.num_samples % self.batch_size - tail
+        return self.batch_size / self.num_samples, rest / self.num_samples, tail / self.num_samples
 
     @property
     def _sum_dtype(self) -> np.dtype:
@@ -336,7 +341,7 @@ class CurvatureOperator(OperatorAlgebra):
     def _scan_matvec(self, tangent: PyTree, chunk: int | None = None) -> jax.Array:
         """The product over in-memory batches as one compiled loop; ``chunk``: tangents
         have a leading axis, applied ``chunk`` at a time (see :func:`_accumulate_some`)."""
-        w_full, w_rest = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
+        w_full, w_rest, w_tail = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
         kernel, params = self._kernel, self.params
         if self.stacked is not None:
@@ -345,15 +350,16 @@ class CurvatureOperator(OperatorAlgebra):
                 return _accumulate_some(kernel, params, batch, tangent, *carry, w_full, chunk), None
 
             (acc, loss_sum), _ = jax.lax.scan(body, (acc, loss_sum), self.stacked)
-        if self.remainder is not None:
-            acc, loss_sum = _accumulate_some(
-                kernel, params, self.remainder, tangent, acc, loss_sum, w_rest, chunk
-            )
+        for batch, weight in ((self.remainder, w_rest), (self.tail, w_tail)):
+            if batch is not None:
+                acc, loss_sum = _accumulate_some(
+                    kernel, params, batch, tangent, acc, loss_sum, weight, chunk
+                )
         return _finish(acc, loss_sum, 1.0, self.dtype, chunk is not None)
 
     def _host_matvec(self, tangent: PyTree, chunk: int | None = None) -> jax.Array:
         """The product over in-memory batches from a host loop, one program per batch."""
-        w_full, w_rest = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
+        w_full, w_rest, w_tail = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
         kernel = self._kernel
         if self.stacked is not None:
@@ -362,10 +368,11 @@ class CurvatureOperator(OperatorAlgebra):
                 acc, loss_sum = _stacked_step(
                     kernel, self.params, self.stacked, i, tangent, acc, loss_sum, w_full, chunk
                 )
-        if self.remainder is not None:
-            acc, loss_sum = _batch_step(
-                kernel, self.params, self.remainder, tangent, acc, loss_sum, w_rest, chunk
-            )
+        for batch, weight in ((self.remainder, w_rest), (self.tail, w_tail)):
+            if batch is not None:
+                acc, loss_sum = _batch_step(
+                    kernel, self.params, batch, tangent, acc, loss_sum, weight, chunk
+                )
         return _finish(acc, loss_sum, 1.0, self.dtype, chunk is not None)
 
     def _stream_matvec(self, tangent: PyTree, chunk: int | None = None) -> jax.Array:
@@ -442,9 +449,10 @@ class CurvatureOperator(OperatorAlgebra):
         return self.stream.loss_form or None
 
 
-def _loss_form(loss: Callable, params: PyTree, stream: BatchStream) -> str:
-    """See :meth:`CurvatureOperator.loss_form`; ``""`` for neither form."""
-    batch = next((b for b in stream if batch_size_of(b) > 1), None)
+def _loss_form(loss: Callable, params: PyTree, batches: Any) -> str:
+    """See :meth:`CurvatureOperator.loss_form` (tested on the first batch of ``batches``
+    with more than one sample); ``""`` for neither form."""
+    batch = next((b for b in batches if batch_size_of(b) > 1), None)
     if batch is None:
         return "mean"  # single-sample batches: any regrouping gives the same batches
     n = batch_size_of(batch)
@@ -582,8 +590,10 @@ def check_auto_mesh(mesh) -> None:
         )
 
 
-def _shard_data(mesh, axis, params, stacked, remainder, batch_size):
-    """Parameters replicated; batches split along their sample axis over ``axis``."""
+def _shard_data(mesh, axis, params, split, settings):
+    """Parameters replicated; batches split along their sample axis over ``axis``; of
+    the remainder, what divides the devices split likewise and its tail replicated
+    (:func:`_cut_tail`). Returns the parameters, stacked batches, remainder and tail."""
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -591,21 +601,49 @@ def _shard_data(mesh, axis, params, stacked, remainder, batch_size):
         raise ValueError(f"mesh has axes {mesh.axis_names}, not {axis!r}.")
     check_auto_mesh(mesh)
     devices = mesh.shape[axis]
-    if stacked is not None and batch_size % devices:
+    if split.stacked is not None and split.batch_size % devices:
         raise ValueError(
-            f"the batch size {batch_size} (batch_size, or the size of a list's batches) is "
-            f"not a multiple of the {devices} devices on mesh axis {axis!r}; each device "
+            f"the batch size {split.batch_size} (batch_size, or the size of a list's batches) "
+            f"is not a multiple of the {devices} devices on mesh axis {axis!r}; each device "
             "takes an equal part of every batch."
         )
+    split, tail = _cut_tail(split, devices, params, settings, several=False)
     replicated = NamedSharding(mesh, P())
     params = jax.device_put(params, replicated)
-    if stacked is not None:
-        stacked = jax.device_put(stacked, NamedSharding(mesh, P(None, axis)))
-    if remainder is not None:
-        rest = jax.tree_util.tree_leaves(remainder)[0].shape[0]
-        spec = P(axis) if rest % devices == 0 else P()
-        remainder = jax.device_put(remainder, NamedSharding(mesh, spec))
-    return params, stacked, remainder
+    stacked = remainder = None
+    if split.stacked is not None:
+        stacked = jax.device_put(split.stacked, NamedSharding(mesh, P(None, axis)))
+    if split.remainder is not None:
+        spec = P(axis) if batch_size_of(split.remainder) % devices == 0 else P()
+        remainder = jax.device_put(split.remainder, NamedSharding(mesh, spec))
+    if tail is not None:
+        tail = jax.device_put(tail, replicated)
+    return params, stacked, remainder, tail
+
+
+def _cut_tail(split, devices, params, settings, *, several):
+    """The remainder batch cut where a multiple of ``devices`` samples ends: that part is
+    split over the devices like every batch, and the few samples after it (the tail,
+    returned second) are computed whole on every device. Only when regrouping samples
+    leaves the matrix unchanged: when the loss of a batch is the ``reduce`` of its
+    samples' losses, tested on the remainder (a loss with batch statistics, such as
+    batch normalisation in training mode, keeps its remainder whole, replicated).
+    ``several``: the processes agree on the test's outcome."""
+    product, reduce = settings[0], settings[1]
+    if split.remainder is None:
+        return split, None
+    rest = batch_size_of(split.remainder)
+    cut = rest - rest % devices
+    if cut in (0, rest):
+        return split, None
+    regroups = _loss_form(Unwrapping(product.loss), params, [split.remainder]) == reduce
+    if several:
+        regroups = bool(np.all(all_ok(regroups)))
+    if not regroups:
+        return split, None
+    head = jax.tree_util.tree_map(lambda a: a[:cut], split.remainder)
+    tail = jax.tree_util.tree_map(lambda a: a[cut:], split.remainder)
+    return split._replace(remainder=head), tail
 
 
 def process_count(mesh) -> int:
@@ -660,15 +698,20 @@ def _shard_process_data(mesh, axis, params, split, settings):
             lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), tree
         )
 
+    def everyones(tree):  # a few samples: every process holds all processes' samples
+        return replicate(mesh, multihost_utils.process_allgather(tree, tiled=True))
+
+    split, tail = _cut_tail(split, local_devices, params, settings, several=True)
     stacked = remainder = None
     if split.stacked is not None:
         stacked = global_from_local(split.stacked, P(None, axis))
     if split.remainder is not None:
-        if rest % local_devices == 0:
+        if batch_size_of(split.remainder) % local_devices == 0:
             remainder = global_from_local(split.remainder, P(axis))
-        else:  # a few samples: every process holds all of them
-            gathered = multihost_utils.process_allgather(split.remainder, tiled=True)
-            remainder = replicate(mesh, gathered)
+        else:
+            remainder = everyones(split.remainder)
+    if tail is not None:
+        tail = everyones(tail)
     params = replicate(mesh, params)
     global_split = split._replace(
         stacked=stacked,
@@ -676,7 +719,7 @@ def _shard_process_data(mesh, axis, params, split, settings):
         num_samples=split.num_samples * processes,
         batch_size=split.batch_size * processes,
     )
-    return params, global_split
+    return params, global_split, tail
 
 
 def _data_devices_of_this_process(mesh, axis) -> int:
@@ -833,8 +876,11 @@ def hessian_operator(
         over the devices of ``mesh``'s axis ``data_axis`` (``batch_size`` must be a multiple
         of their number) and the parameters are replicated. Inside ``jit`` every device
         computes the HVP of its part of the batch and XLA reduces them across devices
-        (the batch mean is a sum over all devices' samples). A remainder batch whose size
-        is not a multiple is replicated (computed whole on every device). The same code
+        (the batch mean is a sum over all devices' samples). Of a remainder batch whose
+        size is not a multiple, the largest multiple is split likewise and the few samples
+        after it are computed whole on every device; where the loss has batch statistics
+        (the loss of a batch is not the mean, or the sum for ``reduce="sum"``, of its
+        samples' losses) the remainder stays whole, replicated. The same code
         runs on several hosts after ``jax.distributed.initialize()``, with a mesh over all
         processes' devices.
     rewrite:
@@ -979,13 +1025,12 @@ def _in_memory(split, params, settings, mesh, data_axis, check_batch) -> Curvatu
     product, reduce, loop, layout, rewrite, select = settings
     stacked = jax.tree_util.tree_map(jnp.asarray, split.stacked)
     remainder = jax.tree_util.tree_map(jnp.asarray, split.remainder)
+    tail = None
     if mesh is not None and process_count(mesh) > 1:
-        params, split = _shard_process_data(mesh, data_axis, params, split, settings)
+        params, split, tail = _shard_process_data(mesh, data_axis, params, split, settings)
         stacked, remainder = split.stacked, split.remainder
     elif mesh is not None:
-        params, stacked, remainder = _shard_data(
-            mesh, data_axis, params, stacked, remainder, split.batch_size
-        )
+        params, stacked, remainder, tail = _shard_data(mesh, data_axis, params, split, settings)
     first = first_batch(stacked, remainder)
     check_batch(params, first)
     rewrite = _applied_rewrite(product, rewrite, params, first)
@@ -1002,6 +1047,7 @@ def _in_memory(split, params, settings, mesh, data_axis, check_batch) -> Curvatu
         layout,
         rewrite,
         select,
+        tail,
     )
     if loop == "auto":
         loop = _choose_loop(operator.product_loss, params, first)

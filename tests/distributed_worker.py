@@ -45,7 +45,7 @@ def main(pid: int, port: str, out: str, mode: str = "all", folder: str = "") -> 
     mine = (x[half], y[half])
     if mode == "perturbed" and pid == 1:  # other data than the checkpoint was written for,
         changed = x[half].copy()  # in a batch that only process 1 holds (not the remainder,
-        changed[0] += 1  # which every process holds)
+        changed[0] += 1  # whose tail every process holds)
         mine = (changed, y[half])
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     one = js.hessian_operator(mlp_loss, params, (x, y), batch_size=16)  # this process only
@@ -64,6 +64,14 @@ def main(pid: int, port: str, out: str, mode: str = "all", folder: str = "") -> 
                 for s in jax.tree_util.tree_leaves(four.stacked)[0].addressable_shards
             }  # noqa: E501
         ),
+        # each process's 3-sample remainder: 2 split over its devices, 1 in the tail
+        "remainder_shards": sorted(
+            {
+                tuple(s.data.shape)
+                for s in jax.tree_util.tree_leaves(four.remainder)[0].addressable_shards
+            }
+        ),
+        "tail_shape": list(jax.tree_util.tree_leaves(four.tail)[0].shape),
     }
     key = jax.random.key(2)
     single = js.lanczos(one, key, 30)

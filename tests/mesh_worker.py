@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from conftest import classification_data, init_mlp, mlp_loss  # noqa: E402
+from conftest import classification_data, init_mlp, mlp_apply, mlp_loss  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -78,6 +78,7 @@ def main():
                     four, order=order, basis_sharding=basis_sharding
                 ).basis_bytes_per_device,
                 "explicit_refused": _explicit_refused(params, x, y),
+                **_remainder_split(four, params, x, y, mesh),
                 **odd,
                 "checkpoint_rel": rel(resumed.tridiag, single.tridiag),
                 "checkpoint_interrupted_at": interrupted_at,
@@ -166,6 +167,38 @@ def _sharded_checkpoint(op, key, order, basis_sharding):
     except Interrupted as err:
         stopped = err.steps
     return lanczos(op, key, order, resume=True, **options), stopped
+
+
+def _centred_loss(params, batch):
+    """A loss with a batch statistic (logits centred on the batch's mean): regrouping the
+    samples changes it, so a remainder batch must stay whole."""
+    x, y = batch
+    logits = mlp_apply(params, x)
+    logp = jax.nn.log_softmax(logits - jnp.mean(logits, axis=0))
+    return -jnp.mean(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+
+def _remainder_split(four, params, x, y, mesh):
+    """The 6-sample remainder on 4 devices: 4 samples split over them, a tail of 2
+    replicated; kept whole where the loss has a batch statistic."""
+    head = jax.tree_util.tree_leaves(four.remainder)[0]
+    tail = jax.tree_util.tree_leaves(four.tail)[0]
+    one = hessian_operator(_centred_loss, params, (x, y), batch_size=16)
+    centred = hessian_operator(_centred_loss, params, (x, y), batch_size=16, mesh=mesh)
+    v = jax.random.normal(jax.random.key(5), (one.dim,), one.dtype)
+    whole = np.asarray(one.matvec(v), np.float64)
+    return {
+        "remainder_shards": sorted({tuple(s.data.shape) for s in head.addressable_shards}),
+        "tail_shape": list(tail.shape),
+        "tail_replicated": bool(tail.sharding.is_fully_replicated),
+        "centred_tail": centred.tail is not None,
+        "centred_remainder_replicated": bool(
+            jax.tree_util.tree_leaves(centred.remainder)[0].sharding.is_fully_replicated
+        ),
+        "centred_matvec_rel": float(
+            np.abs(np.asarray(centred.matvec(v), np.float64) - whole).max() / np.abs(whole).max()
+        ),
+    }
 
 
 def _explicit_refused(params, x, y):

@@ -56,6 +56,8 @@ def test_two_processes_with_their_own_data_give_the_one_device_results(tmp_path)
         # each process passed 35 samples: batches of 16 (8 from each), 6 left over
         assert got["num_samples"] == 70 and got["batch_size"] == 16
         assert got["local_batch_shards"] == [[4, 4, 6]]  # 4 of each batch's 16 per device
+        # the remainder, 3 samples on each process: 1 per device, the last 2 on every device
+        assert got["remainder_shards"] == [[1, 6]] and got["tail_shape"] == [2, 6]
         for name in (
             "lanczos",
             "lanczos_progress",

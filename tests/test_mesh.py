@@ -45,4 +45,10 @@ def test_four_devices_give_the_one_device_tridiagonal(precision, tol):
     # a checkpointed run with the sharded basis, stopped by Ctrl-C and resumed
     assert got["checkpoint_rel"] <= tol and got["checkpoint_spec"] == "P(None, 'data')"
     assert 10 <= got["checkpoint_interrupted_at"] < 30
+    # the 6-sample remainder: 4 samples split over the devices, the other 2 replicated ...
+    assert got["remainder_shards"] == [[1, 6]]
+    assert got["tail_shape"] == [2, 6] and got["tail_replicated"]
+    # ... unless the loss has a batch statistic: then it stays whole (the same matrix)
+    assert not got["centred_tail"] and got["centred_remainder_replicated"]
+    assert got["centred_matvec_rel"] <= tol
     assert got["explicit_refused"]  # a mesh with Explicit axes gets a clear message
