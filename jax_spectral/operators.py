@@ -609,7 +609,7 @@ def _shard_data(mesh, axis, params, split, settings):
         )
     split, tail = _cut_tail(split, devices, params, settings, several=False)
     replicated = NamedSharding(mesh, P())
-    params = jax.device_put(params, replicated)
+    params = place_params(mesh, params)
     stacked = remainder = None
     if split.stacked is not None:
         stacked = jax.device_put(split.stacked, NamedSharding(mesh, P(None, axis)))
@@ -619,6 +619,25 @@ def _shard_data(mesh, axis, params, split, settings):
     if tail is not None:
         tail = jax.device_put(tail, replicated)
     return params, stacked, remainder, tail
+
+
+def place_params(mesh, params):
+    """The parameters on ``mesh``: a leaf already laid out over it (split over a model
+    axis, FSDP-style, or over any of its axes) keeps its layout, so a model too large for
+    one device stays split; every other leaf is replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    def placed(leaf):
+        sharding = getattr(leaf, "sharding", None)
+        return isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh == mesh
+
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    others = [leaf for leaf in leaves if not placed(leaf)]
+    if process_count(mesh) > 1:  # each process provides its copy
+        others = iter(replicate(mesh, others))
+    else:
+        others = iter(jax.device_put(others, jax.sharding.NamedSharding(mesh, P())))
+    return treedef.unflatten([leaf if placed(leaf) else next(others) for leaf in leaves])
 
 
 def _cut_tail(split, devices, params, settings, *, several):
@@ -712,7 +731,7 @@ def _shard_process_data(mesh, axis, params, split, settings):
             remainder = everyones(split.remainder)
     if tail is not None:
         tail = everyones(tail)
-    params = replicate(mesh, params)
+    params = place_params(mesh, params)
     global_split = split._replace(
         stacked=stacked,
         remainder=remainder,
@@ -756,10 +775,18 @@ def _agree_across_processes(params, split, settings, rest) -> None:
 
     from .checkpoint import fingerprint
 
+    def comparable(leaf):  # a global array is one array by construction: its layout
+        if getattr(leaf, "is_fully_addressable", True):
+            return leaf
+        return repr((leaf.shape, str(leaf.dtype), leaf.sharding.spec))
+
     product, reduce, loop, layout, rewrite, select = settings
     mine = {
         "parameters and settings": fingerprint(
-            (params, repr((type(product).__name__, reduce, loop, rewrite, select)))
+            (
+                jax.tree_util.tree_map(comparable, params),
+                repr((type(product).__name__, reduce, loop, rewrite, select)),
+            )
         ),
         "number of samples": str(split.num_samples),
         "samples per batch": str(split.batch_size),
@@ -874,7 +901,9 @@ def hessian_operator(
     mesh, data_axis:
         Data parallelism for in-memory arrays: each batch is split along its sample axis
         over the devices of ``mesh``'s axis ``data_axis`` (``batch_size`` must be a multiple
-        of their number) and the parameters are replicated. Inside ``jit`` every device
+        of their number) and the parameters are replicated, except leaves already laid out
+        over ``mesh`` (for example split over a model axis of a 2-D mesh), which keep
+        their layout. Inside ``jit`` every device
         computes the HVP of its part of the batch and XLA reduces them across devices
         (the batch mean is a sum over all devices' samples). Of a remainder batch whose
         size is not a multiple, the largest multiple is split likewise and the few samples

@@ -119,6 +119,30 @@ def main(pid: int, port: str, out: str, mode: str = "all", folder: str = "") -> 
         )
     except Exception:
         got["indivisible_sharded_basis"] = traceback.format_exc()
+    try:  # data x model, processes along "data", the weights split over "model"
+        devices = np.array(sorted(jax.devices(), key=lambda d: (d.process_index, d.id)))
+        grid = jax.sharding.Mesh(
+            devices.reshape(2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+        )
+
+        def split(leaf):
+            sharding = NamedSharding(grid, P(*([None] * (leaf.ndim - 1)), "model"))
+            leaf = np.asarray(leaf)
+            return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+
+        fsdp = js.hessian_operator(
+            mlp_loss, jax.tree_util.tree_map(split, params), mine, batch_size=16, mesh=grid
+        )
+        w = fsdp.params["layer0"]["w"]
+        got["fsdp_param_shards"] = sorted({tuple(s.data.shape) for s in w.addressable_shards})
+        got["fsdp_lanczos"] = rel(
+            js.lanczos(
+                fsdp, key, 30, basis_sharding=NamedSharding(grid, P(None, ("data", "model")))
+            ).tridiag,
+            single.tridiag,
+        )
+    except Exception:
+        got["fsdp_lanczos"] = traceback.format_exc()
     js.lanczos(four, key, 5, progress=True)  # a bar on stderr: process 0's only
     try:
         skewed = jax.tree_util.tree_map(lambda a: a * (1 + pid), params)

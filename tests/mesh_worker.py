@@ -79,6 +79,7 @@ def main():
                 ).basis_bytes_per_device,
                 "explicit_refused": _explicit_refused(params, x, y),
                 **_remainder_split(four, params, x, y, mesh),
+                **_data_by_model(params, x, y, single, one, key, order),
                 **odd,
                 "checkpoint_rel": rel(resumed.tridiag, single.tridiag),
                 "checkpoint_interrupted_at": interrupted_at,
@@ -198,6 +199,38 @@ def _remainder_split(four, params, x, y, mesh):
         "centred_matvec_rel": float(
             np.abs(np.asarray(centred.matvec(v), np.float64) - whole).max() / np.abs(whole).max()
         ),
+    }
+
+
+def _data_by_model(params, x, y, single, one, key, order):
+    """A 2 x 2 mesh (data x model), the parameters split over the model axis (FSDP-style):
+    the operator keeps their layout, each device holding half of every weight; the basis
+    split over all four devices; the results those of one device."""
+    mesh = jax.make_mesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    def split(leaf):  # the last axis over "model" (12 and 4 outputs per layer)
+        spec = P(*([None] * (leaf.ndim - 1)), "model")
+        return jax.device_put(leaf, NamedSharding(mesh, spec))
+
+    sharded = jax.tree_util.tree_map(split, params)
+    op = hessian_operator(mlp_loss, sharded, (x, y), batch_size=16, mesh=mesh)
+    basis_sharding = NamedSharding(mesh, P(None, ("data", "model")))
+    result = lanczos(op, key, order, basis_sharding=basis_sharding)
+    ones = np.ones(one.dim, one.dtype)
+    w = op.params["layer0"]["w"]
+    batch = jax.tree_util.tree_leaves(op.stacked)[0]
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    return {
+        "fsdp_param_spec": str(w.sharding.spec),
+        "fsdp_param_shards": sorted({tuple(s.data.shape) for s in w.addressable_shards}),
+        "fsdp_batch_shards": sorted({tuple(s.data.shape) for s in batch.addressable_shards}),
+        "fsdp_basis_shards": sorted({tuple(s.data.shape) for s in result.basis.addressable_shards}),
+        "fsdp_matvec_rel": rel(op.matvec(ones), one.matvec(ones)),
+        "fsdp_tridiag_rel": rel(result.tridiag, single.tridiag),
     }
 
 

@@ -69,10 +69,13 @@ def test_two_processes_with_their_own_data_give_the_one_device_results(tmp_path)
             "hutchpp",
             "matvec",
             "indivisible_sharded_basis",
+            "fsdp_lanczos",
         ):
             assert isinstance(got[name], float), (name, got[name])
             assert got[name] <= 1e-5, (name, got[name])
         assert got["progress_last"] == [30, 30]
+        # data x model, the weights split over "model" within each process
+        assert got["fsdp_param_shards"] == [[6, 6]]
         assert "passed different parameters" in got["different_params"]
         assert "passed different parameters" in got["different_sizes"]
         assert "must lie within one process" in got["processes_across_data"]

@@ -51,4 +51,12 @@ def test_four_devices_give_the_one_device_tridiagonal(precision, tol):
     # ... unless the loss has a batch statistic: then it stays whole (the same matrix)
     assert not got["centred_tail"] and got["centred_remainder_replicated"]
     assert got["centred_matvec_rel"] <= tol
+    # a 2 x 2 mesh, data x model, the parameters split over the model axis: they stay
+    # split (each device half of every weight), the data over the data axis, the basis
+    # over all four devices, and the numbers are one device's
+    assert got["fsdp_param_spec"] == "P(None, 'model')"
+    assert got["fsdp_param_shards"] == [[6, 6]]
+    assert got["fsdp_batch_shards"] == [[4, 8, 6]]
+    assert got["fsdp_basis_shards"] == [[30, 34]]
+    assert got["fsdp_matvec_rel"] <= tol and got["fsdp_tridiag_rel"] <= tol
     assert got["explicit_refused"]  # a mesh with Explicit axes gets a clear message
