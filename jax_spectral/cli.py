@@ -116,6 +116,23 @@ def _analysis_options(parser: argparse.ArgumentParser, *, out: str, order: int, 
         "rerun on the same model and settings skips most of its compile time",
     )
     parser.add_argument(
+        "--data-parallel",
+        action="store_true",
+        help="split every batch over all devices (a one-axis mesh; with --distributed, "
+        "over every process's devices)",
+    )
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="one process of a multi-host job: joins the others with "
+        "jax.distributed.initialize() (the cluster's environment, e.g. Slurm, Open MPI, "
+        "Kubernetes, Cloud TPU, or --coordinator/--num-processes/--process-id); each "
+        "process analyses its equal share of the data, and process 0 writes the files",
+    )
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="with --distributed")
+    parser.add_argument("--num-processes", type=_positive_int, help="with --distributed")
+    parser.add_argument("--process-id", type=int, help="with --distributed")
+    parser.add_argument(
         "--per-layer",
         action="store_true",
         help="also a density of each layer's block (the other weights fixed): layers.png",
@@ -199,13 +216,25 @@ def _versions(**extra: str) -> dict:
     }
 
 
+def _lead() -> bool:
+    """Whether this process writes the files and prints the report: process 0 of a
+    multi-process job (``--distributed``), or the only process."""
+    import jax
+
+    return jax.process_index() == 0
+
+
 def _save_npz(out: Path, **arrays: Any) -> None:
     import numpy as np
 
+    if not _lead():
+        return
     write_atomic(out / "spectrum.npz", lambda tmp: np.savez(tmp, **arrays))
 
 
 def _save_json(out: Path, summary: dict) -> None:
+    if not _lead():
+        return
     write_atomic(out / "spectrum.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
 
 
@@ -217,9 +246,15 @@ class Stopped(Exception):
     """Ctrl-C: what was finished is written; reported in one line, exit code 130."""
 
 
+def _say(text: str) -> None:
+    """A line of the run's report, printed by process 0 only."""
+    if _lead():
+        print(text, flush=True)
+
+
 def _adjust(summary: dict, note: str) -> None:
     """A setting the analysis had to change: printed, and recorded in spectrum.json."""
-    print(f"note: {note}", flush=True)
+    _say(f"note: {note}")
     summary.setdefault("adjustments", []).append(note)
 
 
@@ -265,6 +300,8 @@ def _layer_densities(
 def _draw_layers(out: Path, layers: dict, title: str, note: str) -> str:
     from .plot import plot_densities
 
+    if not _lead():
+        return "drawn by process 0"
     try:
         fig = plot_densities(
             layers, path=out / "layers.png", title=title + ", per layer", note=note
@@ -281,6 +318,8 @@ def _draw_layers(out: Path, layers: dict, title: str, note: str) -> str:
 def _draw(out: Path, dens: Any, outliers: Any, title: str, note: str) -> str:
     from .plot import plot_density  # imports matplotlib only when called
 
+    if not _lead():
+        return "drawn by process 0"
     try:
         fig = plot_density(
             dens, outliers=outliers, path=out / "density.png", title=title, note=note
@@ -321,9 +360,10 @@ def analyse(
 
     blocks = blocks or {}
     plan = _plan(operator, order, num_probes, top, trace_matvecs, blocks, summary)
-    _prepare_out(out)
-    for name in _OUTPUTS:  # an earlier run's files go before any of this run's is written
-        (out / name).unlink(missing_ok=True)
+    if _lead():  # (on several processes, process 0 writes the files)
+        _prepare_out(out)
+        for name in _OUTPUTS:  # an earlier run's files go before any of this run's is written
+            (out / name).unlink(missing_ok=True)
     _record_settings(summary, plan, num_probes, sigma_squared, top)
     run = _Run(out, summary, started, _STAGES + (("layers",) if blocks else ()))
     keys = jax.random.split(key, 3)
@@ -339,7 +379,8 @@ def analyse(
         figure = _draw(out, dens, pairs.values, title, note + f"; top {top} eigenvalues dashed")
         run.status["figure"] = "done" if figure.endswith(".png") else figure
     run.finish()
-    _report(summary, num_probes, plan, pairs, trace, out, figure)
+    if _lead():
+        _report(summary, num_probes, plan, pairs, trace, out, figure)
     return summary
 
 
@@ -379,12 +420,11 @@ def _plan(operator, order, num_probes, top, trace_matvecs, blocks, summary) -> _
         estimate(operator, order=order, num_probes=num_probes).basis_bytes,
         estimate(operator, order=eig_order).basis_bytes,
     )
-    print(
+    _say(
         f"cost: about {passes} passes over {operator.num_samples or 'the'} samples "
         f"({order} SLQ steps serving all {num_probes} probes at once, {eig_order} Lanczos steps "
         f"for the top {top}, {trace_matvecs} trace products in chunks of {chunk}); "
-        f"Lanczos bases up to {basis_bytes / 2**20:.1f} MiB",
-        flush=True,
+        f"Lanczos bases up to {basis_bytes / 2**20:.1f} MiB"
     )
     return _Plan(order, eig_order, trace_matvecs)
 
@@ -549,6 +589,61 @@ def _report(summary, num_probes, plan, pairs, trace, out, figure) -> None:
 # -- the commands -------------------------------------------------------------------------
 
 
+def _join(args: argparse.Namespace) -> None:
+    """``--distributed``: join the other processes of the job (``jax.distributed``; CPU
+    devices talk through gloo)."""
+    manual = {"--coordinator": args.coordinator, "--num-processes": args.num_processes}
+    manual["--process-id"] = args.process_id
+    given = [name for name, value in manual.items() if value is not None]
+    if given and not args.distributed:
+        raise InputError(f"{', '.join(given)} go(es) with --distributed.")
+    if not args.distributed:
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    except (ValueError, RuntimeError) as err:
+        raise InputError(f"--distributed: {_one_line(err)}") from None
+
+
+def _data_mesh(args: argparse.Namespace) -> Any:
+    """``--data-parallel`` or ``--distributed``: a one-axis ``"data"`` mesh over every
+    device (of every process)."""
+    if not (args.data_parallel or args.distributed):
+        return None
+    import jax
+
+    auto = (jax.sharding.AxisType.Auto,)
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=auto)
+
+
+def _mesh_options(mesh: Any) -> dict:
+    return {} if mesh is None else {"mesh": mesh, "data_axis": "data"}
+
+
+def _share(data: tuple, notes: dict) -> tuple:
+    """This process's equal share of in-memory arrays on several processes (the whole of
+    them on one); the ``N mod P`` samples left over are not used, and a note says so."""
+    import jax
+
+    processes, index = jax.process_count(), jax.process_index()
+    if processes == 1:
+        return data
+    n = len(data[0])
+    each = n // processes
+    if each == 0:
+        raise InputError(f"{n} samples cannot be shared by {processes} processes.")
+    if n % processes:
+        _adjust(
+            notes,
+            f"{n} samples shared by {processes} processes: {each} each; the last "
+            f"{n % processes} are not used",
+        )
+    return tuple(a[index * each : (index + 1) * each] for a in data)
+
+
 def run_demo(
     out: Path,
     *,
@@ -563,12 +658,16 @@ def run_demo(
     progress: bool = False,
     curvature: str = "hessian",
     per_layer: bool = False,
+    mesh: Any = None,
 ) -> dict:
     """Train the digits MLP, then the density (SLQ), top eigenpairs and trace of its
-    Hessian (or ``curvature``: ``"ggn"``, ``"fisher"``)."""
+    Hessian (or ``curvature``: ``"ggn"``, ``"fisher"``); ``mesh``: every batch split over
+    its ``"data"`` axis (on several processes, each takes its share of the digits)."""
     started = time.perf_counter()
     trained, key = _train_digits_mlp(seed, train_steps)
-    operator, blocks = _demo_operators(trained, curvature, batch_size, per_layer)
+    notes: dict = {}
+    data = _share((trained.X, trained.y), notes)
+    operator, blocks = _demo_operators(trained, data, curvature, batch_size, per_layer, mesh)
     settings = {
         "seed": seed,
         "batch_size": batch_size,
@@ -588,7 +687,7 @@ def run_demo(
         sigma_squared=sigma_squared,
         progress=progress,
         title=f"{CURVATURES[curvature]} density, digits MLP ({num_probes} probes)",
-        summary=_demo_summary(trained, settings),
+        summary={**_demo_summary(trained, operator, settings), **notes},
         blocks=blocks,
         started=started,
     )
@@ -621,18 +720,22 @@ def _train_digits_mlp(seed: int, train_steps: int) -> tuple[_Trained, Any]:
     params = model.init(key_init, X[:1])["params"]
     loss = datasets.cross_entropy_loss(model.apply)
     params = datasets.train_classifier(loss, params, (X, y), steps=train_steps)
+    if jax.process_count() > 1:  # every process analyses process 0's weights
+        from jax.experimental import multihost_utils
+
+        params = multihost_utils.broadcast_one_to_all(params)
     logits = model.apply({"params": params}, X)
     accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
     num_params = ravel_pytree(params)[0].size
-    print(
+    _say(
         f"trained a {num_params}-parameter MLP on digits ({len(X)} samples): "
         f"loss {float(loss(params, (X, y))):.4f}, accuracy {accuracy:.3f}"
     )
     return _Trained(model, params, loss, X, y, accuracy, num_params), key
 
 
-def _demo_operators(trained: _Trained, curvature: str, batch_size: int, per_layer: bool):
-    """The ``curvature`` operator of the trained MLP on all the digits and, with
+def _demo_operators(trained: _Trained, data, curvature, batch_size, per_layer, mesh):
+    """The ``curvature`` operator of the trained MLP on the digits ``data`` and, with
     ``per_layer``, one per layer."""
     from . import layer_blocks
 
@@ -643,8 +746,9 @@ def _demo_operators(trained: _Trained, curvature: str, batch_size: int, per_laye
         functools.partial(_flax_apply, trained.model.apply),
         "softmax_cross_entropy",
         trained.params,
-        (trained.X, trained.y),
+        data,
         batch_size=batch_size,
+        **_mesh_options(mesh),
     )
     operator = build()
     blocks = {}
@@ -653,12 +757,12 @@ def _demo_operators(trained: _Trained, curvature: str, batch_size: int, per_laye
     return operator, blocks
 
 
-def _demo_summary(trained: _Trained, settings: dict) -> dict:
+def _demo_summary(trained: _Trained, operator: Any, settings: dict) -> dict:
     """The start of the demo's ``spectrum.json``: the model, its data and the settings."""
     return {
         "model": "digits MLP 64-32-10 (tanh)",
         "num_params": int(trained.num_params),
-        "num_samples": len(trained.X),
+        "num_samples": int(operator.num_samples),
         "train_accuracy": trained.accuracy,
         "settings": settings,
         "versions": _versions(),
@@ -739,6 +843,7 @@ def _keras_operators(args, model, loss, params, out_loss, data) -> tuple:
             data,
             batch_size=args.batch_size,
             reduce=args.reduce,
+            **_mesh_options(_data_mesh(args)),
         )
         operator = build()
         blocks = {}
@@ -763,16 +868,20 @@ def run_keras(args: argparse.Namespace) -> dict:
     model, x, y, given, loss_fn, out_loss = _keras_inputs(args)
     loss = pure_loss(model, loss_fn)
     params = trainable_values(model)
-    operator, blocks = _keras_operators(args, model, loss, params, out_loss, (x, y))
+    shared: dict = {}
+    mine = _share((x, y), shared)
+    operator, blocks = _keras_operators(args, model, loss, params, out_loss, mine)
     name = Path(args.model).name
     notes = _announce_keras_data(args, name, operator, x, given)
     quality = _fit_on(model, loss, params, x, y, args.batch_size)
-    print(  # so that a user sees whether the preprocessing matches the training's
+    _say(  # so that a user sees whether the preprocessing matches the training's
         "on this data the model has loss "
         + ", accuracy ".join(f"{v:.4g}" for v in quality.values())
         + " (a loss far above the training loss means other preprocessing: see --scale)"
     )
-    summary = _keras_summary(args, operator, len(x), keras.__version__, {**quality, **notes})
+    summary = _keras_summary(
+        args, operator, operator.num_samples, keras.__version__, {**quality, **notes, **shared}
+    )
     return analyse(
         operator,
         out=args.out,
@@ -800,7 +909,7 @@ def _announce_keras_data(args, name: str, operator, x, given) -> dict:
             f"the data's samples of shape {given} are reshaped to the model's "
             f"input shape {x.shape[1:]}",
         )
-    print(
+    _say(
         f"loaded {name}: {operator.dim:,} trainable parameters; data {args.data}: "
         f"{len(x)} samples of shape {x.shape[1:]}, batches of {args.batch_size} "
         f"({operator.loop} loop)"
@@ -911,9 +1020,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        _check_out(args.out)
+        _join(args)
         if args.compilation_cache is not None:
             use_compilation_cache(args.compilation_cache)
+        if _lead():
+            _check_out(args.out)
         if args.command == "demo":
             run_demo(
                 args.out,
@@ -928,6 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.quiet,
                 curvature=args.curvature,
                 per_layer=args.per_layer,
+                mesh=_data_mesh(args),
             )
         else:
             run_keras(args)

@@ -103,3 +103,53 @@ def test_both_processes_killed_resume_from_their_checkpoints(tmp_path):
     errors = [got["error"] for got in _run_two(tmp_path, "perturbed", folder)]
     assert "written for different operator" in errors[1]
     assert "process(es) [1] could not read their checkpoint" in errors[0]
+
+
+def test_the_command_line_on_two_processes_writes_once_and_matches_dense_eigenvalues(tmp_path):
+    """``jax-spectral demo --distributed`` in 2 processes x 2 devices: process 0 writes the
+    files (process 1 none), and the top eigenvalues are those of the dense Hessian on the
+    samples the two shares hold (1,796 of the 1,797 digits)."""
+    import os
+
+    import jax
+    import numpy as np
+    from jax.flatten_util import ravel_pytree
+
+    from jax_spectral.cli import _train_digits_mlp
+
+    port = str(_free_port())
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    settings = ["--order", "20", "--num-probes", "2", "--top", "2", "--trace-matvecs", "9"]
+    settings += ["--train-steps", "30", "--batch-size", "256", "--quiet"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "jax_spectral", "demo", *settings, "--out"]
+            + [str(tmp_path / f"out{i}"), "--distributed", "--coordinator", f"localhost:{port}"]
+            + ["--num-processes", "2", "--process-id", str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    try:
+        logs = [proc.communicate(timeout=600) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, (out, err) in zip(procs, logs, strict=True):
+        assert proc.returncode == 0, (out, err[-3000:])
+    assert not (tmp_path / "out1").exists()  # process 1 wrote nothing
+    assert "top eigenvalues" in logs[0][0] and "top eigenvalues" not in logs[1][0]
+    summary = json.loads((tmp_path / "out0" / "spectrum.json").read_text())
+    assert summary["status"]["complete"] and summary["num_samples"] == 1796
+    assert "the last 1 are not used" in " ".join(summary["adjustments"])
+
+    trained, _ = _train_digits_mlp(0, 30)
+    flat, unravel = ravel_pytree(trained.params)
+    x, y = trained.X[:1796], trained.y[:1796]
+    hessian = jax.hessian(lambda w: trained.loss(unravel(w), (x, y)))(flat)
+    dense = np.linalg.eigvalsh(np.asarray(hessian, np.float64))[::-1][:2]
+    got = np.asarray(summary["top_eigenvalues"])
+    np.testing.assert_allclose(got, dense, rtol=1e-4)
