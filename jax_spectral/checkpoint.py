@@ -413,6 +413,49 @@ def _snapshot(state, start, count, axis):
     return rows, small
 
 
+def local_columns(sharding: Any, shape: tuple) -> list[tuple[int, int]] | None:
+    """The column ranges (last axis) of an array of ``shape`` laid out as ``sharding``
+    that this process holds, when the array spans several processes (``None`` when it is
+    all here). Only the last axis may be split: ``ValueError`` otherwise."""
+    if sharding is None or sharding.is_fully_addressable:
+        return None
+    ranges = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        *others, last = (index[i] if i < len(index) else slice(None) for i in range(len(shape)))
+        if any(s.indices(n) != (0, n, 1) for s, n in zip(others, shape, strict=False)):
+            raise ValueError(
+                "checkpoints of a basis split over several processes need its rows kept "
+                f"whole (basis_sharding splitting only the last axis); got {sharding.spec}."
+            )
+        ranges.add(last.indices(shape[-1])[:2])
+    return sorted(ranges)
+
+
+def _host_part(array: Any, columns: list | None) -> np.ndarray:
+    """``array`` on the host: whole, or this process's ``columns`` side by side."""
+    if columns is None:
+        return np.asarray(jax.device_get(array))
+    shards = {}
+    for shard in array.addressable_shards:
+        shards.setdefault(shard.index[-1].indices(array.shape[-1])[:2], shard.data)
+    return np.concatenate([np.asarray(shards[c]) for c in columns], axis=-1)
+
+
+def _global_from_part(part: np.ndarray, shape: tuple, sharding: Any, columns: list) -> Any:
+    """The global array whose columns this process holds as ``part`` (see _host_part)."""
+    offsets, at = {}, 0
+    for start, stop in columns:
+        offsets[(start, stop)] = at
+        at += stop - start
+
+    def block(index):
+        start, stop = index[-1].indices(shape[-1])[:2]
+        at = offsets[(start, stop)]
+        return part[..., at : at + stop - start]
+
+    return jax.make_array_from_callback(shape, sharding, block)
+
+
 def _short(value: Any) -> str:
     if isinstance(value, str) and len(value) == 64:  # a SHA-256
         return value[:12] + "..."
@@ -460,6 +503,8 @@ class Checkpointer:
         self.rows_axis = rows_axis
         self.segments: list[dict] = []
         self.rows_saved = 0
+        # a basis split over several processes: the column ranges this process saves
+        self.columns: list | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
         self._lock: Any = None
@@ -526,6 +571,7 @@ class Checkpointer:
         self.flush()
         self.folder.mkdir(parents=True, exist_ok=True)
         basis = state.basis
+        self.columns = local_columns(getattr(basis, "sharding", None), basis.shape)
         order = basis.shape[self.rows_axis]
         rows_final = min(next_step + 1, order)
         count = max(rows_final - self.rows_saved, 0)
@@ -559,9 +605,10 @@ class Checkpointer:
                 self._lock = None
 
     def _write(self, new_rows, small, next_step, done) -> None:
-        new_rows, small = jax.device_get((new_rows, small))  # waits for the computation
+        small = jax.device_get(small)  # waits for the computation
         if new_rows is not None:
             start, stop, rows = new_rows
+            rows = _host_part(rows, self.columns)
             name = f"basis-{start:06d}-{stop:06d}.npy"
             data = _npy_bytes(rows)
             # Not fsync'd (that cost most of a checkpoint): a process kill cannot lose it,
@@ -583,6 +630,7 @@ class Checkpointer:
             "next_step": int(next_step),
             "done": bool(done),
             "segments": list(self.segments),
+            "columns": self.columns,
         }
         buffer = io.BytesIO()
         np.savez(buffer, meta=np.array(json.dumps(meta)), **small)
@@ -602,16 +650,32 @@ class Checkpointer:
         path = path or self.state_file
         meta, small = self._read_state(path)
         self._check_written_for_this_run(meta)
-        basis = np.zeros(template.basis.shape, template.basis.dtype)
+        shape, sharding = template.basis.shape, getattr(template.basis, "sharding", None)
+        columns = local_columns(sharding, shape)
+        saved = meta.get("columns")
+        if (saved is None and columns is not None) or (
+            saved is not None and [tuple(c) for c in saved] != columns
+        ):
+            raise ValueError(
+                f"the checkpoint in {self.folder} holds basis columns {saved or 'all'}, and "
+                f"this process holds {columns or 'all'} now: resume with the same devices, "
+                "processes and basis_sharding."
+            )
+        width = shape[-1] if columns is None else sum(b - a for a, b in columns)
+        basis = np.zeros(shape[:-1] + (width,), template.basis.dtype)
         for segment in meta["segments"]:
             self._read_segment(segment, basis)
         fields = {}
         for field in template._fields:
             reference = getattr(template, field)
             value = basis if field == "basis" else small.get(field)
-            if value is None or value.shape != reference.shape or value.dtype != reference.dtype:
+            expected = basis.shape if field == "basis" else reference.shape
+            if value is None or value.shape != expected or value.dtype != reference.dtype:
                 raise ValueError(f"the checkpoint in {self.folder} is corrupt: field {field!r}.")
-            fields[field] = jax.numpy.asarray(value)
+            if field == "basis" and columns is not None:
+                fields[field] = _global_from_part(value, shape, sharding, columns)
+            else:
+                fields[field] = jax.numpy.asarray(value)
         self.segments = list(meta["segments"])
         self.rows_saved = max((s["stop"] for s in self.segments), default=0)
         self._base = path.read_bytes() if self.keep_previous else None

@@ -574,7 +574,7 @@ def run_steps(
 def _put_like(new: Any, old: Any) -> Any:
     """``new`` on the devices of ``old`` (a checkpoint is read onto the default device)."""
     sharding = getattr(old, "sharding", None)
-    if sharding is None:
+    if sharding is None or getattr(new, "sharding", None) == sharding:
         return new
     if not sharding.is_fully_addressable:  # several processes: each provides its shards
         return global_array(new, sharding)
@@ -1032,10 +1032,11 @@ def _check_placement(problem, order, wide, placement, loop, checkpoint, traced) 
     if basis_sharding is not None:
         if loop == "host":
             raise ValueError("basis_sharding= applies to the scanned loop.")
-        if checkpoint is not None and not basis_sharding.is_fully_addressable:
-            raise ValueError(
-                "checkpoints of a basis split over several processes are not supported yet; "
-                "leave basis_sharding out (the basis is then replicated) or the checkpoint."
+        if checkpoint is not None:  # rows whole: each process saves its columns
+            from .checkpoint import local_columns
+
+            local_columns(
+                basis_sharding, (order, problem.dim + column_padding(basis_sharding, problem.dim))
             )
         from .operators import check_auto_mesh
 

@@ -238,12 +238,10 @@ def slq(
     traceable = is_traceable(operator) and not on_host
     if basis_sharding is not None and not traceable:
         raise ValueError("basis_sharding= applies to traceable operators (the scanned loop).")
-    if basis_sharding is not None and checkpoint is not None:
-        if not basis_sharding.is_fully_addressable:
-            raise ValueError(
-                "checkpoints of bases split over several processes are not supported yet; "
-                "leave basis_sharding out (the bases are then replicated) or the checkpoint."
-            )
+    if basis_sharding is not None and checkpoint is not None:  # each process its columns
+        from .checkpoint import local_columns
+
+        local_columns(probes_sharding, (num_probes, order, operator.dim + pad))
     checkpointer = None
     if checkpoint is not None:
         settings = {"kind": "slq", "order": order, "num_probes": num_probes}

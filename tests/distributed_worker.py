@@ -175,9 +175,15 @@ def main(pid: int, port: str, out: str, mode: str = "all", folder: str = "") -> 
 
 def checkpointed(pid, one, four, mode, folder):
     """Lanczos of order 30 checkpointed every 5 steps: killed at step 15 (``kill``), or
-    resumed (``resume``, ``skew``) and compared with one device."""
+    resumed (``resume``, ``skew``) and compared with one device; ``-sharded``: the basis
+    split over the 4 devices, each process saving its own columns."""
     key = jax.random.key(5)
     calls = []
+    options = {}
+    if mode.endswith("-sharded"):
+        mesh = jax.tree_util.tree_leaves(four.stacked)[0].sharding.mesh
+        options["basis_sharding"] = NamedSharding(mesh, P(None, "data"))
+        mode = mode.removesuffix("-sharded")
 
     def report(done, total, elapsed):
         calls.append(done)
@@ -196,10 +202,16 @@ def checkpointed(pid, one, four, mode, folder):
             checkpoint_every=5,
             resume=mode != "kill",
             progress=report,
+            **options,
         )
     except ValueError as err:  # raised on every process, or the others would wait
         return {"error": str(err)}
-    return {"rel": rel(result.tridiag, js.lanczos(one, key, 30).tridiag), "reports": calls}
+    shards = sorted({tuple(s.data.shape) for s in result.basis.addressable_shards})
+    return {
+        "rel": rel(result.tridiag, js.lanczos(one, key, 30).tridiag),
+        "reports": calls,
+        "basis_shards": shards,
+    }
 
 
 if __name__ == "__main__":

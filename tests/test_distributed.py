@@ -103,6 +103,12 @@ def test_both_processes_killed_resume_from_their_checkpoints(tmp_path):
     errors = [got["error"] for got in _run_two(tmp_path, "perturbed", folder)]
     assert "written for different operator" in errors[1]
     assert "process(es) [1] could not read their checkpoint" in errors[0]
+    # The basis split over the 4 devices of both processes: each saves its own columns
+    folder = str(tmp_path / "sharded")
+    _run_two(tmp_path, "kill-sharded", folder, returncode=3)
+    for got in _run_two(tmp_path, "resume-sharded", folder):
+        assert got["rel"] <= 1e-5 and got["basis_shards"] == [[30, 34]]
+        assert got["reports"][0] == 10 and got["reports"][-1] == 30
 
 
 def test_the_command_line_on_two_processes_writes_once_and_matches_dense_eigenvalues(tmp_path):
