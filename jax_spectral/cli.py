@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -601,10 +602,13 @@ def _join(args: argparse.Namespace) -> None:
         return
     import jax
 
+    address = args.coordinator
+    if address is not None and not re.fullmatch(r"\S+:\d{1,5}", address):
+        raise InputError(f"--coordinator {address!r} is not HOST:PORT.")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    except (ValueError, RuntimeError) as err:
+        jax.distributed.initialize(address, args.num_processes, args.process_id)
+    except Exception as err:  # noqa: BLE001 - JAX's own errors: one line, exit code 2
         raise InputError(f"--distributed: {_one_line(err)}") from None
 
 
@@ -617,6 +621,14 @@ def _data_mesh(args: argparse.Namespace) -> Any:
 
     auto = (jax.sharding.AxisType.Auto,)
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=auto)
+
+
+def _parallel_settings(mesh: Any) -> dict:
+    """What spectrum.json records of the devices: how many split each batch, and the
+    processes."""
+    import jax
+
+    return {"devices": 1 if mesh is None else int(mesh.size), "processes": jax.process_count()}
 
 
 def _mesh_options(mesh: Any) -> dict:
@@ -675,6 +687,7 @@ def run_demo(
         "reduce": "mean",
         "loop": operator.loop,
         "curvature": curvature,
+        **_parallel_settings(mesh),
     }
     return analyse(
         operator,
@@ -750,10 +763,13 @@ def _demo_operators(trained: _Trained, data, curvature, batch_size, per_layer, m
         batch_size=batch_size,
         **_mesh_options(mesh),
     )
-    operator = build()
-    blocks = {}
-    if per_layer:
-        blocks = {name: build(wrt=w) for name, w in layer_blocks(trained.params).items()}
+    try:
+        operator = build()
+        blocks = {}
+        if per_layer:
+            blocks = {name: build(wrt=w) for name, w in layer_blocks(trained.params).items()}
+    except ValueError as err:  # e.g. a batch size the devices do not divide
+        raise InputError(_one_line(err)) from None
     return operator, blocks
 
 
@@ -936,6 +952,7 @@ def _keras_summary(args, operator, num_samples: int, keras_version: str, extra: 
             "scale": args.scale,
             "loop": operator.loop,
             "curvature": args.curvature,
+            **_parallel_settings(_data_mesh(args)),
         },
         "versions": _versions(keras=keras_version),
         **extra,

@@ -643,26 +643,71 @@ def place_params(mesh, params):
 def _cut_tail(split, devices, params, settings, *, several):
     """The remainder batch cut where a multiple of ``devices`` samples ends: that part is
     split over the devices like every batch, and the few samples after it (the tail,
-    returned second) are computed whole on every device. Only when regrouping samples
-    leaves the matrix unchanged: when the loss of a batch is the ``reduce`` of its
-    samples' losses, tested on the remainder (a loss with batch statistics, such as
-    batch normalisation in training mode, keeps its remainder whole, replicated).
-    ``several``: the processes agree on the test's outcome."""
-    product, reduce = settings[0], settings[1]
+    returned second) are computed whole on every device. Cutting regroups samples, so it
+    is done only when the two parts give the remainder's own product: the operator's
+    product (and loss) of the remainder against the parts', weighted as the reduction
+    weighs them, for a random tangent (:func:`_same_product`). A loss with batch
+    statistics (batch normalisation in training mode, a penalty on a batch mean), or a
+    per-batch leaf that is not a sample axis, keeps its remainder whole, replicated.
+    ``several``: the processes agree on the outcome."""
     if split.remainder is None:
         return split, None
     rest = batch_size_of(split.remainder)
     cut = rest - rest % devices
     if cut in (0, rest):
         return split, None
-    regroups = _loss_form(Unwrapping(product.loss), params, [split.remainder]) == reduce
+
+    def part(lo, hi):  # the sample axis only; other leaves go whole into both parts
+        return jax.tree_util.tree_map(
+            lambda a: a[lo:hi] if np.ndim(a) and np.shape(a)[0] == rest else a, split.remainder
+        )
+
+    head, tail = part(0, cut), part(cut, rest)
+    regroups = _same_product(params, settings, split.remainder, head, tail)
     if several:
         regroups = bool(np.all(all_ok(regroups)))
     if not regroups:
         return split, None
-    head = jax.tree_util.tree_map(lambda a: a[:cut], split.remainder)
-    tail = jax.tree_util.tree_map(lambda a: a[cut:], split.remainder)
     return split._replace(remainder=head), tail
+
+
+def _same_product(params, settings, whole, head, tail) -> bool:
+    """Whether the product of ``whole`` equals its parts' (``head``, ``tail``), the mean
+    weighted by their sizes for ``reduce="mean"``, the sum for ``"sum"``, for a random
+    tangent, to the rounding of the narrowest float type the loss computes in. The loss
+    and its gradient alone would miss a batch coupling that only second derivatives show
+    (a penalty on a batch mean at a point where its value and gradient vanish)."""
+    product, reduce, select = settings[0], settings[1], settings[5]
+    kernel = _Kernel(product, select)
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(_block(params, select))]
+    keys = jax.random.split(jax.random.key(20191), len(leaves))
+    tangent = [
+        jax.random.normal(k, np.shape(x), jnp.promote_types(jnp.result_type(x), jnp.float32))
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    tangent = [t.astype(jnp.result_type(x)) for t, x in zip(tangent, leaves, strict=True)]
+    apply = jax.jit(kernel)
+    try:
+        outs = [apply(params, batch, tangent) for batch in (whole, head, tail)]
+        narrowest = _narrowest_float(jax.make_jaxpr(Unwrapping(product.loss))(params, whole).jaxpr)
+    except Exception:  # noqa: BLE001 - e.g. a loss written for one batch size
+        return False
+    flat = [
+        np.concatenate(
+            [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(out)]
+        )
+        for out in outs
+    ]
+    n_head, n_tail = batch_size_of(head), batch_size_of(tail)
+    if reduce == "mean":
+        combined = (n_head * flat[1] + n_tail * flat[2]) / (n_head + n_tail)
+    else:
+        combined = flat[1] + flat[2]
+    tol = min(1000 * float(jnp.finfo(narrowest).eps), 0.05)
+    scale = np.abs(flat[0]) + np.abs(flat[1]) + np.abs(flat[2])
+    loss_ok = abs(flat[0][0] - combined[0]) <= tol * scale[0]
+    norm = np.linalg.norm(scale[1:])
+    return bool(loss_ok and np.all(np.abs(flat[0][1:] - combined[1:]) <= tol * norm))
 
 
 def process_count(mesh) -> int:
@@ -775,10 +820,20 @@ def _agree_across_processes(params, split, settings, rest) -> None:
 
     from .checkpoint import fingerprint
 
-    def comparable(leaf):  # a global array is one array by construction: its layout
+    def comparable(leaf):
+        """A leaf as this process sees it: a global array by its layout, and by the
+        values of its local pieces where every process holds the same pieces (replicated
+        across processes), which must then be equal."""
         if getattr(leaf, "is_fully_addressable", True):
             return leaf
-        return repr((leaf.shape, str(leaf.dtype), leaf.sharding.spec))
+        layout = repr((leaf.shape, str(leaf.dtype), leaf.sharding.spec))
+        pieces: dict = {}
+        for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+            pieces.setdefault(device.process_index, set()).add(repr(index))
+        if len({frozenset(p) for p in pieces.values()}) > 1:  # split across processes
+            return layout
+        local = {repr(s.index): s.data for s in leaf.addressable_shards}
+        return layout, [np.asarray(local[k]) for k in sorted(local)]
 
     product, reduce, loop, layout, rewrite, select = settings
     mine = {
@@ -908,8 +963,8 @@ def hessian_operator(
         (the batch mean is a sum over all devices' samples). Of a remainder batch whose
         size is not a multiple, the largest multiple is split likewise and the few samples
         after it are computed whole on every device; where the loss has batch statistics
-        (the loss of a batch is not the mean, or the sum for ``reduce="sum"``, of its
-        samples' losses) the remainder stays whole, replicated. The same code
+        (the product of the remainder is not the mean, or the sum for ``reduce="sum"``, of
+        its parts' products) the remainder stays whole, replicated. The same code
         runs on several hosts after ``jax.distributed.initialize()``, with a mesh over all
         processes' devices.
     rewrite:

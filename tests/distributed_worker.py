@@ -23,7 +23,7 @@ import jax  # noqa: E402
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 import numpy as np  # noqa: E402
-from conftest import classification_data, init_mlp, mlp_loss  # noqa: E402
+from conftest import classification_data, init_mlp, mlp_apply, mlp_loss  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
@@ -105,6 +105,16 @@ def main(pid: int, port: str, out: str, mode: str = "all", folder: str = "") -> 
         except Exception:
             got[name] = traceback.format_exc()
     got["progress_last"] = list(calls[-1][:2]) if calls else None
+    try:  # the other curvature operators go through the same engine
+        ones = np.ones(one.dim, np.float32)
+        for name, build in (("ggn", js.ggn_operator), ("fisher", js.fisher_operator)):
+            ops = [
+                build(mlp_apply, "softmax_cross_entropy", params, d, batch_size=16, **o)
+                for d, o in (((x, y), {}), (mine, {"mesh": mesh}))
+            ]
+            got[f"{name}_matvec"] = rel(ops[1].matvec(ones), ops[0].matvec(ones))
+    except Exception:
+        got["ggn_matvec"] = traceback.format_exc()
     try:  # 123 parameters, which the 4 devices do not divide: a padded sharded basis
         odd = init_mlp(jax.random.key(0), [6, 12, 3])
         xo, yo = map(np.asarray, classification_data(jax.random.key(1), SAMPLES, 6, 3))
@@ -150,6 +160,19 @@ def main(pid: int, port: str, out: str, mode: str = "all", folder: str = "") -> 
         got["different_params"] = "accepted"
     except ValueError as err:
         got["different_params"] = str(err)
+    try:  # already global arrays, replicated, with other values on each process
+        replicated = NamedSharding(mesh, P())
+        skewed = [
+            jax.make_array_from_callback(np.shape(a), replicated, lambda i, a=a: np.asarray(a)[i])
+            for a in jax.tree_util.tree_leaves(
+                jax.tree_util.tree_map(lambda a: a * (1 + pid), params)
+            )
+        ]
+        skewed = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), skewed)
+        js.hessian_operator(mlp_loss, skewed, (x[half], y[half]), batch_size=16, mesh=mesh)
+        got["different_global_params"] = "accepted"
+    except ValueError as err:
+        got["different_global_params"] = str(err)
     try:
         fewer = (x[: 30 + pid], y[: 30 + pid])  # 30 samples on process 0, 31 on process 1
         js.hessian_operator(mlp_loss, params, fewer, batch_size=16, mesh=mesh)

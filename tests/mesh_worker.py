@@ -188,7 +188,40 @@ def _remainder_split(four, params, x, y, mesh):
     centred = hessian_operator(_centred_loss, params, (x, y), batch_size=16, mesh=mesh)
     v = jax.random.normal(jax.random.key(5), (one.dim,), one.dtype)
     whole = np.asarray(one.matvec(v), np.float64)
+
+    def rel_to_one(loss, params, data, **options):
+        ones = np.ones(one.dim, one.dtype)
+        a = hessian_operator(loss, params, data, **options)
+        b = hessian_operator(loss, params, data, mesh=mesh, **options)
+        got = np.asarray(b.matvec(ones), np.float64)
+        want = np.asarray(a.matvec(ones), np.float64)
+        return b, float(np.abs(got - want).max() / np.abs(want).max())
+
+    # A penalty on the batch-mean logit at a zero output layer: its value and gradient
+    # vanish, its Hessian does not and depends on which samples share a batch.
+    flat = {**params, "layer1": jax.tree_util.tree_map(jnp.zeros_like, params["layer1"])}
+
+    def hidden(params, batch):
+        return mlp_loss(params, batch) + jnp.sum(jnp.mean(mlp_apply(params, batch[0]), 0) ** 2)
+
+    hidden_op, hidden_rel = rel_to_one(hidden, flat, (x, y), batch_size=16)
+    # A per-batch leaf that is not a sample axis (weights of 8 per batch; the last batch
+    # has 6 samples): it goes whole into both parts of the cut remainder.
+    w = np.arange(8, dtype=np.asarray(x).dtype)
+    batches = [(x[i : i + 16], y[i : i + 16], w) for i in range(0, 70, 16)]
+
+    def weighted(params, batch):
+        return mlp_loss(params, batch[:2]) * jnp.mean(batch[2])
+
+    weighted_op, weighted_rel = rel_to_one(weighted, params, batches)
     return {
+        "hidden_tail": hidden_op.tail is not None,
+        "hidden_matvec_rel": hidden_rel,
+        "weighted_tail_shapes": [
+            list(a.shape) for a in jax.tree_util.tree_leaves(weighted_op.tail)
+        ],
+        "weighted_matvec_rel": weighted_rel,
+        "cli_batch_size": _cli_bad_batch_size(),
         "remainder_shards": sorted({tuple(s.data.shape) for s in head.addressable_shards}),
         "tail_shape": list(tail.shape),
         "tail_replicated": bool(tail.sharding.is_fully_replicated),
@@ -232,6 +265,22 @@ def _data_by_model(params, x, y, single, one, key, order):
         "fsdp_matvec_rel": rel(op.matvec(ones), one.matvec(ones)),
         "fsdp_tridiag_rel": rel(result.tridiag, single.tridiag),
     }
+
+
+def _cli_bad_batch_size():
+    """``jax-spectral demo --data-parallel`` with a batch size 4 devices do not divide:
+    one line on stderr, exit code 2."""
+    import contextlib
+    import io
+    import tempfile
+
+    from jax_spectral.cli import main as cli
+
+    err = io.StringIO()
+    argv = ["demo", "--data-parallel", "--batch-size", "510", "--train-steps", "2", "--quiet"]
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli(argv + ["--out", tempfile.mkdtemp()])
+    return [code, err.getvalue()]
 
 
 def _explicit_refused(params, x, y):

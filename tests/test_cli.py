@@ -208,6 +208,11 @@ def _bad_cases(tmp_path, saved_model):
         "sigma": (["keras", m, "--sigma-squared", "-1"], "expected a positive number"),
         "scale": (["keras", m, "--scale", "nan"], "expected a finite non-zero number"),
         "keys": (["keras", m, "--keys", "x"], "expected two names as X,Y"),
+        "coordinator alone": (["demo", "--coordinator", "h:1"], "go(es) with --distributed"),
+        "coordinator": (
+            ["demo", "--distributed", "--coordinator", "notaport"],
+            "--coordinator 'notaport' is not HOST:PORT",
+        ),
     }
 
 

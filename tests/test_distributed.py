@@ -70,6 +70,8 @@ def test_two_processes_with_their_own_data_give_the_one_device_results(tmp_path)
             "matvec",
             "indivisible_sharded_basis",
             "fsdp_lanczos",
+            "ggn_matvec",
+            "fisher_matvec",
         ):
             assert isinstance(got[name], float), (name, got[name])
             assert got[name] <= 1e-5, (name, got[name])
@@ -78,6 +80,7 @@ def test_two_processes_with_their_own_data_give_the_one_device_results(tmp_path)
         assert got["fsdp_param_shards"] == [[6, 6]]
         assert "passed different parameters" in got["different_params"]
         assert "passed different parameters" in got["different_sizes"]
+        assert "passed different parameters" in got["different_global_params"]
         assert "must lie within one process" in got["processes_across_data"]
         assert "passed different start vectors" in got["different_keys"]
     assert "lanczos: 100%" in results[0]["stderr"]  # the bar draws on process 0 only

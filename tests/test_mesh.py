@@ -51,6 +51,13 @@ def test_four_devices_give_the_one_device_tridiagonal(precision, tol):
     # ... unless the loss has a batch statistic: then it stays whole (the same matrix)
     assert not got["centred_tail"] and got["centred_remainder_replicated"]
     assert got["centred_matvec_rel"] <= tol
+    # ... or a batch term only its second derivatives show (the cut is checked on the product)
+    assert not got["hidden_tail"] and got["hidden_matvec_rel"] <= tol
+    # a per-batch leaf that is not a sample axis goes whole into both parts
+    assert got["weighted_tail_shapes"] == [[2, 6], [2], [8]]
+    assert got["weighted_matvec_rel"] <= tol
+    code, err = got["cli_batch_size"]
+    assert code == 2 and "not a multiple of the 4 devices" in err and len(err.splitlines()) == 1
     # a 2 x 2 mesh, data x model, the parameters split over the model axis: they stay
     # split (each device half of every weight), the data over the data axis, the basis
     # over all four devices, and the numbers are one device's
