@@ -463,7 +463,25 @@ def _loss_form(loss: Callable, params: PyTree, batches: Any) -> str:
             lambda a: a[lo:hi] if np.ndim(a) and np.shape(a)[0] == n else a, batch
         )
 
-    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    # the loss, its gradient and a Hessian-vector product: a batch term may show in second
+    # derivatives only (a penalty on a batch mean where its value and gradient vanish)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.key(20191), len(leaves))
+    tangent = treedef.unflatten(
+        [
+            jax.random.normal(k, np.shape(x)).astype(jnp.result_type(x))
+            for k, x in zip(keys, leaves, strict=True)
+        ]
+    )
+
+    @jax.jit
+    def value_and_grad(params, batch):
+        def grad(p):
+            return jax.value_and_grad(loss)(p, batch)
+
+        (value, gradient), (_, hvp) = jax.jvp(grad, (params,), (tangent,))
+        return value, gradient, hvp
+
     try:
         whole, first, second = (value_and_grad(params, b) for b in (batch, part(0, m), part(m, n)))
         narrowest = _narrowest_float(jax.make_jaxpr(loss)(params, batch).jaxpr)
@@ -476,8 +494,16 @@ def _loss_form(loss: Callable, params: PyTree, batches: Any) -> str:
     # Rounding of the sums inside the loss, in the narrowest float type it computes in (a
     # bf16 loss on float32 parameters rounds at 4e-3); a batch dependence is far larger.
     tol = min(1000 * float(jnp.finfo(narrowest).eps), 0.05)
-    scale = sum(np.abs(f) for f in flat)  # per entry: loss, then the gradient
-    scale = np.concatenate([[scale[0]], np.full(scale.size - 1, np.linalg.norm(scale[1:]))])
+    scale = sum(np.abs(f) for f in flat)  # per entry: loss, then the gradient, the HVP
+    dim = (scale.size - 1) // 2
+    gradient, hvp = scale[1 : 1 + dim], scale[1 + dim :]
+    scale = np.concatenate(
+        [
+            [scale[0]],
+            np.full(dim, np.linalg.norm(gradient)),
+            np.full(dim, np.linalg.norm(hvp)),
+        ]
+    )
     for form, combined in (
         ("mean", (m * flat[1] + (n - m) * flat[2]) / n),
         ("sum", flat[1] + flat[2]),

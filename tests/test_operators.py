@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import classification_data, init_mlp, mlp_loss
+from conftest import classification_data, init_mlp, mlp_apply, mlp_loss
 from jax.flatten_util import ravel_pytree
 
 from jax_spectral import hessian_operator, lanczos
@@ -293,6 +293,25 @@ def test_a_reshuffled_stream_is_refused_when_the_loss_uses_batch_statistics():
     got = lanczos(hessian_operator(total, params, equal), jax.random.key(2), 6).tridiag
     want = lanczos(hessian_operator(mlp_loss, params, (x, y)), jax.random.key(2), 6).tridiag
     np.testing.assert_allclose(np.asarray(got) / 15, np.asarray(want), rtol=2e-4, atol=2e-5)
+
+
+def test_a_batch_term_seen_only_in_second_derivatives_is_a_batch_statistic():
+    """A penalty on the batch-mean output at a zero output layer: its value and gradient
+    vanish there, its Hessian does not and depends on which samples share a batch. A
+    reshuffled stream would apply another matrix on every pass: refused (the check used
+    to compare the loss and gradient only, and accepted it)."""
+    params, x, y = _stream_problem()
+    last = sorted(params)[-1]
+    params = {**params, last: jax.tree_util.tree_map(jnp.zeros_like, params[last])}
+
+    def hidden(params, batch):
+        return mlp_loss(params, batch) + jnp.sum(jnp.mean(mlp_apply(params, batch[0]), 0) ** 2)
+
+    reshuffled = _passes(x, y, lambda k: np.random.default_rng(k).permutation(90), 16)
+    op = hessian_operator(hidden, params, reshuffled)
+    assert op.loss_form() is None
+    with pytest.raises(ValueError, match="not a per-sample sum or mean"):
+        lanczos(op, jax.random.key(2), 8)
 
 
 def test_batch_size_and_scan_need_arrays():
