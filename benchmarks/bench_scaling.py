@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -39,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_core import CifarCNN, _classifier_loss  # noqa: E402
+from bench_core import CifarCNN, _classifier_loss, _time  # noqa: E402
 from flax import linen as nn  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
@@ -67,16 +65,6 @@ def _problem(model_name: str, samples: int, width: int, depth: int):
     model = CifarCNN() if model_name == "cnn" else WideMLP(width, depth)
     params = model.init(jax.random.key(0), images[:1])["params"]
     return _classifier_loss(model), params, (images, labels)
-
-
-def _time(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _gradient_pass(loss, params, stacked, mesh):
