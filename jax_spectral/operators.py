@@ -457,22 +457,10 @@ def _loss_form(loss: Callable, params: PyTree, batches: Any) -> str:
         return "mean"  # single-sample batches: any regrouping gives the same batches
     n = batch_size_of(batch)
     m = n // 2
-
-    def part(lo, hi):
-        return jax.tree_util.tree_map(
-            lambda a: a[lo:hi] if np.ndim(a) and np.shape(a)[0] == n else a, batch
-        )
-
     # the loss, its gradient and a Hessian-vector product: a batch term may show in second
     # derivatives only (a penalty on a batch mean where its value and gradient vanish)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.key(20191), len(leaves))
-    tangent = treedef.unflatten(
-        [
-            jax.random.normal(k, np.shape(x)).astype(jnp.result_type(x))
-            for k, x in zip(keys, leaves, strict=True)
-        ]
-    )
+    tangent = treedef.unflatten(_fixed_tangent(leaves))
 
     @jax.jit
     def value_and_grad(params, batch):
@@ -482,35 +470,59 @@ def _loss_form(loss: Callable, params: PyTree, batches: Any) -> str:
         (value, gradient), (_, hvp) = jax.jvp(grad, (params,), (tangent,))
         return value, gradient, hvp
 
+    parts = (batch, _samples(batch, n, 0, m), _samples(batch, n, m, n))
     try:
-        whole, first, second = (value_and_grad(params, b) for b in (batch, part(0, m), part(m, n)))
+        outs = [value_and_grad(params, b) for b in parts]
         narrowest = _narrowest_float(jax.make_jaxpr(loss)(params, batch).jaxpr)
     except Exception:  # noqa: BLE001 - e.g. a loss written for one batch size: not per-sample
         return ""
-    flat = [
-        np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(r)])
-        for r in (whole, first, second)
-    ]
-    # Rounding of the sums inside the loss, in the narrowest float type it computes in (a
-    # bf16 loss on float32 parameters rounds at 4e-3); a batch dependence is far larger.
-    tol = min(1000 * float(jnp.finfo(narrowest).eps), 0.05)
-    scale = sum(np.abs(f) for f in flat)  # per entry: loss, then the gradient, the HVP
-    dim = (scale.size - 1) // 2
-    gradient, hvp = scale[1 : 1 + dim], scale[1 + dim :]
-    scale = np.concatenate(
-        [
-            [scale[0]],
-            np.full(dim, np.linalg.norm(gradient)),
-            np.full(dim, np.linalg.norm(hvp)),
-        ]
-    )
-    for form, combined in (
-        ("mean", (m * flat[1] + (n - m) * flat[2]) / n),
-        ("sum", flat[1] + flat[2]),
-    ):
-        if np.all(np.abs(flat[0] - combined) <= tol * scale):
+    for form in ("mean", "sum"):
+        if _parts_combine(outs, (m, n - m), form, narrowest):
             return form
     return ""
+
+
+def _samples(batch: PyTree, n: int, lo: int, hi: int) -> PyTree:
+    """Samples ``lo .. hi - 1`` of a batch of ``n``: the leaves with that sample axis
+    sliced, any other leaf (a per-batch value) whole."""
+    return jax.tree_util.tree_map(
+        lambda a: a[lo:hi] if np.ndim(a) and np.shape(a)[0] == n else a, batch
+    )
+
+
+def _fixed_tangent(leaves: list) -> list:
+    """One standard-normal tangent per leaf, in the leaf's dtype, the same on every call
+    and every process (the regrouping tests' direction)."""
+    keys = jax.random.split(jax.random.key(20191), len(leaves))
+    return [
+        jax.random.normal(
+            k, np.shape(x), jnp.promote_types(jnp.result_type(x), jnp.float32)
+        ).astype(jnp.result_type(x))
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+
+
+def _parts_combine(outs: list, sizes: tuple, form: str, narrowest: Any) -> bool:
+    """Whether a batch's results ``outs[0]`` are the ``form`` (``"mean"``, weighted by
+    the parts' sample counts ``sizes``, or ``"sum"``) of its two parts' ``outs[1]`` and
+    ``outs[2]``. Each is a tuple of blocks (the loss, a gradient, a product), each block
+    compared to the rounding of the narrowest float type the loss computes in, relative to
+    the block's norm (a bf16 loss on float32 parameters rounds at 4e-3; a batch dependence
+    is far larger)."""
+    tol = min(1000 * float(jnp.finfo(narrowest).eps), 0.05)
+    a, b = sizes
+    for blocks in zip(*outs, strict=True):
+        whole, first, second = (
+            np.concatenate(
+                [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(block)]
+            )
+            for block in blocks
+        )
+        combined = (a * first + b * second) / (a + b) if form == "mean" else first + second
+        scale = np.linalg.norm(np.abs(whole) + np.abs(first) + np.abs(second))
+        if np.any(np.abs(whole - combined) > tol * scale):
+            return False
+    return True
 
 
 def _narrowest_float(jaxpr) -> Any:
@@ -683,12 +695,8 @@ def _cut_tail(split, devices, params, settings, *, several):
     if cut in (0, rest):
         return split, None
 
-    def part(lo, hi):  # the sample axis only; other leaves go whole into both parts
-        return jax.tree_util.tree_map(
-            lambda a: a[lo:hi] if np.ndim(a) and np.shape(a)[0] == rest else a, split.remainder
-        )
-
-    head, tail = part(0, cut), part(cut, rest)
+    head = _samples(split.remainder, rest, 0, cut)  # a per-batch leaf goes into both parts
+    tail = _samples(split.remainder, rest, cut, rest)
     regroups = _same_product(params, settings, split.remainder, head, tail)
     if several:
         regroups = bool(np.all(all_ok(regroups)))
@@ -704,36 +712,15 @@ def _same_product(params, settings, whole, head, tail) -> bool:
     and its gradient alone would miss a batch coupling that only second derivatives show
     (a penalty on a batch mean at a point where its value and gradient vanish)."""
     product, reduce, select = settings[0], settings[1], settings[5]
-    kernel = _Kernel(product, select)
-    leaves = [leaf for leaf in jax.tree_util.tree_leaves(_block(params, select))]
-    keys = jax.random.split(jax.random.key(20191), len(leaves))
-    tangent = [
-        jax.random.normal(k, np.shape(x), jnp.promote_types(jnp.result_type(x), jnp.float32))
-        for k, x in zip(keys, leaves, strict=True)
-    ]
-    tangent = [t.astype(jnp.result_type(x)) for t, x in zip(tangent, leaves, strict=True)]
-    apply = jax.jit(kernel)
+    apply = jax.jit(_Kernel(product, select))
+    tangent = _fixed_tangent(jax.tree_util.tree_leaves(_block(params, select)))
     try:
         outs = [apply(params, batch, tangent) for batch in (whole, head, tail)]
         narrowest = _narrowest_float(jax.make_jaxpr(Unwrapping(product.loss))(params, whole).jaxpr)
     except Exception:  # noqa: BLE001 - e.g. a loss written for one batch size
         return False
-    flat = [
-        np.concatenate(
-            [np.ravel(np.asarray(x, np.float64)) for x in jax.tree_util.tree_leaves(out)]
-        )
-        for out in outs
-    ]
-    n_head, n_tail = batch_size_of(head), batch_size_of(tail)
-    if reduce == "mean":
-        combined = (n_head * flat[1] + n_tail * flat[2]) / (n_head + n_tail)
-    else:
-        combined = flat[1] + flat[2]
-    tol = min(1000 * float(jnp.finfo(narrowest).eps), 0.05)
-    scale = np.abs(flat[0]) + np.abs(flat[1]) + np.abs(flat[2])
-    loss_ok = abs(flat[0][0] - combined[0]) <= tol * scale[0]
-    norm = np.linalg.norm(scale[1:])
-    return bool(loss_ok and np.all(np.abs(flat[0][1:] - combined[1:]) <= tol * norm))
+    sizes = (batch_size_of(head), batch_size_of(tail))
+    return _parts_combine(outs, sizes, reduce, narrowest)
 
 
 def process_count(mesh) -> int:
