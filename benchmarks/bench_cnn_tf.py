@@ -16,6 +16,10 @@ the Flax ``CifarCNN`` of ``bench_core.py``; TensorFlow runs the same layers with
   convolutions (``rewrite="onednn"``, the CPU default where oneDNN is installed);
   TensorFlow's nested ``GradientTape`` HVP (reverse-over-reverse, as the original package
   computes it) and a forward-over-reverse HVP with ``tf.autodiff.ForwardAccumulator``;
+* the linearised product, as ``lanczos`` and ``slq`` run it: the batch's product
+  linearised once (``CurvatureOperator.linearized``: the loss's forward and backward
+  passes, which do not depend on the vector), then one product on it; and the
+  linearisation itself, which a run pays once;
 * first calls: the HVP's and the Lanczos run's first call, compilation included, and
   TensorFlow's first nested-tape HVP, tracing included;
 * the call overhead of oneDNN's compiled kernel: a tiny convolution inside ``lax.scan``,
@@ -29,8 +33,9 @@ Times are medians of ``--repeats`` calls after a warm-up (Lanczos: of ``--rounds
 alternating JAX and TF). Each ``matvec`` call from Python is one XLA execution, which maps
 fresh memory for its buffers (about 50,000 page faults per pass here; setting
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` makes them 100x fewer); inside one compiled
-loop, as ``lanczos`` runs its products, the buffers are reused: the row "a pass in a loop
-of 10" times ten different vectors through one ``lax.map`` and divides by ten. The HVPs
+loop the buffers are reused: the row "a pass in a loop of 10" times ten different vectors
+through one ``lax.map`` of the plain ``matvec`` and divides by ten (XLA moves part of the
+vector-independent work out of that loop). The HVPs
 of the implementations are compared with each other (relative max difference), which also
 checks that the two models are the same.
 """
@@ -195,11 +200,24 @@ def main():
         rows[f"JAX HVP ({label}, loop={op.loop})"] = _time(lambda op=op: op.matvec(v), args.repeats)
         hvps[f"JAX, {label}"] = np.asarray(op.matvec(v))
     best = list(ops)[-1]  # the CPU default: oneDNN where installed, else patches
+    # as lanczos and slq run it: each batch's product linearised once per run, then applied
+    linearised = ops[best].linearized()
+    if linearised.linear is not None:
+        rows[f"JAX ({best}): linearising, once per run"] = _time(
+            lambda: ops[best].linearized().linear, args.repeats
+        )
+        rows[f"JAX HVP ({best}), linearised"] = _time(lambda: linearised.matvec(v), args.repeats)
+        hvps[f"JAX, {best}, linearised"] = np.asarray(linearised.matvec(v))
     if ops[best].traceable:  # as lanczos and slq run it: many passes in one compiled loop
         many = jnp.stack([v * (1.0 + i) for i in range(LOOP_PASSES)])
         looped = jax.jit(lambda op, vs: jax.lax.map(op.matvec, vs))
         seconds = _time(lambda: looped(ops[best], many), max(1, args.repeats // 2))
         rows[f"JAX HVP ({best}), a pass in a loop of {LOOP_PASSES}"] = seconds / LOOP_PASSES
+        if linearised.linear is not None:
+            seconds = _time(lambda: looped(linearised, many), max(1, args.repeats // 2))
+            rows[f"JAX HVP ({best}), linearised, in a loop of {LOOP_PASSES}"] = (
+                seconds / LOOP_PASSES
+            )
     if tf is not None:
         variables, tf_loss = _tf_model(params)
         grad, hvp_nested, hvp_forward = _tf_functions(variables, tf_loss, x, y)
@@ -249,6 +267,22 @@ def main():
                 mine_hvp / rows["TF HVP (forward-over-reverse)"],
             ),
         ]
+        linear = rows.get(f"JAX HVP ({best}), linearised")
+        if linear is not None:
+            ratios.append(
+                (
+                    f"JAX HVP ({best}) linearised / TF HVP (nested tapes)",
+                    linear / rows["TF HVP (nested tapes)"],
+                )
+            )
+        linear_loop = rows.get(f"JAX HVP ({best}), linearised, in a loop of {LOOP_PASSES}")
+        if linear_loop is not None:
+            ratios.append(
+                (
+                    f"JAX HVP ({best}) linearised, in a loop / TF",
+                    linear_loop / rows["TF HVP (nested tapes)"],
+                )
+            )
         in_loop = rows.get(f"JAX HVP ({best}), a pass in a loop of {LOOP_PASSES}")
         if in_loop is not None:
             ratios.append(

@@ -28,6 +28,23 @@ __all__ = ["CostEstimate", "check_fits", "estimate"]
 USABLE_FRACTION = 0.8  # of the free memory: the HVP and the rest of the state need room too
 
 
+LINEARIZE_FRACTION = 0.25  # of the memory left beside the bases: cached linearisations
+
+
+def prepared(operand: Any, cost: CostEstimate, on_host: bool = False) -> Any:
+    """``operand`` ready for the run that ``cost`` describes: a curvature operator with
+    each batch's product linearised once (:meth:`CurvatureOperator.linearized`) when the
+    run takes more than one pass and what that keeps fits in ``LINEARIZE_FRACTION`` of the
+    memory left beside the bases; any other operand as it is."""
+    linearized = getattr(operand, "linearized", None)
+    if linearized is None or cost.passes < 2:
+        return operand
+    if on_host or cost.free_bytes is None:  # the bases are not where the products run
+        return linearized()
+    room = cost.free_bytes - cost.basis_bytes_per_device
+    return linearized(budget=int(LINEARIZE_FRACTION * max(room, 0)))
+
+
 class CostEstimate(NamedTuple):
     """What a run will cost (see :func:`estimate`)."""
 

@@ -809,10 +809,15 @@ def lanczos(
     traced = _is_tracer(v0) or any(map(_is_tracer, jax.tree_util.tree_leaves(problem.args)))
     if traced:
         _check_traceable_run(untraceable, loop, checkpoint, precision)
-    _check_placement(problem, order, precision.wide, placement, loop, checkpoint, traced)
+    cost = _check_placement(problem, order, precision.wide, placement, loop, checkpoint, traced)
     checkpointer = None
     if checkpoint is not None:
         checkpointer = _checkpointer(checkpoint, problem, v0, order, precision, steps, loop)
+    if cost is not None:  # a curvature operator's batches linearised once for all steps
+        from .costs import prepared
+
+        operand = prepared(problem.args[0], cost, placement.on_host)
+        problem = problem._replace(args=(operand, *problem.args[1:]))
     if precision.x64_off:  # the operand's arrays made now, not as float64 in the x64 context
         problem = problem._replace(args=jax.tree_util.tree_map(jnp.asarray, problem.args))
     with Progress(progress if not traced else False, order, "lanczos") as bar, precision.scope():
@@ -1016,9 +1021,11 @@ def _check_traceable_run(untraceable, loop, checkpoint, precision) -> None:
         )
 
 
-def _check_placement(problem, order, wide, placement, loop, checkpoint, traced) -> None:
-    """Refuse a basis that cannot fit (before allocating it) or cannot be sharded."""
+def _check_placement(problem, order, wide, placement, loop, checkpoint, traced):
+    """Refuse a basis that cannot fit (before allocating it) or cannot be sharded; the
+    run's cost estimate (``None`` under the caller's transformations)."""
     basis_sharding, on_host = placement
+    cost = None
     if not traced:
         from ._processes import smallest
         from .costs import check_fits, estimate
@@ -1041,6 +1048,7 @@ def _check_placement(problem, order, wide, placement, loop, checkpoint, traced) 
         from .operators import check_auto_mesh
 
         check_auto_mesh(basis_sharding.mesh)
+    return cost
 
 
 def _checkpointer(folder, problem, v0, order, precision, steps, loop):

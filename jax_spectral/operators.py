@@ -54,7 +54,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._processes import all_ok, gather, operand_mesh, replicate, smallest
-from .costs import USABLE_FRACTION, free_device_bytes
+from .costs import LINEARIZE_FRACTION, USABLE_FRACTION, free_device_bytes
 from .data import (
     BatchStream,
     HostOnlyError,
@@ -112,18 +112,68 @@ def _accumulate_some(kernel, params, batch, v, acc, loss_sum, weight, chunk):
     ``benchmarks/bench_slq.py --memory``)."""
     if chunk is None:
         return _accumulate(kernel, params, batch, v, acc, loss_sum, weight)
+    zero = jax.tree_util.tree_map(lambda t: jnp.zeros(t.shape[1:], t.dtype), v)
+    linear, value = _linearize(kernel, params, batch, zero)
+    return _apply_linear(linear, v, acc, loss_sum, weight, value, chunk)
+
+
+def _linearize(kernel, params, batch, zero):
+    """One batch's product linearised in the tangent: ``(linear, value)``, where
+    ``linear(tangent)`` is the batch matrix applied to ``tangent`` (a
+    ``jax.tree_util.Partial`` whose leaves hold what the forward and backward passes of the
+    loss left for the tangent's passes) and ``value`` is the batch loss."""
 
     def product(t):
         value, out = kernel(params, batch, t)
         return out, value
 
-    zero = jax.tree_util.tree_map(lambda t: jnp.zeros(t.shape[1:], t.dtype), v)
     _, linear, value = jax.linearize(product, zero, has_aux=True)
-    out = jax.lax.map(linear, v, batch_size=min(chunk, jax.tree_util.tree_leaves(v)[0].shape[0]))
+    return linear, value
+
+
+def _apply_linear(linear, v, acc, loss_sum, weight, value, chunk):
+    """A linearised batch's contribution: for one tangent (``chunk=None``) or ``chunk`` at
+    a time of a leading axis of tangents."""
+    if chunk is None:
+        out = linear(v)
+    else:
+        num = jax.tree_util.tree_leaves(v)[0].shape[0]
+        out = jax.lax.map(linear, v, batch_size=min(chunk, num))
     acc = jax.tree_util.tree_map(
         lambda a, h: a + weight.astype(a.dtype) * h.astype(a.dtype), acc, out
     )
     return acc, loss_sum + value.astype(loss_sum.dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(6,), donate_argnums=(2,))
+def _linear_step(linear, v, acc, loss_sum, weight, value, chunk=None):
+    return _apply_linear(linear, v, acc, loss_sum, weight, value, chunk)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _linearize_step(kernel, params, batch, zero):
+    return _linearize(kernel, params, batch, zero)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _linearize_index(kernel, params, stacked, index, zero):
+    batch = jax.tree_util.tree_map(lambda a: a[index], stacked)
+    return _linearize(kernel, params, batch, zero)
+
+
+@jax.jit
+def _linearize_scanned(operator):
+    """Every batch of a scanned operator linearised: ``(stacked, remainder, tail)``, each
+    ``(linear, value)`` or ``None``; the stacked batches' with a leading batch axis."""
+    kernel, params, zero = operator._kernel, operator.params, operator._zero_tangent()
+    stacked = None
+    if operator.stacked is not None:
+        stacked = jax.lax.map(lambda b: _linearize(kernel, params, b, zero), operator.stacked)
+    rest = [
+        None if b is None else _linearize(kernel, params, b, zero)
+        for b in (operator.remainder, operator.tail)
+    ]
+    return stacked, *rest
 
 
 @functools.partial(jax.jit, static_argnums=(0, 7), donate_argnums=(4,))
@@ -172,7 +222,7 @@ class _Kernel:
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["params", "stacked", "remainder", "tail"],
+    data_fields=["params", "stacked", "remainder", "tail", "linear"],
     meta_fields=[
         "product",
         "reduce",
@@ -224,6 +274,9 @@ class CurvatureOperator(OperatorAlgebra):
     # On a mesh, the samples of the remainder past its largest multiple of the data
     # devices (replicated; the remainder before them is split over the devices).
     tail: PyTree | None = None
+    # ``(stacked, remainder, tail)`` of :meth:`linearized`: each batch's product linearised
+    # in the tangent, ``(linear, value)`` or ``None`` (a host loop's stacked: a tuple).
+    linear: PyTree | None = dataclasses.field(default=None, repr=False)
 
     # -- shapes and conversions -------------------------------------------------------
     @property
@@ -327,6 +380,67 @@ class CurvatureOperator(OperatorAlgebra):
         rest = self.num_samples % self.batch_size - tail
         return self.batch_size / self.num_samples, rest / self.num_samples, tail / self.num_samples
 
+    def _zero_tangent(self) -> list:
+        return jax.tree_util.tree_leaves(self.unravel(jnp.zeros((self.dim,), self.dtype)))
+
+    def linearized(self, budget: int | None = None) -> CurvatureOperator:
+        """The same operator with each batch's product linearised once, for runs of many
+        products (Lanczos, SLQ, trace estimates): the forward and backward passes of the
+        loss, which do not depend on the vector, run here once per batch, and each later
+        product runs only the passes of its vector (about a quarter less time a product
+        for a convnet, ``docs/benchmarks.md``). What those passes need is kept in memory:
+        about the activations of the whole dataset (:meth:`linearized_bytes`).
+
+        Returns ``self`` unchanged where this does not apply or does not fit: a stream (its
+        batches are read anew each pass), an operator on a mesh, or linearisations larger
+        than ``budget`` bytes (default: ``LINEARIZE_FRACTION`` of the device's free
+        memory). The products are equal to rounding; the matrix is the same.
+        """
+        if self.linear is not None or not self._linearizable():
+            return self
+        if budget is None:
+            free = free_device_bytes()
+            budget = 0 if free is None else int(LINEARIZE_FRACTION * free)
+        if self.linearized_bytes() > budget:
+            return self
+        if self.loop == "host":
+            zero = self._zero_tangent()
+            stacked = None
+            if self.stacked is not None:
+                num = jax.tree_util.tree_leaves(self.stacked)[0].shape[0]
+                stacked = tuple(
+                    _linearize_index(self._kernel, self.params, self.stacked, i, zero)
+                    for i in range(num)
+                )
+            rest = [
+                None if b is None else _linearize_step(self._kernel, self.params, b, zero)
+                for b in (self.remainder, self.tail)
+            ]
+            linear = (stacked, *rest)
+        else:
+            linear = _linearize_scanned(self)
+        return dataclasses.replace(self, linear=linear)
+
+    def _linearizable(self) -> bool:
+        if self.stream is not None:
+            return False
+        leaves = jax.tree_util.tree_leaves((self.params, self.stacked, self.remainder))
+        return not any(
+            len(getattr(getattr(x, "sharding", None), "device_set", ())) > 1 for x in leaves
+        )
+
+    def linearized_bytes(self) -> int | None:
+        """The memory :meth:`linearized` keeps (``None`` for a stream)."""
+        if self.stream is not None:
+            return None
+        if self.linear is not None:
+            leaves = jax.tree_util.tree_leaves(self.linear)
+        elif self.loop == "host":  # compiled per batch: one batch's, times the batches
+            return _host_linear_bytes(self)
+        else:
+            leaves = jax.eval_shape(_linearize_scanned, self)
+        return _tree_bytes(leaves)
+
     @property
     def _sum_dtype(self) -> np.dtype:
         """The dtype of the sums over batches: the parameters' promoted to float32."""
@@ -344,6 +458,21 @@ class CurvatureOperator(OperatorAlgebra):
         w_full, w_rest, w_tail = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
         kernel, params = self._kernel, self.params
+        if self.linear is not None:
+            stacked, remainder, tail = self.linear
+            if stacked is not None:
+
+                def apply(carry, batch):
+                    linear, value = batch
+                    return _apply_linear(linear, tangent, *carry, w_full, value, chunk), None
+
+                (acc, loss_sum), _ = jax.lax.scan(apply, (acc, loss_sum), stacked)
+            for linear, weight in ((remainder, w_rest), (tail, w_tail)):
+                if linear is not None:
+                    acc, loss_sum = _apply_linear(
+                        linear[0], tangent, acc, loss_sum, weight, linear[1], chunk
+                    )
+            return _finish(acc, loss_sum, 1.0, self.dtype, chunk is not None)
         if self.stacked is not None:
 
             def body(carry, batch):
@@ -362,6 +491,15 @@ class CurvatureOperator(OperatorAlgebra):
         w_full, w_rest, w_tail = (jnp.asarray(w, self._sum_dtype) for w in self._weights())
         acc, loss_sum = self._zeros(tangent)
         kernel = self._kernel
+        if self.linear is not None:
+            stacked, remainder, tail = self.linear
+            batches = [(b, w_full) for b in stacked or ()] + [(remainder, w_rest), (tail, w_tail)]
+            for linear, weight in batches:
+                if linear is not None:
+                    acc, loss_sum = _linear_step(
+                        linear[0], tangent, acc, loss_sum, weight, linear[1], chunk
+                    )
+            return _finish(acc, loss_sum, 1.0, self.dtype, chunk is not None)
         if self.stacked is not None:
             num_full = jax.tree_util.tree_leaves(self.stacked)[0].shape[0]
             for i in range(num_full):
@@ -543,6 +681,29 @@ def _jitted_scan_matvec(
 ) -> jax.Array:
     # The operator is a pytree argument: its arrays are inputs, not compiled-in constants.
     return operator._scan_matvec(tangent, chunk)
+
+
+def _host_linear_bytes(operator: CurvatureOperator) -> int:
+    """:meth:`CurvatureOperator.linearized_bytes` of a host-loop operator: one batch's
+    linearisation (from shapes) times the batches."""
+    zero = operator._zero_tangent()
+    total = 0
+    if operator.stacked is not None:
+        num = jax.tree_util.tree_leaves(operator.stacked)[0].shape[0]
+        one = jax.eval_shape(
+            _linearize_index, operator._kernel, operator.params, operator.stacked, 0, zero
+        )
+        total += num * _tree_bytes(one)
+    for batch in (operator.remainder, operator.tail):
+        if batch is not None:
+            one = jax.eval_shape(_linearize_step, operator._kernel, operator.params, batch, zero)
+            total += _tree_bytes(one)
+    return total
+
+
+def _tree_bytes(tree: PyTree) -> int:
+    leaves = jax.tree_util.tree_leaves(tree)
+    return int(sum(np.prod(x.shape, dtype=np.int64) * x.dtype.itemsize for x in leaves))
 
 
 TANGENT_MEMORY_FLOOR = 64 * 2**20  # bytes a chunk of tangents may always use

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._processes import operand_mesh
-from .costs import check_fits, estimate
+from .costs import check_fits, estimate, prepared
 from .density import eigv_to_density, tridiag_to_eigv
 from .lanczos import (
     _PADDED,
@@ -250,6 +250,7 @@ def slq(
         if pad:  # the bases' columns depend on the number of devices
             settings[_PADDED] = int(operator.dim) + pad
         checkpointer = checkpointer_for(checkpoint, settings, steps, operator, starts, rows_axis=1)
+    operator = prepared(operator, cost, on_host)  # batches linearised once for all steps
     what = f"SLQ ({num_probes} probes)"
     with Progress(progress, order, what) as bar:
         advance = _advance(operator, steps, traceable, on_host, bar)

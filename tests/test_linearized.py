@@ -1,0 +1,138 @@
+"""Operators with each batch's product linearised once (CurvatureOperator.linearized), the
+form Lanczos and SLQ run: against dense float64 references from jax.hessian / jax.jacfwd /
+per-sample jax.grad, none of which goes through the product code."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import classification_data, init_mlp, mlp_apply, mlp_loss
+from jax.flatten_util import ravel_pytree
+
+import jax_spectral as js
+from jax_spectral import costs
+
+N, BATCH = 23, 5  # four full batches and a ragged one of three
+BIG = 2**40
+
+
+@pytest.fixture
+def mlp(x64):
+    params = init_mlp(jax.random.key(0), [5, 4, 3], jnp.float64)
+    x, y = classification_data(jax.random.key(1), N, 5, 3, jnp.float64)
+    return params, jnp.asarray(x), jnp.asarray(y)
+
+
+def dense(operator, chunk=None):
+    eye = jnp.eye(operator.dim, dtype=operator.dtype)
+    if chunk is None:
+        return np.asarray(
+            jax.vmap(operator.matvec)(eye)
+            if operator.traceable
+            else np.stack([operator.matvec(e) for e in eye])
+        ).T
+    return np.asarray(operator.matmat(eye, chunk=chunk)).T
+
+
+def dense_hessian(params, x, y, reduce):
+    flat, unravel = ravel_pytree(params)
+    if reduce == "mean":
+        return np.asarray(jax.hessian(lambda f: mlp_loss(unravel(f), (x, y)))(flat))
+    parts = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, N, BATCH)]
+    return sum(np.asarray(jax.hessian(lambda f, b=b: mlp_loss(unravel(f), b))(flat)) for b in parts)
+
+
+@pytest.mark.parametrize("loop", ["scan", "host"])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_linearized_hessian_equals_dense(mlp, loop, reduce):
+    params, x, y = mlp
+    op = js.hessian_operator(mlp_loss, params, (x, y), batch_size=BATCH, reduce=reduce, loop=loop)
+    lin = op.linearized(budget=BIG)
+    assert op.linear is None and lin.linear is not None and lin.loop == loop
+    reference = dense_hessian(params, x, y, reduce)
+    np.testing.assert_allclose(dense(lin), reference, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dense(lin, chunk=3), reference, rtol=1e-10, atol=1e-12)
+    assert lin.linearized() is lin  # already linearised
+    kept = sum(a.nbytes for a in jax.tree_util.tree_leaves(lin.linear))
+    assert op.linearized_bytes() == lin.linearized_bytes() == kept > 0
+
+
+def test_linearized_block_ggn_and_fisher_equal_dense(mlp):
+    params, x, y = mlp
+    flat, unravel = ravel_pytree(params)
+    n_first = ravel_pytree(params["layer0"])[0].size  # the first layer's leaves come first
+
+    # a block: the first layer's rows and columns of the dense Hessian
+    op = js.hessian_operator(mlp_loss, params, (x, y), batch_size=BATCH, wrt="layer0")
+    assert op.dim == n_first
+    reference = dense_hessian(params, x, y, "mean")[:n_first, :n_first]
+    np.testing.assert_allclose(dense(op.linearized(budget=BIG)), reference, rtol=1e-10, atol=1e-12)
+
+    # the generalised Gauss-Newton J^T H_L J
+    outputs = mlp_apply(params, x)
+    jac = jax.jacfwd(lambda f: mlp_apply(unravel(f), x))(flat).reshape(outputs.size, -1)
+
+    def ce(o):
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(o), y[:, None], axis=1))
+
+    h_out = jax.hessian(ce)(outputs).reshape(outputs.size, outputs.size)
+    G = js.ggn_operator(mlp_apply, "softmax_cross_entropy", params, (x, y), batch_size=BATCH)
+    np.testing.assert_allclose(
+        dense(G.linearized(budget=BIG)), np.asarray(jac.T @ h_out @ jac), rtol=1e-10, atol=1e-12
+    )
+
+    # the empirical Fisher: per-sample gradients' outer products
+    def one(xi, yi):
+        return ravel_pytree(jax.grad(mlp_loss)(params, (xi[None], yi[None])))[0]
+
+    g = np.asarray(jax.vmap(one)(x, y))
+    F = js.fisher_operator(mlp_apply, "softmax_cross_entropy", params, (x, y), batch_size=BATCH)
+    np.testing.assert_allclose(dense(F.linearized(budget=BIG)), g.T @ g / N, rtol=1e-10, atol=1e-12)
+
+
+def test_linearized_is_skipped_where_it_does_not_fit_or_apply(mlp):
+    params, x, y = mlp
+    op = js.hessian_operator(mlp_loss, params, (x, y), batch_size=BATCH)
+    assert op.linearized(budget=op.linearized_bytes() - 1) is op
+    assert op.linearized(budget=op.linearized_bytes()).linear is not None
+    batches = [(x[i : i + 4], y[i : i + 4]) for i in range(0, 20, 4)] + [(x[20:], y[20:])]
+    stream = js.hessian_operator(mlp_loss, params, lambda: iter(batches))
+    assert stream.stream is not None
+    assert stream.linearized(budget=BIG) is stream and stream.linearized_bytes() is None
+
+
+def test_lanczos_and_slq_run_the_linearized_operator(mlp, monkeypatch):
+    """The drivers linearise once per run, and the run equals the dense Hessian's."""
+    params, x, y = mlp
+    seen = []
+    original = costs.prepared
+
+    def spy(operand, cost, on_host=False):
+        out = original(operand, cost, on_host)
+        seen.append(getattr(out, "linear", None) is not None)
+        return out
+
+    monkeypatch.setattr(costs, "prepared", spy)
+    monkeypatch.setattr(sys.modules["jax_spectral.slq"], "prepared", spy)
+    reference = np.linalg.eigvalsh(dense_hessian(params, x, y, "mean"))
+    for loop in ("scan", "host"):
+        op = js.hessian_operator(mlp_loss, params, (x, y), batch_size=BATCH, loop=loop)
+        result = js.lanczos(op, jax.random.key(0), op.dim)
+        got = np.linalg.eigvalsh(np.asarray(result.tridiag)[: result.num_steps, : result.num_steps])
+        np.testing.assert_allclose(got[[0, -1]], reference[[0, -1]], atol=1e-9)
+    op = js.hessian_operator(mlp_loss, params, (x, y), batch_size=BATCH)
+    result = js.slq(op, jax.random.key(1), op.dim, num_probes=2)
+    for nodes, steps in zip(result.nodes, result.lanczos.num_steps, strict=True):
+        np.testing.assert_allclose(nodes[[0, steps - 1]], reference[[0, -1]], atol=1e-9)
+    assert seen == [True, True, True]
+
+
+def test_a_non_finite_loss_in_a_linearized_batch_still_raises(mlp):
+    params, x, y = mlp
+    x = x.at[7, 0].set(jnp.nan)  # the second batch
+    op = js.hessian_operator(mlp_loss, params, (x, y), batch_size=BATCH)
+    assert np.all(np.isnan(op.linearized(budget=BIG).matvec(jnp.ones(op.dim))))
+    with pytest.raises(js.NonFiniteError):
+        js.lanczos(op, jax.random.key(0), 5)
