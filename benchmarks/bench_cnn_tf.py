@@ -24,6 +24,8 @@ the Flax ``CifarCNN`` of ``bench_core.py``; TensorFlow runs the same layers with
   TensorFlow's first nested-tape HVP, tracing included;
 * the call overhead of oneDNN's compiled kernel: a tiny convolution inside ``lax.scan``,
   against XLA's own, idle and beside a busy Python thread;
+* the three convolution kernels alone on the CNN's two larger geometries: oneDNN's
+  compiled kernels against TensorFlow's own convolution ops;
 * Lanczos of ``--order`` steps: ``jax_spectral.lanczos`` on the default operator, and the
   original package's TensorFlow Lanczos (the nested-tape HVP in float32, the recurrence in
   float64 NumPy with full reorthogonalisation), its HVP traced once (the original retraced
@@ -317,6 +319,49 @@ def main():
     print(f"{'jax_spectral.lanczos, first run (compile incl.)':<48}{first_run:>10.2f}")
     if onednn.available():
         _call_overhead()
+        _kernel_times(tf, args.repeats)
+
+
+def _kernel_times(tf, repeats: int) -> None:
+    """Milliseconds per call of the three convolution kernels alone, on the CNN's two
+    larger geometries (128 images, 3x3 'VALID'): oneDNN's compiled kernels through JAX
+    against TensorFlow's own ops (its ``tf.function``s; the result fetched as NumPy)."""
+    print("\nconvolution kernels alone, 128 images, milliseconds a call")
+    print(f"{'geometry':<24}{'':<8}{'forward':>10}{'input grad':>12}{'kernel grad':>13}")
+    for x_shape, w_shape in (
+        ((128, 30, 30, 64), (3, 3, 64, 64)),
+        ((128, 12, 12, 128), (3, 3, 128, 128)),
+    ):
+        name = "x".join(map(str, x_shape[1:])) + f" -> {w_shape[3]}"
+        for label, calls in _kernel_calls(tf, x_shape, w_shape).items():
+            times = [1e3 * _time(call, repeats) for call in calls]
+            print(f"{name:<24}{label:<8}{times[0]:>10.1f}{times[1]:>12.1f}{times[2]:>13.1f}")
+
+
+def _kernel_calls(tf, x_shape, w_shape) -> dict:
+    """Forward, input-gradient and kernel-gradient calls of one geometry, both ways."""
+    rng = np.random.default_rng(0)
+    y_shape = (x_shape[0], x_shape[1] - 2, x_shape[2] - 2, w_shape[3])
+    x, w, dy = (rng.standard_normal(s, dtype=np.float32) for s in (x_shape, w_shape, y_shape))
+    xt, wt, dyt = tf.constant(x), tf.constant(w), tf.constant(dy)
+    one, nn = [1, 1, 1, 1], tf.compat.v1.nn
+    theirs = [
+        tf.function(lambda: tf.nn.conv2d(xt, wt, 1, "VALID")),
+        tf.function(lambda: nn.conv2d_backprop_input(x_shape, wt, dyt, one, "VALID")),
+        tf.function(lambda: nn.conv2d_backprop_filter(xt, w_shape, dyt, one, "VALID")),
+    ]
+    xj, wj, dyj = jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy)
+
+    def conv(x, w):
+        return onednn.conv(x, w, (1, 1), ((0, 0), (0, 0)), (1, 1))
+
+    forward = jax.jit(conv)
+    input_grad = jax.jit(lambda dy: jax.vjp(conv, xj, wj)[1](dy)[0])
+    kernel_grad = jax.jit(lambda dy: jax.vjp(conv, xj, wj)[1](dy)[1])
+    return {
+        "oneDNN": [lambda: forward(xj, wj), lambda: input_grad(dyj), lambda: kernel_grad(dyj)],
+        "TF": [lambda f=f: f().numpy() for f in theirs],
+    }
 
 
 def _call_overhead(steps: int = 2000) -> None:
