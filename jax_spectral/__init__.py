@@ -13,6 +13,8 @@ A JAX-native successor to google/spectral-density. The pipeline is
 from importlib.metadata import PackageNotFoundError, version
 
 from . import density as density
+from .analysis import GradientShare as GradientShare
+from .analysis import gradient_share as gradient_share
 from .costs import CostEstimate as CostEstimate
 from .costs import estimate as estimate
 from .curvature import fisher_operator as fisher_operator
@@ -33,6 +35,7 @@ from .lanczos import lanczos_alg as lanczos_alg
 from .lanczos import ritz as ritz
 from .linop import LinearOperator as LinearOperator
 from .linop import as_operator as as_operator
+from .linop import deflate as deflate
 from .linop import identity as identity
 from .operators import CurvatureOperator as CurvatureOperator
 from .operators import HessianOperator as HessianOperator
@@ -55,6 +58,7 @@ __all__ = [
     "CostEstimate",
     "CurvatureOperator",
     "Eigenpairs",
+    "GradientShare",
     "HessianOperator",
     "Interrupted",
     "LinearOperator",
@@ -65,6 +69,7 @@ __all__ = [
     "TraceEstimate",
     "as_operator",
     "cpu_friendly",
+    "deflate",
     "density",
     "eigenpairs",
     "eigv_to_density",
@@ -72,6 +77,7 @@ __all__ = [
     "fisher_operator",
     "full_hessian",
     "ggn_operator",
+    "gradient_share",
     "hessian_operator",
     "hutchinson",
     "hutchpp",

@@ -499,6 +499,89 @@ class FunctionOperator(_Sized, _Layout, OperatorAlgebra):
         return jnp.stack([self.matvec(v) for v in vectors])
 
 
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["base", "vectors"], meta_fields=[]
+)
+@dataclasses.dataclass(frozen=True, eq=False)
+class DeflatedOperator(_Layout, OperatorAlgebra):
+    """``P A P`` with ``P = I - V^T V``: ``base`` (``A``) with the directions of the
+    orthonormal rows of ``vectors`` (``V``, shape ``(k, dim)``) removed (see
+    :func:`deflate`)."""
+
+    base: Any
+    vectors: jax.Array
+
+    @property
+    def dim(self) -> int:
+        return int(self.base.dim)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return dtype_of(self.base)
+
+    @property
+    def traceable(self) -> bool:
+        return is_traceable(self.base)
+
+    @property
+    def layout(self) -> Any:
+        return layout_of(self.base) or ()
+
+    def project(self, vectors: jax.Array) -> jax.Array:
+        """``P x`` for each row of ``vectors`` (or for one vector)."""
+        v = self.vectors.astype(jnp.promote_types(self.vectors.dtype, vectors.dtype))
+        x = vectors.astype(v.dtype)
+        return (x - (x @ v.T) @ v).astype(vectors.dtype)
+
+    def matvec(self, v: jax.Array) -> jax.Array:
+        v = check_vector(v, self.dim).astype(self.dtype)
+        return self.project(self.base.matvec(self.project(v)))
+
+    __call__ = matvec
+
+    def matmat(self, vectors: jax.Array) -> jax.Array:
+        vectors = check_vectors(vectors, self.dim).astype(self.dtype)
+        return self.project(matmat(self.base, self.project(vectors)))
+
+    def linearized(self, budget: int | None = None) -> DeflatedOperator:
+        """The base linearised for a run (see ``CurvatureOperator.linearized``)."""
+        linearized = getattr(self.base, "linearized", None)
+        return self if linearized is None else dataclasses.replace(self, base=linearized(budget))
+
+
+def deflate(operator: Any, vectors: Any) -> DeflatedOperator:
+    """``operator`` with the directions of ``vectors`` removed: ``P A P``, ``P = I - Q Q^T``
+    for an orthonormal basis ``Q`` of the span of ``vectors`` (``(k, dim)`` rows, or an
+    :class:`jax_spectral.Eigenpairs` whose vectors are used). Its spectrum is ``A``'s on the
+    complement of that span, plus ``k`` zeros; :func:`jax_spectral.slq` with ``deflate=``
+    starts its probes in the complement, so the zeros carry no weight and the density is
+    the bulk's alone, resolved at the same order (the outliers no longer stretch it). With
+    exact top eigenvectors, the complement's spectrum is the rest of ``A``'s.
+    """
+    check_operator(operator)
+    vectors = getattr(vectors, "vectors", vectors)
+    vectors = np.asarray(vectors, dtype=np.float64)
+    if vectors.ndim == 1:
+        vectors = vectors[None]
+    dim = int(operator.dim)
+    if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.shape[0] == 0:
+        raise ValueError(
+            f"deflate needs vectors of shape (k, {dim}) with k >= 1 (flat, as Eigenpairs "
+            f"holds them without like=), got {vectors.shape}."
+        )
+    if not np.all(np.isfinite(vectors)):
+        raise ValueError("the vectors to deflate contain NaN or Inf.")
+    q, r = np.linalg.qr(vectors.T)
+    rank = int(np.sum(np.abs(np.diag(r)) > 1e-8 * max(np.abs(np.diag(r)).max(), 1e-300)))
+    if rank < vectors.shape[0]:
+        raise ValueError(
+            f"the {vectors.shape[0]} vectors to deflate span only {rank} dimensions; pass "
+            "linearly independent vectors."
+        )
+    dtype = jnp.promote_types(dtype_of(operator), jnp.float32)
+    return DeflatedOperator(as_argument(operator), jnp.asarray(q.T, dtype))
+
+
 def as_operator(
     fn: Callable,
     *args: PyTree,

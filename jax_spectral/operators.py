@@ -161,6 +161,30 @@ def _linearize_index(kernel, params, stacked, index, zero):
     return _linearize(kernel, params, batch, zero)
 
 
+def _gradient_of(operator, batch):
+    """The flat gradient of ``batch``'s loss in the operator's differentiated leaves, in
+    at least float32."""
+    leaves, treedef = jax.tree_util.tree_flatten(operator.params)
+    select = operator.select or (True,) * len(leaves)
+    chosen = [x for x, s in zip(leaves, select, strict=True) if s]
+
+    def loss(chosen):
+        it = iter(chosen)
+        full = [next(it) if s else x for x, s in zip(leaves, select, strict=True)]
+        return operator.product_loss(treedef.unflatten(full), batch)
+
+    flat = ravel_pytree(jax.grad(loss)(chosen))[0]
+    return flat.astype(jnp.promote_types(flat.dtype, jnp.float32))
+
+
+_batch_gradient = jax.jit(_gradient_of)
+
+
+@jax.jit
+def _stacked_gradients(operator):
+    return jax.lax.map(lambda batch: _gradient_of(operator, batch), operator.stacked)
+
+
 @jax.jit
 def _linearize_scanned(operator):
     """Every batch of a scanned operator linearised: ``(stacked, remainder, tail)``, each
@@ -420,6 +444,41 @@ class CurvatureOperator(OperatorAlgebra):
         else:
             linear = _linearize_scanned(self)
         return dataclasses.replace(self, linear=linear)
+
+    def gradient(self, *, per_batch: bool = False) -> jax.Array:
+        """The gradient of the dataset loss that this operator's matrix is the curvature
+        of, as a flat ``(dim,)`` vector over the differentiated leaves: each batch's
+        gradient weighted as the matrix weighs its batch (``reduce``: the exact sample
+        mean, or the sum). ``per_batch=True``: the ``(num_batches, dim)`` gradients of the
+        batches' own losses (the mini-batch gradients an optimiser sees), in data order.
+        The loss is evaluated as the products evaluate it (``product_loss``)."""
+        parts, weights = [], []
+        if self.stream is not None:
+            sizes = []
+            for batch in self.stream:
+                parts.append(_batch_gradient(self, batch)[None])
+                sizes.append(batch_size_of(batch))
+            weights = [n / sum(sizes) if self.reduce == "mean" else 1.0 for n in sizes]
+        else:
+            w_full, w_rest, w_tail = self._weights()
+            if self.stacked is not None:
+                parts.append(_stacked_gradients(self))
+                weights += [w_full] * parts[-1].shape[0]
+            rest = [(self.remainder, w_rest), (self.tail, w_tail)]
+            rest = [(batch, w) for batch, w in rest if batch is not None]
+            if len(rest) == 2:  # a remainder cut for a mesh: its two parts are one batch
+                (head, w_head), (tail, w_tail) = rest
+                joined = w_head * _batch_gradient(self, head) + w_tail * _batch_gradient(self, tail)
+                norm = w_head + w_tail if self.reduce == "mean" else 1.0
+                parts.append((joined / norm)[None])
+                weights.append(norm)
+            elif rest:
+                parts.append(_batch_gradient(self, rest[0][0])[None])
+                weights.append(rest[0][1])
+        batches = jnp.concatenate(parts)
+        if per_batch:
+            return batches.astype(self.dtype)
+        return (jnp.asarray(weights, batches.dtype) @ batches).astype(self.dtype)
 
     def _linearizable(self) -> bool:
         if self.stream is not None:

@@ -57,6 +57,7 @@ from .lanczos import (
     warn_if_zero,
 )
 from .linop import as_argument, check_operator, dtype_of, is_traceable, matmat
+from .linop import deflate as deflated
 from .progress import Progress, ProgressArg
 from .validate import count
 
@@ -189,6 +190,7 @@ def slq(
     resume: bool = False,
     basis_sharding: jax.sharding.Sharding | None = None,
     basis_memory: str = "device",
+    deflate: Any = None,
 ) -> SLQResult:
     """Stochastic Lanczos quadrature with ``num_probes`` probes of ``order`` steps.
 
@@ -213,6 +215,12 @@ def slq(
     "data"))``): every probe's basis is split the same way, zero-padded the same way when
     the devices do not divide ``dim``. Traceable operators only (the scanned loop).
 
+    ``deflate``: eigenvectors to remove before the run, as ``(k, dim)`` rows or an
+    :class:`jax_spectral.Eigenpairs` (usually the top ``k``, the outliers): the probes run
+    on ``P A P`` (:func:`jax_spectral.deflate`), started in the complement of their span,
+    so the result is the density of the rest of the spectrum (the bulk), with every node
+    spent on it; its weights sum to one over that complement.
+
     The probes' products on each batch run a few probes at a time, as many as fit in
     about one probe's working memory (:func:`jax_spectral.operators.tangent_chunk`;
     :func:`jax_spectral.estimate` says how many), so memory does not grow with the
@@ -221,6 +229,8 @@ def slq(
     num_probes, order = count("num_probes", num_probes), count("order", order)
     on_host = _placement(basis_sharding, basis_memory)
     operator = as_argument(check_operator(operator))
+    if deflate is not None:  # the bulk alone: P A P, the probes started in P's range
+        operator = deflated(operator, deflate)
     dtype = jnp.promote_types(dtype_of(operator), jnp.float32)
     cost = estimate(
         operator, order=order, num_probes=num_probes, basis_sharding=basis_sharding, on_host=on_host
@@ -228,6 +238,8 @@ def slq(
     check_fits(cost, num_probes=num_probes, on_host=on_host)
     pad = column_padding(basis_sharding, operator.dim)
     starts = _start_vectors(key, num_probes, operator.dim, dtype)
+    if deflate is not None:
+        starts = operator.project(starts)
     starts = jnp.pad(starts, ((0, 0), (0, pad)))  # zero columns a sharded basis may need
     if on_host:  # the state on the host's CPU device; the products where the operator is
         starts = jax.device_put(starts, jax.local_devices(backend="cpu")[0])

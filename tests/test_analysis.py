@@ -1,0 +1,173 @@
+"""The paper's analyses: the gradient's share in the top eigenspace and deflated SLQ, against
+dense float64 references (jax.hessian, jax.grad, numpy.linalg.eigh) and a known spectrum."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import classification_data, init_mlp, mlp_loss
+from jax.flatten_util import ravel_pytree
+
+import jax_spectral as js
+
+N, BATCH = 47, 10  # four batches of ten and one of seven
+
+
+@pytest.fixture
+def mlp(x64):
+    params = init_mlp(jax.random.key(0), [6, 5, 3], jnp.float64)
+    x, y = classification_data(jax.random.key(1), N, 6, 3, jnp.float64)
+    return params, jnp.asarray(x), jnp.asarray(y)
+
+
+def _dense(params, x, y):
+    flat, unravel = ravel_pytree(params)
+    hessian = np.asarray(jax.hessian(lambda f: mlp_loss(unravel(f), (x, y)))(flat))
+    gradient = np.asarray(jax.grad(lambda f: mlp_loss(unravel(f), (x, y)))(flat))
+    return hessian, gradient, unravel
+
+
+def _reference_share(hessian, gradient, k):
+    values, vectors = np.linalg.eigh(hessian)
+    top = vectors[:, ::-1][:, :k]  # largest first
+    return np.cumsum((top.T @ gradient) ** 2) / np.sum(gradient**2), values[::-1][:k]
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_operator_gradient_equals_jax_grad(mlp, reduce):
+    params, x, y = mlp
+    flat, unravel = ravel_pytree(params)
+    op = js.hessian_operator(mlp_loss, params, (x, y), batch_size=BATCH, reduce=reduce)
+    parts = [(x[i : i + BATCH], y[i : i + BATCH]) for i in range(0, N, BATCH)]
+    per_batch = np.stack(
+        [np.asarray(jax.grad(lambda f, b=b: mlp_loss(unravel(f), b))(flat)) for b in parts]
+    )
+    np.testing.assert_allclose(op.gradient(per_batch=True), per_batch, rtol=1e-12, atol=1e-14)
+    if reduce == "mean":
+        want = np.asarray(jax.grad(lambda f: mlp_loss(unravel(f), (x, y)))(flat))
+    else:
+        want = per_batch.sum(axis=0)
+    np.testing.assert_allclose(op.gradient(), want, rtol=1e-12, atol=1e-14)
+    stream = js.hessian_operator(mlp_loss, params, lambda: iter(parts), reduce=reduce)
+    np.testing.assert_allclose(stream.gradient(), want, rtol=1e-12, atol=1e-14)
+    block = js.hessian_operator(mlp_loss, params, (x, y), batch_size=BATCH, wrt="layer1")
+    n0 = ravel_pytree(params["layer0"])[0].size
+    full = np.asarray(jax.grad(lambda f: mlp_loss(unravel(f), (x, y)))(flat))
+    np.testing.assert_allclose(block.gradient(), full[n0:], rtol=1e-12, atol=1e-14)
+
+
+def test_gradient_share_equals_dense_eigh(mlp):
+    params, x, y = mlp
+    hessian, gradient, _ = _dense(params, x, y)
+    op = js.hessian_operator(mlp_loss, params, (x, y), batch_size=BATCH)
+    pairs = js.eigenpairs(op, jax.random.key(0), 5, order=op.dim)
+    got = js.gradient_share(op, pairs, per_batch=True)
+    want, values = _reference_share(hessian, gradient, 5)
+    np.testing.assert_allclose(got.share, want, atol=1e-10)
+    np.testing.assert_allclose(got.eigenvalues, values, atol=1e-10)
+    assert np.all(np.diff(got.share) >= 0) and got.share[-1] <= 1
+    np.testing.assert_allclose(got.residuals, pairs.residuals)
+    assert got.gradient_norm == pytest.approx(np.linalg.norm(gradient), rel=1e-12)
+    # each mini-batch gradient against the same dense eigenvectors
+    flat, unravel = ravel_pytree(params)
+    top = np.linalg.eigh(hessian)[1][:, ::-1][:, :5]
+    for i, lo in enumerate(range(0, N, BATCH)):
+        b = (x[lo : lo + BATCH], y[lo : lo + BATCH])
+        g = np.asarray(jax.grad(lambda f, b=b: mlp_loss(unravel(f), b))(flat))
+        want_b = np.cumsum((top.T @ g) ** 2) / np.sum(g**2)
+        np.testing.assert_allclose(got.batch_share[i], want_b, atol=1e-10)
+
+
+def test_gradient_share_takes_any_spanning_vectors_and_refuses_bad_ones(mlp):
+    params, x, y = mlp
+    hessian, gradient, _ = _dense(params, x, y)
+    op = js.hessian_operator(mlp_loss, params, (x, y))
+    top = np.linalg.eigh(hessian)[1][:, ::-1][:, :3].T
+    mixed = np.stack([top[0], top[0] + 2 * top[1], top[2] - top[1] + 3 * top[0]])
+    got = js.gradient_share(op, mixed, gradient=gradient)  # same nested spans
+    np.testing.assert_allclose(got.share, _reference_share(hessian, gradient, 3)[0], atol=1e-10)
+    with pytest.raises(ValueError, match="linearly dependent"):
+        js.gradient_share(op, np.stack([top[0], 2 * top[0]]))
+    with pytest.raises(ValueError, match=r"\(k, "):
+        js.gradient_share(op, np.ones((2, op.dim + 1)))
+    with pytest.raises(ValueError, match="shape"):
+        js.gradient_share(op, top, gradient=np.ones(3))
+
+
+@pytest.mark.slow  # the digits MLP's dense Hessian (2,410 parameters) takes a while
+def test_gradient_share_on_the_digits_mlp_to_1e5(x64):
+    """Issue 19's acceptance: the demo's model (trained briefly), full-batch and mini-batch
+    gradients, against numpy.linalg.eigh of the dense float64 Hessian, to 1e-5."""
+    from jax_spectral import datasets
+
+    X, y = datasets.load_digits(np.float64)
+    model = datasets.mlp()
+    params = model.init(jax.random.key(0), X[:1])["params"]
+    loss = datasets.cross_entropy_loss(model.apply)
+    params = datasets.train_classifier(loss, params, (X, y), steps=50)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), params)
+    flat, unravel = ravel_pytree(params)
+    hessian = np.asarray(jax.hessian(lambda f: loss(unravel(f), (X, y)))(flat))
+    gradient = np.asarray(jax.grad(lambda f: loss(unravel(f), (X, y)))(flat))
+    op = js.hessian_operator(loss, params, (X, y), batch_size=512)
+    pairs = js.eigenpairs(op, jax.random.key(1), 10, order=120)
+    assert np.all(pairs.converged)
+    got = js.gradient_share(op, pairs, per_batch=True)
+    want, values = _reference_share(hessian, gradient, 10)
+    np.testing.assert_allclose(got.eigenvalues, values, rtol=1e-8)
+    np.testing.assert_allclose(got.share, want, atol=1e-5)
+    top = np.linalg.eigh(hessian)[1][:, ::-1][:, :10]
+    for i, lo in enumerate(range(0, len(X), 512)):
+        b = (X[lo : lo + 512], y[lo : lo + 512])
+        g = np.asarray(jax.grad(lambda f, b=b: loss(unravel(f), b))(flat))
+        np.testing.assert_allclose(
+            got.batch_share[i], np.cumsum((top.T @ g) ** 2) / np.sum(g**2), atol=1e-5
+        )
+
+
+def _known_spectrum(dim=1000, outliers=(20.0, 30.0, 40.0, 50.0, 60.0)):
+    rng = np.random.default_rng(0)
+    bulk = np.sort(rng.gamma(2.0, 0.15, size=dim - len(outliers)))  # a skewed bulk near 0
+    values = np.concatenate([bulk, outliers])
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    return values, basis
+
+
+def test_deflated_slq_resolves_the_bulk(x64):
+    """Issue 19's acceptance: L1 distance to the exact deflated density <= 0.05 at 10
+    probes x 90 steps."""
+    values, basis = _known_spectrum()
+    dim, k = len(values), 5
+    matrix = jnp.asarray((basis * values) @ basis.T)
+    op = js.as_operator(lambda v, m: m @ v, matrix, dim=dim, dtype=jnp.float64)
+    top = basis[:, -k:][:, ::-1].T  # the outliers' exact eigenvectors
+    result = js.slq(op, jax.random.key(0), 90, num_probes=10, deflate=top)
+    assert np.all(result.nodes.max(axis=1) < values[:-k].max() + 1e-6)  # no outlier left
+    np.testing.assert_allclose(result.weights.sum(axis=1), 1.0, atol=1e-10)
+    grid = np.linspace(values[0] - 0.2, values[-k - 1] + 0.2, 2000)
+    sigma_squared = 2e-4
+    got = js.spectral_density(result, grids=grid, sigma_squared=sigma_squared).density
+    exact, _ = js.eigv_to_density(values[None, :-k], grids=grid, sigma_squared=sigma_squared)
+    l1 = np.sum(np.abs(got - exact)) * (grid[1] - grid[0])
+    assert l1 <= 0.05, l1
+    # the same run without deflation spends nodes on the outliers and stretches the density
+    plain = js.slq(op, jax.random.key(0), 90, num_probes=10)
+    assert np.any(plain.nodes.max(axis=1) > 50)
+
+
+def test_deflate_is_p_a_p_and_checks_its_vectors(x64):
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((7, 7))
+    a = a + a.T
+    op = js.as_operator(lambda v, m: m @ v, jnp.asarray(a), dim=7, dtype=jnp.float64)
+    v = rng.standard_normal((2, 7))
+    q = np.linalg.qr(v.T)[0]
+    p = np.eye(7) - q @ q.T
+    deflated = js.deflate(op, v)
+    eye = np.eye(7)
+    np.testing.assert_allclose(np.stack([deflated.matvec(e) for e in eye]).T, p @ a @ p, atol=1e-12)
+    np.testing.assert_allclose(deflated.matmat(jnp.asarray(eye)).T, p @ a @ p, atol=1e-12)
+    with pytest.raises(ValueError, match="span only 1"):
+        js.deflate(op, np.stack([v[0], 3 * v[0]]))
+    with pytest.raises(ValueError, match=r"\(k, 7\)"):
+        js.deflate(op, np.ones((2, 6)))
