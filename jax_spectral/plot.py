@@ -13,7 +13,7 @@ import numpy as np
 
 from .validate import write_atomic
 
-__all__ = ["plot_densities", "plot_density", "plot_eigenvalues"]
+__all__ = ["plot_densities", "plot_density", "plot_eigenvalues", "plot_log_density"]
 
 
 def _pyplot():
@@ -143,4 +143,37 @@ def plot_densities(
     if note:
         _note(axes[-1, 0], note)
     fig.tight_layout()
+    return _finish(fig, path)
+
+
+def plot_log_density(
+    log_density: Any,
+    *,
+    title: str | None = None,
+    note: str | None = None,
+    path: str | Path | None = None,
+):
+    """Plot a :class:`jax_spectral.density.LogDensity` (from
+    :func:`jax_spectral.density.log_abs_density`): the densities of ``log10 lambda`` for
+    the positive eigenvalues and of ``log10 (-lambda)`` for the negative ones, on one
+    semilogy axis, with the weight too close to zero for a log axis in the legend."""
+    plt = _pyplot()
+    grid = np.asarray(log_density.grid)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    floor = 1e-10
+    peak = max(float(np.max(log_density.positive)), float(np.max(log_density.negative)))
+    for values, color, label in (
+        (log_density.positive, "C0", "λ > 0"),
+        (log_density.negative, "C3", "λ < 0 (of -λ)"),
+    ):
+        ax.semilogy(grid, np.maximum(np.asarray(values), floor), color=color, lw=1.2, label=label)
+    ax.plot([], [], " ", label=f"|λ| ≤ {log_density.floor:.1e}: {log_density.zero_mass:.2%}")
+    ax.set_ylim(floor, 2.0 * peak if np.isfinite(peak) and peak > floor else 1e2)
+    ax.set_xlabel("log10 |eigenvalue|")
+    ax.set_ylabel("density per decade")
+    if title:
+        ax.set_title(title)
+    if note:
+        _note(ax, note)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
     return _finish(fig, path)

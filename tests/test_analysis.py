@@ -171,3 +171,31 @@ def test_deflate_is_p_a_p_and_checks_its_vectors(x64):
         js.deflate(op, np.stack([v[0], 3 * v[0]]))
     with pytest.raises(ValueError, match=r"\(k, 7\)"):
         js.deflate(op, np.ones((2, 6)))
+
+
+def test_log_abs_density_puts_each_sign_and_decade_where_it_belongs():
+    nodes = np.array([[1e-9, 0.01, 0.1, 10.0, -0.5, -0.05]])
+    weights = np.array([[0.1, 0.2, 0.2, 0.2, 0.2, 0.1]])
+    got = js.density.log_abs_density(nodes, weights, sigma=0.02, grid_len=4000)
+    du = got.grid[1] - got.grid[0]
+    assert got.zero_mass == pytest.approx(0.1)  # 1e-9 is below the default floor 1e-5
+    assert np.sum(got.positive) * du == pytest.approx(0.6, abs=1e-3)
+    assert np.sum(got.negative) * du == pytest.approx(0.3, abs=1e-3)
+    for part, where, mass in ((got.positive, -2.0, 0.2), (got.negative, np.log10(0.5), 0.2)):
+        near = np.abs(got.grid - where) < 0.2  # the peak of one node, by itself
+        assert np.sum(part[near]) * du == pytest.approx(mass, abs=1e-3)
+    with pytest.raises(ValueError, match="zero"):
+        js.density.log_abs_density(np.zeros((1, 3)))
+
+
+def test_log_density_plot_renders_headless(tmp_path):
+    pytest.importorskip("matplotlib")
+    from jax_spectral.plot import plot_log_density
+
+    values, _ = _known_spectrum(dim=200)
+    values = np.concatenate([values, -values[:20] / 10])
+    got = js.density.log_abs_density(values[None])
+    fig = plot_log_density(got, title="log density", path=tmp_path / "log.png")
+    assert (tmp_path / "log.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels[0] == "λ > 0" and "λ < 0" in labels[1] and "%" in labels[2]
