@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
+
+from .linop import flat_rows
 
 __all__ = ["GradientShare", "gradient_share"]
 
@@ -26,21 +27,6 @@ class GradientShare(NamedTuple):
     eigenvalues: np.ndarray  # (K,): the Ritz values, in the order given (most extreme first)
     residuals: np.ndarray  # (K,): their residuals |A u - theta u| (NaN when not given)
     gradient_norm: float  # ||g|| of the full-batch gradient
-
-
-def _flat_rows(operator: Any, vectors: Any) -> np.ndarray:
-    """Eigenvectors as float64 ``(k, dim)`` rows: flat already, or params-shaped pytrees
-    with a leading ``k`` axis (as ``eigenpairs`` returns them for a curvature operator),
-    flattened by the operator's ``ravel``."""
-    if isinstance(vectors, (np.ndarray, jax.Array)):
-        return np.asarray(vectors, dtype=np.float64)
-    ravel = getattr(operator, "ravel", None)
-    if ravel is None:
-        raise TypeError("eigenvectors as pytrees need an operator with ravel(); pass flat rows.")
-    leaves = jax.tree_util.tree_leaves(vectors)
-    count = leaves[0].shape[0] if leaves else 0
-    rows = [ravel(jax.tree_util.tree_map(lambda a, i=i: a[i], vectors)) for i in range(count)]
-    return np.asarray(np.stack(rows), dtype=np.float64) if rows else np.zeros((0, 0))
 
 
 def _subspaces(vectors: np.ndarray) -> np.ndarray:
@@ -87,7 +73,7 @@ def gradient_share(
         ``share[k - 1] = ||P_k g||^2 / ||g||^2``, non-decreasing in ``k`` and at most 1;
         NaN for a zero gradient.
     """
-    vectors = _flat_rows(operator, getattr(eigenpairs, "vectors", eigenpairs))
+    vectors = flat_rows(operator, getattr(eigenpairs, "vectors", eigenpairs))
     if vectors.ndim == 1:
         vectors = vectors[None]
     dim = int(operator.dim)

@@ -549,6 +549,21 @@ class DeflatedOperator(_Layout, OperatorAlgebra):
         return self if linearized is None else dataclasses.replace(self, base=linearized(budget))
 
 
+def flat_rows(operator: Any, vectors: Any) -> np.ndarray:
+    """Vectors as float64 ``(k, dim)`` rows: flat already, or params-shaped pytrees with a
+    leading ``k`` axis (as ``eigenpairs`` returns them for a curvature operator), flattened
+    by the operator's ``ravel``."""
+    if isinstance(vectors, (np.ndarray, jax.Array)):
+        return np.asarray(vectors, dtype=np.float64)
+    ravel = getattr(operator, "ravel", None)
+    if ravel is None:
+        raise TypeError("vectors as pytrees need an operator with ravel(); pass flat rows.")
+    leaves = jax.tree_util.tree_leaves(vectors)
+    count = leaves[0].shape[0] if leaves else 0
+    rows = [ravel(jax.tree_util.tree_map(lambda a, i=i: a[i], vectors)) for i in range(count)]
+    return np.asarray(np.stack(rows), dtype=np.float64) if rows else np.zeros((0, 0))
+
+
 def deflate(operator: Any, vectors: Any) -> DeflatedOperator:
     """``operator`` with the directions of ``vectors`` removed: ``P A P``, ``P = I - Q Q^T``
     for an orthonormal basis ``Q`` of the span of ``vectors`` (``(k, dim)`` rows, or an
@@ -559,8 +574,7 @@ def deflate(operator: Any, vectors: Any) -> DeflatedOperator:
     exact top eigenvectors, the complement's spectrum is the rest of ``A``'s.
     """
     check_operator(operator)
-    vectors = getattr(vectors, "vectors", vectors)
-    vectors = np.asarray(vectors, dtype=np.float64)
+    vectors = flat_rows(operator, getattr(vectors, "vectors", vectors))
     if vectors.ndim == 1:
         vectors = vectors[None]
     dim = int(operator.dim)
