@@ -13,6 +13,7 @@ A JAX-native successor to google/spectral-density. The pipeline is
 from importlib.metadata import PackageNotFoundError, version
 
 from . import density as density
+from . import training as training
 from .analysis import GradientShare as GradientShare
 from .analysis import gradient_share as gradient_share
 from .costs import CostEstimate as CostEstimate
@@ -90,5 +91,6 @@ __all__ = [
     "slq",
     "spectral_density",
     "tridiag_to_density",
+    "training",
     "tridiag_to_eigv",
 ]

@@ -13,7 +13,13 @@ import numpy as np
 
 from .validate import write_atomic
 
-__all__ = ["plot_densities", "plot_density", "plot_eigenvalues", "plot_log_density"]
+__all__ = [
+    "plot_densities",
+    "plot_density",
+    "plot_eigenvalues",
+    "plot_log_density",
+    "plot_training",
+]
 
 
 def _pyplot():
@@ -176,4 +182,49 @@ def plot_log_density(
     if note:
         _note(ax, note)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
+    return _finish(fig, path)
+
+
+def plot_training(
+    records: list,
+    *,
+    grid_len: int = 400,
+    floor: float = 1e-6,
+    title: str | None = None,
+    path: str | Path | None = None,
+):
+    """The spectrum across training, from :func:`jax_spectral.training.load`'s records:
+    the density against the step as a heatmap of ``log10 density`` (each record's density
+    on one common eigenvalue grid; below ``floor`` drawn as ``floor``), and the top
+    eigenvalues against the step, one curve per rank (the paper's figures)."""
+    plt = _pyplot()
+    if not records:
+        raise ValueError("no records to plot.")
+    steps = np.array([r["step"] for r in records], dtype=np.float64)
+    low = min(float(np.min(r["grid"])) for r in records)
+    high = max(float(np.max(r["grid"])) for r in records)
+    grid = np.linspace(low, high, grid_len)
+    image = np.stack(
+        [np.interp(grid, r["grid"], r["density"], left=0.0, right=0.0) for r in records]
+    )
+    fig, (heat, curves) = plt.subplots(2, 1, figsize=(6.4, 6.4), sharex=False)
+    mesh = heat.pcolormesh(
+        grid, steps, np.log10(np.maximum(image, floor)), shading="nearest", cmap="viridis"
+    )
+    fig.colorbar(mesh, ax=heat, label="log10 density")
+    heat.set_xlabel("eigenvalue")
+    heat.set_ylabel("step")
+    k = max(len(r["top_eigenvalues"]) for r in records)
+    for rank in range(k):
+        values = [
+            r["top_eigenvalues"][rank] if rank < len(r["top_eigenvalues"]) else np.nan
+            for r in records
+        ]
+        curves.plot(steps, values, "o-", ms=3, lw=1, label=f"λ{rank + 1}")
+    curves.set_xlabel("step")
+    curves.set_ylabel("top eigenvalues")
+    curves.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return _finish(fig, path)
