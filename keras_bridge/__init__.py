@@ -11,11 +11,13 @@ Requires Keras 3 with ``KERAS_BACKEND=jax`` set before Keras is imported
 keep the original package's other TF2 entry points. ``pure_model`` and
 ``loading.output_loss`` give the model and the loss on its outputs separately, for
 ``jax_spectral.ggn_operator`` and ``fisher_operator``; ``layer_blocks`` groups the weights
-by layer for ``wrt=``.
+by layer for ``wrt=``. ``spectrum_callback`` records the spectrum every N epochs of
+``model.fit`` (``jax_spectral.training``).
 """
 
 from . import lanczos_algorithm as lanczos_algorithm
 from . import matrix_vector_product as matrix_vector_product
+from .callbacks import spectrum_callback as spectrum_callback
 from .closure import layer_blocks as layer_blocks
 from .closure import pure_loss as pure_loss
 from .closure import pure_model as pure_model
@@ -30,6 +32,7 @@ __all__ = [
     "matrix_vector_product",
     "pure_loss",
     "pure_model",
+    "spectrum_callback",
     "to_flax",
     "trainable_values",
 ]
