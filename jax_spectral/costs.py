@@ -36,9 +36,14 @@ def prepared(operand: Any, cost: CostEstimate, on_host: bool = False) -> Any:
     each batch's product linearised once (:meth:`CurvatureOperator.linearized`) when the
     run takes more than one pass and what that keeps fits in ``LINEARIZE_FRACTION`` of the
     memory left beside the bases; any other operand as it is."""
-    linearized = getattr(operand, "linearized", None)
-    if linearized is None or cost.passes < 2:
+    from .linop import DeflatedOperator
+    from .operators import CurvatureOperator
+
+    # Only the library's own operators: a user's class may have a method of that name
+    # that means something else (a static wrapper would pass the lookup through to it).
+    if not isinstance(operand, (CurvatureOperator, DeflatedOperator)) or cost.passes < 2:
         return operand
+    linearized = operand.linearized
     if on_host or cost.free_bytes is None:  # the bases are not where the products run
         return linearized()
     room = cost.free_bytes - cost.basis_bytes_per_device

@@ -545,8 +545,11 @@ class DeflatedOperator(_Layout, OperatorAlgebra):
 
     def linearized(self, budget: int | None = None) -> DeflatedOperator:
         """The base linearised for a run (see ``CurvatureOperator.linearized``)."""
-        linearized = getattr(self.base, "linearized", None)
-        return self if linearized is None else dataclasses.replace(self, base=linearized(budget))
+        from .operators import CurvatureOperator
+
+        if not isinstance(self.base, (CurvatureOperator, DeflatedOperator)):
+            return self  # a user's operator: its own method of that name may mean another thing
+        return dataclasses.replace(self, base=self.base.linearized(budget))
 
 
 def flat_rows(operator: Any, vectors: Any) -> np.ndarray:

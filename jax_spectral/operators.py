@@ -412,8 +412,11 @@ class CurvatureOperator(OperatorAlgebra):
         products (Lanczos, SLQ, trace estimates): the forward and backward passes of the
         loss, which do not depend on the vector, run here once per batch, and each later
         product runs only the passes of its vector (about a quarter less time a product
-        for a convnet, ``docs/benchmarks.md``). What those passes need is kept in memory:
-        about the activations of the whole dataset (:meth:`linearized_bytes`).
+        for a convnet, ``docs/benchmarks.md``). What those passes need is kept in memory
+        for every batch: the activations, and copies of the weights the vector's passes use
+        (:meth:`linearized_bytes`; for an MLP of 0.57 MB in 128 batches, 71 MB). Functions
+        the loss calls back to the host (``jax.debug.callback``) then run once per batch
+        and run, not once per product.
 
         Returns ``self`` unchanged where this does not apply or does not fit: a stream (its
         batches are read anew each pass), an operator on a mesh, or linearisations larger

@@ -136,3 +136,40 @@ def test_a_non_finite_loss_in_a_linearized_batch_still_raises(mlp):
     assert np.all(np.isnan(op.linearized(budget=BIG).matvec(jnp.ones(op.dim))))
     with pytest.raises(js.NonFiniteError):
         js.lanczos(op, jax.random.key(0), 5)
+
+
+def test_a_users_own_linearized_method_is_not_called():
+    """A user's operator with a method of that name (here: the Jacobian at another point)
+    ran lanczos and slq on what it returned: a silently wrong spectrum."""
+    import dataclasses
+    import functools
+
+    @functools.partial(jax.tree_util.register_dataclass, data_fields=["a", "at"], meta_fields=[])
+    @dataclasses.dataclass
+    class Jacobian:
+        a: jax.Array
+        at: jax.Array
+
+        @property
+        def dim(self):
+            return self.a.shape[0]
+
+        @property
+        def dtype(self):
+            return self.a.dtype
+
+        def matvec(self, v):
+            return self.a @ v + 3 * self.at**2 * v
+
+        def linearized(self, at=None, **options):  # another meaning of the name
+            return Jacobian(self.a, jnp.zeros_like(self.at) if at is None else at)
+
+    a, at = jnp.diag(jnp.arange(1.0, 5.0)), jnp.full(4, 2.0)
+    exact = np.linalg.eigvalsh(np.diag(np.arange(1.0, 5.0) + 12.0))
+    op = Jacobian(a, at)
+    result = js.lanczos(op, jax.random.key(0), 4)
+    np.testing.assert_allclose(np.linalg.eigvalsh(np.asarray(result.tridiag)), exact, rtol=1e-5)
+    nodes = js.slq(op, jax.random.key(0), 4, num_probes=1).nodes[0]
+    np.testing.assert_allclose(np.sort(nodes), exact, rtol=1e-5)
+    deflated = js.deflate(op, np.eye(4)[:1])
+    assert deflated.linearized() is deflated
