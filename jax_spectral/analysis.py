@@ -73,15 +73,8 @@ def gradient_share(
         ``share[k - 1] = ||P_k g||^2 / ||g||^2``, non-decreasing in ``k`` and at most 1;
         NaN for a zero gradient.
     """
-    vectors = flat_rows(operator, getattr(eigenpairs, "vectors", eigenpairs))
-    if vectors.ndim == 1:
-        vectors = vectors[None]
+    vectors = flat_rows(operator, eigenpairs, "eigenvectors")
     dim = int(operator.dim)
-    if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.shape[0] == 0:
-        raise ValueError(
-            f"eigenvectors must be (k, {dim}) rows with k >= 1 (flat: eigenpairs without "
-            f"like=), got shape {vectors.shape}."
-        )
     values = getattr(eigenpairs, "values", None)
     residuals = getattr(eigenpairs, "residuals", None)
     k = vectors.shape[0]
@@ -97,8 +90,8 @@ def gradient_share(
         g = np.asarray(gradient, np.float64).reshape(-1)
         if g.shape != (dim,):
             raise ValueError(f"gradient must have shape ({dim},), got {g.shape}.")
-    if not np.all(np.isfinite(g)) or not np.all(np.isfinite(vectors)):
-        raise ValueError("the gradient or the eigenvectors contain NaN or Inf.")
+    if not np.all(np.isfinite(g)):
+        raise ValueError("the gradient contains NaN or Inf.")
     q = _subspaces(vectors)
     batch_share = None
     if per_batch:

@@ -552,19 +552,33 @@ class DeflatedOperator(_Layout, OperatorAlgebra):
         return dataclasses.replace(self, base=self.base.linearized(budget))
 
 
-def flat_rows(operator: Any, vectors: Any) -> np.ndarray:
-    """Vectors as float64 ``(k, dim)`` rows: flat already, or params-shaped pytrees with a
-    leading ``k`` axis (as ``eigenpairs`` returns them for a curvature operator), flattened
-    by the operator's ``ravel``."""
+def flat_rows(operator: Any, vectors: Any, what: str = "vectors") -> np.ndarray:
+    """``vectors`` (or an :class:`jax_spectral.Eigenpairs`' vectors) as float64 ``(k,
+    dim)`` rows, ``k >= 1``: flat already, or params-shaped pytrees with a leading ``k``
+    axis (as ``eigenpairs`` returns them for a curvature operator), flattened by the
+    operator's ``ravel``; one flat vector is one row. ``ValueError`` naming ``what`` for
+    another shape, or NaN or Inf."""
+    vectors = getattr(vectors, "vectors", vectors)
     if isinstance(vectors, (np.ndarray, jax.Array)):
-        return np.asarray(vectors, dtype=np.float64)
-    ravel = getattr(operator, "ravel", None)
-    if ravel is None:
-        raise TypeError("vectors as pytrees need an operator with ravel(); pass flat rows.")
-    leaves = jax.tree_util.tree_leaves(vectors)
-    count = leaves[0].shape[0] if leaves else 0
-    rows = [ravel(jax.tree_util.tree_map(lambda a, i=i: a[i], vectors)) for i in range(count)]
-    return np.asarray(np.stack(rows), dtype=np.float64) if rows else np.zeros((0, 0))
+        rows = np.asarray(vectors, dtype=np.float64)
+    else:
+        ravel = getattr(operator, "ravel", None)
+        if ravel is None:
+            raise TypeError(f"{what} as pytrees need an operator with ravel(); pass flat rows.")
+        leaves = jax.tree_util.tree_leaves(vectors)
+        num = leaves[0].shape[0] if leaves else 0
+        rows = [ravel(jax.tree_util.tree_map(lambda a, i=i: a[i], vectors)) for i in range(num)]
+        rows = np.asarray(np.stack(rows), dtype=np.float64) if rows else np.zeros((0, 0))
+    rows = rows[None] if rows.ndim == 1 else rows
+    dim = int(operator.dim)
+    if rows.ndim != 2 or rows.shape[1] != dim or rows.shape[0] == 0:
+        raise ValueError(
+            f"{what} must be (k, {dim}) rows with k >= 1 (flat, or Eigenpairs), got shape "
+            f"{rows.shape}."
+        )
+    if not np.all(np.isfinite(rows)):
+        raise ValueError(f"the {what} contain NaN or Inf.")
+    return rows
 
 
 def deflate(operator: Any, vectors: Any) -> DeflatedOperator:
@@ -577,17 +591,7 @@ def deflate(operator: Any, vectors: Any) -> DeflatedOperator:
     exact top eigenvectors, the complement's spectrum is the rest of ``A``'s.
     """
     check_operator(operator)
-    vectors = flat_rows(operator, getattr(vectors, "vectors", vectors))
-    if vectors.ndim == 1:
-        vectors = vectors[None]
-    dim = int(operator.dim)
-    if vectors.ndim != 2 or vectors.shape[1] != dim or vectors.shape[0] == 0:
-        raise ValueError(
-            f"deflate needs vectors of shape (k, {dim}) with k >= 1 (flat, as Eigenpairs "
-            f"holds them without like=), got {vectors.shape}."
-        )
-    if not np.all(np.isfinite(vectors)):
-        raise ValueError("the vectors to deflate contain NaN or Inf.")
+    vectors = flat_rows(operator, vectors, "vectors to deflate")
     q, r = np.linalg.qr(vectors.T)
     rank = int(np.sum(np.abs(np.diag(r)) > 1e-8 * max(np.abs(np.diag(r)).max(), 1e-300)))
     if rank < vectors.shape[0]:

@@ -91,8 +91,13 @@ def plot_density(
         for i, value in enumerate(np.atleast_1d(np.asarray(outliers, np.float64))):
             ax.axvline(value, color="C3", lw=0.8, ls="--", label="eigenvalues" if i == 0 else None)
     ax.set_ylim(*ylim)
-    ax.set_xlabel("eigenvalue")
-    ax.set_ylabel("density")
+    return _labelled(fig, ax, "eigenvalue", "density", title, note, path)
+
+
+def _labelled(fig, ax, xlabel, ylabel, title, note, path):
+    """Axis labels, the title, the note under the axes, the legend outside them; saved."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title)
     if note:
@@ -175,14 +180,7 @@ def plot_log_density(
         ax.semilogy(grid, np.maximum(np.asarray(values), floor), color=color, lw=1.2, label=label)
     ax.plot([], [], " ", label=f"|λ| ≤ {log_density.floor:.1e}: {log_density.zero_mass:.2%}")
     ax.set_ylim(floor, 2.0 * peak if np.isfinite(peak) and peak > floor else 1e2)
-    ax.set_xlabel("log10 |eigenvalue|")
-    ax.set_ylabel("density per decade")
-    if title:
-        ax.set_title(title)
-    if note:
-        _note(ax, note)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", borderaxespad=0)
-    return _finish(fig, path)
+    return _labelled(fig, ax, "log10 |eigenvalue|", "density per decade", title, note, path)
 
 
 def plot_training(
