@@ -159,6 +159,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _analysis_options(demo, out="jax-spectral-demo", order=80, batch=512)
     demo.add_argument("--train-steps", type=_positive_int, default=300, help="Adam steps (300)")
+    demo.add_argument(
+        "--over-training",
+        type=_positive_int,
+        metavar="K",
+        help="also record the spectrum K+1 times through training (at step 0 and every "
+        "train-steps/K steps) in OUT/training/ and draw OUT/training.png",
+    )
 
     keras = sub.add_parser(
         "keras",
@@ -671,13 +678,23 @@ def run_demo(
     curvature: str = "hessian",
     per_layer: bool = False,
     mesh: Any = None,
+    over_training: int | None = None,
 ) -> dict:
     """Train the digits MLP, then the density (SLQ), top eigenpairs and trace of its
     Hessian (or ``curvature``: ``"ggn"``, ``"fisher"``); ``mesh``: every batch split over
-    its ``"data"`` axis (on several processes, each takes its share of the digits)."""
+    its ``"data"`` axis (on several processes, each takes its share of the digits).
+    ``over_training``: also the Hessian's spectrum ``K + 1`` times through training
+    (:mod:`jax_spectral.training`), in ``out/training/`` and ``out/training.png``."""
     started = time.perf_counter()
-    trained, key = _train_digits_mlp(seed, train_steps)
+    record = None
+    if over_training is not None:
+        if mesh is not None:
+            raise InputError("--over-training runs on one device (no --data-parallel).")
+        record = _over_training(out, seed, batch_size, train_steps, over_training, progress)
+    trained, key = _train_digits_mlp(seed, train_steps, record)
     notes: dict = {}
+    if record is not None:
+        notes["over_training"] = record.finish()
     data = _share((trained.X, trained.y), notes)
     operator, blocks = _demo_operators(trained, data, curvature, batch_size, per_layer, mesh)
     settings = {
@@ -718,7 +735,55 @@ class _Trained(NamedTuple):
     num_params: int
 
 
-def _train_digits_mlp(seed: int, train_steps: int) -> tuple[_Trained, Any]:
+class _Recorder:
+    """``callback(step, params)`` for the trainer: the Hessian's spectrum at ``params``
+    written to ``out/training/``; ``finish()`` draws ``out/training.png``."""
+
+    def __init__(self, out, seed, batch_size, every, progress):
+        self.out, self.seed, self.batch_size, self.every = out, seed, batch_size, every
+        self.progress, self.loss, self.data = progress, None, None
+
+    def __call__(self, step, params):
+        import jax
+
+        from . import hessian_operator, training
+
+        if step == 0:  # an earlier run's records would mix with this run's
+            _prepare_out(self.out)
+            (self.out / "training.png").unlink(missing_ok=True)
+            for old in (self.out / "training").glob("step_*.json"):
+                old.unlink()
+        H = hessian_operator(self.loss, params, self.data, batch_size=self.batch_size)
+        key = jax.random.fold_in(jax.random.key(self.seed + 1), step)
+        record = training.record(self.out / "training", step, H, key, order=40, num_probes=3)
+        if self.progress:
+            _say(f"  step {step}: top eigenvalue {record['top_eigenvalues'][0]:.4g}")
+
+    def finish(self) -> dict:
+        from . import training
+
+        records = training.load(self.out / "training")
+        note = {"records": len(records), "every": self.every, "folder": "training/"}
+        try:
+            from .plot import plot_training
+
+            plot_training(
+                records,
+                title="Hessian spectrum through training, digits MLP",
+                path=self.out / "training.png",
+            )
+            note["figure"] = "training.png"
+        except ImportError:
+            note["figure"] = "not drawn (pip install 'jax-spectral[plot]')"
+        return note
+
+
+def _over_training(out, seed, batch_size, train_steps, times, progress) -> _Recorder:
+    every = -(-train_steps // times)  # ceil: at most `times` pieces after step 0
+    return _Recorder(out, seed, batch_size, every, progress)
+
+
+def _train_digits_mlp(seed: int, train_steps: int, record=None) -> tuple[_Trained, Any]:
     """Train the MLP on the bundled digits, print its loss and accuracy, and return it
     with the key left over for the analysis."""
     import jax
@@ -732,7 +797,16 @@ def _train_digits_mlp(seed: int, train_steps: int) -> tuple[_Trained, Any]:
     key_init, key = jax.random.split(jax.random.key(seed))
     params = model.init(key_init, X[:1])["params"]
     loss = datasets.cross_entropy_loss(model.apply)
-    params = datasets.train_classifier(loss, params, (X, y), steps=train_steps)
+    if record is not None:  # the spectrum through training (--over-training)
+        record.loss, record.data = loss, (X, y)
+    params = datasets.train_classifier(
+        loss,
+        params,
+        (X, y),
+        steps=train_steps,
+        every=None if record is None else record.every,
+        callback=record,
+    )
     if jax.process_count() > 1:  # every process analyses process 0's weights
         from jax.experimental import multihost_utils
 
@@ -1057,6 +1131,7 @@ def main(argv: list[str] | None = None) -> int:
                 curvature=args.curvature,
                 per_layer=args.per_layer,
                 mesh=_data_mesh(args),
+                over_training=args.over_training,
             )
         else:
             run_keras(args)

@@ -7,6 +7,7 @@ Install it with ``pip install 'jax-spectral[demo]'``.
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -241,20 +242,36 @@ def train_classifier(
     *,
     steps: int = 300,
     learning_rate: float = 1e-2,
+    every: int | None = None,
+    callback: Callable[[int, Any], None] | None = None,
 ) -> Any:
-    """Full-batch Adam for ``steps`` steps, compiled as one ``lax.scan``; returns the params."""
+    """Full-batch Adam for ``steps`` steps, compiled as one ``lax.scan``; returns the params.
+
+    With ``every`` and ``callback``, ``callback(step, params)`` is called at step 0, every
+    ``every`` steps and at the end (the scan runs in pieces between the calls, the
+    optimiser's state carried over: the same steps as without them, for
+    :mod:`jax_spectral.training`)."""
     optimizer = optax.adam(learning_rate)
     batch = jax.tree_util.tree_map(jnp.asarray, data)
 
-    @jax.jit
-    def run(params):
+    @functools.partial(jax.jit, static_argnums=2)
+    def run(params, state, length):
         def step(carry, _):
             params, state = carry
             grads = jax.grad(loss)(params, batch)
             updates, state = optimizer.update(grads, state, params)
             return (optax.apply_updates(params, updates), state), None
 
-        (params, _), _ = jax.lax.scan(step, (params, optimizer.init(params)), None, length=steps)
-        return params
+        return jax.lax.scan(step, (params, state), None, length=length)[0]
 
-    return run(params)
+    state = optimizer.init(params)
+    if callback is None or every is None:
+        return run(params, state, steps)[0]
+    done = 0
+    callback(0, params)
+    while done < steps:
+        length = min(every, steps - done)
+        params, state = run(params, state, length)
+        done += length
+        callback(done, params)
+    return params

@@ -141,6 +141,23 @@ def test_demo_in_process(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_demo_over_training_records_and_draws(tmp_path, capsys):
+    from jax_spectral import training
+
+    (tmp_path / "training").mkdir()
+    (tmp_path / "training" / "step_000000777.json").write_text("{}")  # an earlier run's
+    argv = ["demo", "--out", str(tmp_path), "--order", "20", "--train-steps", "40"]
+    assert main(argv + ["--num-probes", "2", "--over-training", "2", "--quiet"]) == 0
+    records = training.load(tmp_path / "training")
+    assert [r["step"] for r in records] == [0, 20, 40]
+    assert (tmp_path / "training.png").read_bytes().startswith(b"\x89PNG")
+    summary = json.loads((tmp_path / "spectrum.json").read_text())
+    assert summary["over_training"]["records"] == 3
+    # the last record is taken at the weights the demo then analyses
+    assert records[-1]["top_eigenvalues"][0] == pytest.approx(summary["top_eigenvalues"][0], 1e-3)
+
+
+@pytest.mark.slow
 def test_a_rerun_replaces_every_output_and_records_adjustments(tmp_path, capsys, monkeypatch):
     """An earlier run's files went unreplaced when a stage was skipped (a png beside new
     npz and json); settings changed without a word (--trace-matvecs 3 became 6)."""

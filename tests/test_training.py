@@ -78,3 +78,22 @@ def test_load_refuses_an_empty_or_missing_folder(tmp_path):
         js.training.load(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="no step_"):
         js.training.load(tmp_path)
+
+
+def test_the_trainer_in_pieces_takes_the_same_steps():
+    from jax_spectral import datasets
+
+    X, y = datasets.load_digits()
+    X, y = X[:100], y[:100]
+    model = datasets.mlp((8,))
+    params = model.init(jax.random.key(0), X[:1])["params"]
+    loss = datasets.cross_entropy_loss(model.apply)
+    seen = []
+    whole = datasets.train_classifier(loss, params, (X, y), steps=7)
+    pieces = datasets.train_classifier(
+        loss, params, (X, y), steps=7, every=3, callback=lambda s, p: seen.append(s)
+    )
+    assert seen == [0, 3, 6, 7]
+    pairs = zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(pieces), strict=True)
+    for a, b in pairs:
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
