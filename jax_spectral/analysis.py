@@ -58,8 +58,8 @@ def gradient_share(
         ``fisher_operator``): its ``gradient()`` is the full-batch gradient of the loss it
         is the curvature of, and ``gradient(per_batch=True)`` the mini-batch gradients.
     eigenpairs:
-        :func:`jax_spectral.eigenpairs`' result (flat vectors), or ``(k, dim)`` rows of
-        eigenvectors, most extreme first; the ``k``-th share uses the first ``k``. The
+        :func:`jax_spectral.eigenpairs`' result (its vectors flat or params-shaped), or
+        ``(k, dim)`` rows of eigenvectors, most extreme first; the ``k``-th share uses the first ``k``. The
         vectors need not be exactly orthonormal: the span of the first ``k`` is what counts.
     gradient:
         A flat ``(dim,)`` gradient to use instead of the operator's (then ``operator`` may

@@ -29,7 +29,9 @@ def spectrum_callback(
     ``jax_spectral.hessian_operator``; ``record_options`` (``order``, ``num_probes``,
     ``top_k``, ...) go to ``record``. The weights are read, never written: the model, its
     optimizer and the training that follows are the same as without the callback. Read
-    the records back with ``jax_spectral.training.load(folder)``.
+    the records back with ``jax_spectral.training.load(folder)``. Each ``fit`` call counts
+    its epochs from 0 again, so a second ``fit`` replaces the first one's records: give
+    each its own callback and folder.
     """
     import jax_spectral as js
 
