@@ -59,8 +59,9 @@ def gradient_share(
         is the curvature of, and ``gradient(per_batch=True)`` the mini-batch gradients.
     eigenpairs:
         :func:`jax_spectral.eigenpairs`' result (its vectors flat or params-shaped), or
-        ``(k, dim)`` rows of eigenvectors, most extreme first; the ``k``-th share uses the first ``k``. The
-        vectors need not be exactly orthonormal: the span of the first ``k`` is what counts.
+        ``(k, dim)`` rows of eigenvectors, most extreme first; the ``k``-th share uses
+        the first ``k``. The vectors need not be exactly orthonormal: the span of the
+        first ``k`` is what counts.
     gradient:
         A flat ``(dim,)`` gradient to use instead of the operator's (then ``operator`` may
         be any operator with ``dim``).
