@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 
 from .linop import flat_rows
@@ -63,8 +64,8 @@ def gradient_share(
         the first ``k``. The vectors need not be exactly orthonormal: the span of the
         first ``k`` is what counts.
     gradient:
-        A flat ``(dim,)`` gradient to use instead of the operator's (then ``operator`` may
-        be any operator with ``dim``).
+        A gradient to use instead of the operator's: flat ``(dim,)``, or params-shaped for
+        an operator with ``ravel`` (then ``operator`` may be any operator with ``dim``).
     per_batch:
         Also the shares of each mini-batch gradient (``batch_share``).
 
@@ -88,6 +89,8 @@ def gradient_share(
             )
         g = np.asarray(operator.gradient(), np.float64)
     else:
+        if not isinstance(gradient, (np.ndarray, jax.Array)) and hasattr(operator, "ravel"):
+            gradient = operator.ravel(gradient)  # params-shaped
         g = np.asarray(gradient, np.float64).reshape(-1)
         if g.shape != (dim,):
             raise ValueError(f"gradient must have shape ({dim},), got {g.shape}.")

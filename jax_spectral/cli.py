@@ -163,8 +163,9 @@ def _parser() -> argparse.ArgumentParser:
         "--over-training",
         type=_positive_int,
         metavar="K",
-        help="also record the spectrum K+1 times through training (at step 0 and every "
-        "train-steps/K steps) in OUT/training/ and draw OUT/training.png",
+        help="also record the spectrum through training, at step 0, every "
+        "ceil(train-steps/K) steps and at the end (40 Lanczos steps, 3 probes, top 5), in "
+        "OUT/training/, and draw OUT/training.png",
     )
 
     keras = sub.add_parser(
@@ -683,14 +684,17 @@ def run_demo(
     """Train the digits MLP, then the density (SLQ), top eigenpairs and trace of its
     Hessian (or ``curvature``: ``"ggn"``, ``"fisher"``); ``mesh``: every batch split over
     its ``"data"`` axis (on several processes, each takes its share of the digits).
-    ``over_training``: also the Hessian's spectrum ``K + 1`` times through training
-    (:mod:`jax_spectral.training`), in ``out/training/`` and ``out/training.png``."""
+    ``over_training``: also the Hessian's spectrum through training, at step 0, every
+    ``ceil(train_steps / K)`` steps and at the end (:mod:`jax_spectral.training`), in
+    ``out/training/`` and ``out/training.png``."""
     started = time.perf_counter()
     record = None
     if over_training is not None:
         if mesh is not None:
             raise InputError("--over-training runs on one device (no --data-parallel).")
         record = _over_training(out, seed, batch_size, train_steps, over_training, progress)
+    elif _lead():  # an earlier run's records would sit beside this run's files
+        _remove_training_outputs(out)
     trained, key = _train_digits_mlp(seed, train_steps, record)
     notes: dict = {}
     if record is not None:
@@ -750,9 +754,7 @@ class _Recorder:
 
         if step == 0:  # an earlier run's records would mix with this run's
             _prepare_out(self.out)
-            (self.out / "training.png").unlink(missing_ok=True)
-            for old in (self.out / "training").glob("step_*.json"):
-                old.unlink()
+            _remove_training_outputs(self.out)
         H = hessian_operator(self.loss, params, self.data, batch_size=self.batch_size)
         key = jax.random.fold_in(jax.random.key(self.seed + 1), step)
         record = training.record(self.out / "training", step, H, key, order=40, num_probes=3)
@@ -776,6 +778,13 @@ class _Recorder:
         except ImportError:
             note["figure"] = "not drawn (pip install 'jax-spectral[plot]')"
         return note
+
+
+def _remove_training_outputs(out: Path) -> None:
+    """``--over-training``'s files of an earlier run in ``out``, if any."""
+    (out / "training.png").unlink(missing_ok=True)
+    for old in (out / "training").glob("step_*.json"):
+        old.unlink()
 
 
 def _over_training(out, seed, batch_size, train_steps, times, progress) -> _Recorder:

@@ -369,13 +369,15 @@ def log_abs_density(
     with ``|lambda| <= floor`` (default: ``1e-6`` of the largest ``|lambda|``).
     ``eig_vals``, ``all_weights``: as for :func:`eigv_to_density` (``(num_draws, m)``;
     SLQ's ``result.nodes, result.weights``); the draws are averaged. ``grids``: explicit
-    ``log10 |lambda|`` points; by default ``grid_len`` points from ``log10 floor`` to three
-    widths past the largest node.
+    ``log10 |lambda|`` points; by default ``grid_len`` points from three widths below
+    ``log10 floor`` to three widths past the largest node.
     """
     nodes, weights = _checked_draws(eig_vals, all_weights)
     if not sigma > 0:
         raise ValueError(f"sigma must be positive, got {sigma}.")
-    weights = weights / weights.sum(axis=1, keepdims=True)
+    totals = weights.sum(axis=1, keepdims=True)
+    used = totals[:, 0] > 0  # a draw without weight (a probe that broke down at once) is left out
+    nodes, weights = nodes[used], weights[used] / totals[used]
     largest = float(np.max(np.abs(nodes[weights > 0]))) if np.any(weights > 0) else 0.0
     if largest == 0.0:
         raise ValueError("every node with weight is zero; there is no log density to draw.")
@@ -383,7 +385,7 @@ def log_abs_density(
     if not floor > 0:
         raise ValueError(f"floor must be positive, got {floor}.")
     if grids is None:
-        low, high = np.log10(floor), np.log10(largest) + 3 * sigma
+        low, high = np.log10(floor) - 3 * sigma, np.log10(largest) + 3 * sigma
         grids = np.linspace(low, high, count("grid_len", grid_len, 2))
     grids = np.asarray(grids, np.float64)
     if grids.ndim != 1 or grids.size < 2 or not np.all(np.diff(grids) > 0):

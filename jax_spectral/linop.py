@@ -592,6 +592,11 @@ def deflate(operator: Any, vectors: Any) -> DeflatedOperator:
     """
     check_operator(operator)
     vectors = flat_rows(operator, vectors, "vectors to deflate")
+    if vectors.shape[0] >= vectors.shape[1]:
+        raise ValueError(
+            f"deflating {vectors.shape[0]} vectors of length {vectors.shape[1]} leaves no "
+            "complement to run on; deflate fewer than dim."
+        )
     q, r = np.linalg.qr(vectors.T)
     rank = int(np.sum(np.abs(np.diag(r)) > 1e-8 * max(np.abs(np.diag(r)).max(), 1e-300)))
     if rank < vectors.shape[0]:

@@ -64,6 +64,8 @@ def record(
 
     step = count("step", step, 0)
     top_k = count("top_k", top_k)
+    if top_k > int(operator.dim):
+        raise ValueError(f"top_k={top_k} is more than the operator's dimension {operator.dim}.")
     probe_key, pairs_key = jax.random.split(key)
     result = slq(operator, probe_key, order, num_probes=num_probes)
     density = spectral_density(result, sigma_squared=sigma_squared, grid_len=grid_len)
@@ -98,9 +100,21 @@ def record(
         out["gradient_norm"] = share.gradient_norm
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(out)
+    text = json.dumps(_strict(out), allow_nan=False)  # NaN (a zero gradient's share): null
     write_atomic(folder / f"step_{step:09d}.json", lambda tmp: Path(tmp).write_text(text))
     return out
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with NaN and infinities as ``None`` (JSON has no NaN; ``load`` reads
+    ``null`` in an array back as NaN)."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strict(v) for v in value]
+    return value
 
 
 def load(folder: str | os.PathLike) -> list[dict]:

@@ -199,3 +199,35 @@ def test_log_density_plot_renders_headless(tmp_path):
     assert (tmp_path / "log.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert labels[0] == "λ > 0" and "λ < 0" in labels[1] and "%" in labels[2]
+
+
+def test_review_cases_of_the_analyses(x64, tmp_path):
+    """Degenerate inputs found by review: no complement to deflate into; a draw without
+    weight; mass just above the log floor; a params-shaped gradient; NaN in records."""
+    op = js.as_operator(lambda v: 2.0 * v, dim=3, dtype=jnp.float64)
+    with pytest.raises(ValueError, match="no complement"):
+        js.deflate(op, np.eye(3))
+    nodes, weights = np.array([[0.5, 2.0], [1.0, 3.0]]), np.array([[0.5, 0.5], [0, 0]])
+    got = js.density.log_abs_density(nodes, weights)
+    assert np.all(np.isfinite(got.positive))
+    nodes, weights = np.array([[1.0001e-6, 1.0]]), np.array([[0.5, 0.5]])
+    near = js.density.log_abs_density(nodes, weights, grid_len=20000)
+    du = near.grid[1] - near.grid[0]  # within three widths of the grid's ends: 0.999
+    assert np.sum(near.positive) * du == pytest.approx(1.0, abs=2e-3)
+    params = {"w": jnp.arange(1.0, 4.0)}
+    H = js.hessian_operator(lambda p, b: jnp.sum(b * p["w"] ** 2), params, jnp.ones((4, 3)))
+    rows = np.eye(3)[:2]
+    tree = js.gradient_share(H, rows, gradient={"w": jnp.array([1.0, 0.0, 1.0])})
+    np.testing.assert_allclose(tree.share, [0.5, 0.5])
+
+    def curved(p, b):  # distinct curvatures: 8, 16, 24
+        return jnp.sum(b * jnp.arange(1.0, 4.0) * p["w"] ** 2)
+
+    zero = js.hessian_operator(curved, {"w": jnp.zeros(3)}, jnp.ones((4, 3)))
+    record = js.training.record(tmp_path, 0, zero, jax.random.key(0), order=3, top_k=2)
+    assert np.isnan(record["gradient_share"]).all()  # a zero gradient
+    text = (tmp_path / "step_000000000.json").read_text()
+    assert "NaN" not in text and "null" in text
+    assert np.isnan(js.training.load(tmp_path)[0]["gradient_share"]).all()
+    with pytest.raises(ValueError, match="top_k=5 is more"):
+        js.training.record(tmp_path, 1, zero, jax.random.key(0), order=3, top_k=5)

@@ -155,6 +155,10 @@ def test_demo_over_training_records_and_draws(tmp_path, capsys):
     assert summary["over_training"]["records"] == 3
     # the last record is taken at the weights the demo then analyses
     assert records[-1]["top_eigenvalues"][0] == pytest.approx(summary["top_eigenvalues"][0], 1e-3)
+    # a rerun without the flag leaves none of these beside its own files
+    assert main(argv + ["--num-probes", "2", "--quiet"]) == 0
+    assert not (tmp_path / "training.png").exists()
+    assert not list((tmp_path / "training").glob("step_*.json"))
 
 
 @pytest.mark.slow
