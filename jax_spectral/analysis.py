@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from .linop import flat_rows
+from .linop import flat_rows, nested_basis
 
 __all__ = ["GradientShare", "gradient_share"]
 
@@ -28,15 +28,6 @@ class GradientShare(NamedTuple):
     eigenvalues: np.ndarray  # (K,): the Ritz values, in the order given (most extreme first)
     residuals: np.ndarray  # (K,): their residuals |A u - theta u| (NaN when not given)
     gradient_norm: float  # ||g|| of the full-batch gradient
-
-
-def _subspaces(vectors: np.ndarray) -> np.ndarray:
-    """Orthonormal ``(dim, K)`` columns whose first ``k`` span the first ``k`` vectors."""
-    q, r = np.linalg.qr(vectors.T)
-    diag = np.abs(np.diag(r))
-    if np.any(diag <= 1e-8 * max(diag.max(), 1e-300)):
-        raise ValueError("the eigenvectors are linearly dependent; pass distinct Ritz vectors.")
-    return q
 
 
 def _shares(q: np.ndarray, gradients: np.ndarray) -> np.ndarray:
@@ -96,7 +87,7 @@ def gradient_share(
             raise ValueError(f"gradient must have shape ({dim},), got {g.shape}.")
     if not np.all(np.isfinite(g)):
         raise ValueError("the gradient contains NaN or Inf.")
-    q = _subspaces(vectors)
+    q = nested_basis(vectors, "eigenvectors")
     batch_share = None
     if per_batch:
         if not hasattr(operator, "gradient"):

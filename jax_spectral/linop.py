@@ -597,15 +597,24 @@ def deflate(operator: Any, vectors: Any) -> DeflatedOperator:
             f"deflating {vectors.shape[0]} vectors of length {vectors.shape[1]} leaves no "
             "complement to run on; deflate fewer than dim."
         )
-    q, r = np.linalg.qr(vectors.T)
-    rank = int(np.sum(np.abs(np.diag(r)) > 1e-8 * max(np.abs(np.diag(r)).max(), 1e-300)))
-    if rank < vectors.shape[0]:
-        raise ValueError(
-            f"the {vectors.shape[0]} vectors to deflate span only {rank} dimensions; pass "
-            "linearly independent vectors."
-        )
+    q = nested_basis(vectors, "vectors to deflate")
     dtype = jnp.promote_types(dtype_of(operator), jnp.float32)
     return DeflatedOperator(as_argument(operator), jnp.asarray(q.T, dtype))
+
+
+def nested_basis(rows: np.ndarray, what: str = "vectors") -> np.ndarray:
+    """Orthonormal ``(dim, k)`` columns whose first ``j`` span the first ``j`` of the
+    ``(k, dim)`` ``rows``, for every ``j`` (QR); ``ValueError`` when the rows are linearly
+    dependent (to 1e-8 of the largest)."""
+    q, r = np.linalg.qr(rows.T)
+    diag = np.abs(np.diag(r))
+    rank = int(np.sum(diag > 1e-8 * max(diag.max(), 1e-300)))
+    if rank < rows.shape[0]:
+        raise ValueError(
+            f"the {rows.shape[0]} {what} are linearly dependent: they span only {rank} "
+            "dimensions; pass linearly independent vectors (distinct Ritz vectors)."
+        )
+    return q
 
 
 def as_operator(
