@@ -15,7 +15,9 @@ from importlib.metadata import PackageNotFoundError, version
 from . import density as density
 from . import training as training
 from .analysis import GradientShare as GradientShare
+from .analysis import Outliers as Outliers
 from .analysis import gradient_share as gradient_share
+from .analysis import outliers as outliers
 from .costs import CostEstimate as CostEstimate
 from .costs import estimate as estimate
 from .curvature import fisher_operator as fisher_operator
@@ -65,6 +67,7 @@ __all__ = [
     "LinearOperator",
     "LanczosResult",
     "NonFiniteError",
+    "Outliers",
     "SLQResult",
     "SpectralDensity",
     "TraceEstimate",
@@ -87,6 +90,7 @@ __all__ = [
     "lanczos",
     "lanczos_alg",
     "layer_blocks",
+    "outliers",
     "ritz",
     "slq",
     "spectral_density",

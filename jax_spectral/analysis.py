@@ -1,4 +1,4 @@
-"""The paper's analyses of a spectrum: how much of the gradient lies in the top eigenspace.
+"""The paper's analyses of a spectrum: its outliers, and the gradient's share among them.
 
 Ghorbani, Krishnan and Xiao (2019) measure, through training, the share of the gradient's
 squared norm in the span of the Hessian's top ``k`` eigenvectors (the outliers): most of
@@ -17,7 +17,7 @@ import numpy as np
 
 from .linop import flat_rows, nested_basis
 
-__all__ = ["GradientShare", "gradient_share"]
+__all__ = ["GradientShare", "Outliers", "gradient_share", "outliers"]
 
 
 class GradientShare(NamedTuple):
@@ -99,4 +99,184 @@ def gradient_share(
         eigenvalues=values,
         residuals=residuals,
         gradient_norm=float(np.linalg.norm(g)),
+    )
+
+
+class Outliers(NamedTuple):
+    """Eigenvalues separated from the bulk by a gap (:func:`outliers`)."""
+
+    upper: np.ndarray  # (k,): the outliers above the bulk, largest first
+    lower: np.ndarray  # (j,): those below it, smallest first
+    bulk: tuple[float, float]  # the bulk's extreme eigenvalues (its lowest and highest)
+    center: float  # the spectrum's median, from which the bulk's extent is measured
+    upper_ratios: np.ndarray  # ratio of each gap below the r-th largest value, r = 1, 2, ..
+    lower_ratios: np.ndarray  # the same above the r-th smallest value
+
+    @property
+    def values(self) -> np.ndarray:
+        """All outliers, the upper ones first."""
+        return np.concatenate([self.upper, self.lower])
+
+
+def _ranked(spectrum: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Each probe's valid nodes in descending order and their weights, ``(probes, count)``,
+    ``count`` the fewest valid nodes of any probe (a breakdown pads with zero weights; a
+    probe with more loses some from the middle)."""
+    if isinstance(spectrum, dict):
+        nodes, weights = spectrum.get("nodes"), spectrum.get("weights")
+    else:
+        nodes, weights = getattr(spectrum, "nodes", None), getattr(spectrum, "weights", None)
+    if nodes is None or weights is None:
+        raise TypeError(
+            "spectrum must be an SLQ result or a training record (nodes and weights of "
+            f"several probes), got {type(spectrum).__name__}."
+        )
+    nodes, weights = np.asarray(nodes, np.float64), np.asarray(weights, np.float64)
+    if nodes.shape != weights.shape or nodes.ndim != 2:
+        raise ValueError(
+            f"nodes {nodes.shape} and weights {weights.shape} must both be (probes, order)."
+        )
+    if nodes.shape[0] < 2:
+        raise ValueError(
+            "outliers need at least two probes: an outlier is a Ritz value that every probe "
+            "finds (run slq with num_probes >= 2)."
+        )
+    if not (np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))):
+        raise ValueError("the spectrum contains NaN or Inf.")
+    count = int((weights > 0).sum(axis=1).min())
+    if count < 2:
+        raise ValueError("outliers need at least two nodes of nonzero weight in every probe.")
+    top = (count + 1) // 2
+    ranked_nodes, ranked_weights = [], []
+    for row_nodes, row_weights in zip(nodes, weights, strict=True):
+        keep = row_weights > 0
+        order = np.argsort(-row_nodes[keep], kind="stable")
+        row_nodes, row_weights = row_nodes[keep][order], row_weights[keep][order]
+        pick = np.r_[0:top, len(row_nodes) - (count - top) : len(row_nodes)]
+        ranked_nodes.append(row_nodes[pick])
+        ranked_weights.append(row_weights[pick])
+    return np.array(ranked_nodes), np.array(ranked_weights)
+
+
+def _side(values, spread, mass, *, min_gap, min_spacing, tol, max_fraction, window=5):
+    """How many of ``values`` (descending ranks, measured from the median) lie above the
+    deepest qualifying gap, and each rank's ratio of gap to extent (NaN where no boundary
+    is sought)."""
+    ratios = np.full(len(values) - 1, np.nan)
+    chosen = 0
+    for k in range(1, len(values)):
+        if spread[k - 1] > tol or mass[k - 1] > max_fraction:
+            break  # c_k unconverged (the bulk, as probes see it) or too heavy for an outlier
+        gap, extent = values[k - 1] - values[k], values[k]
+        ratios[k - 1] = gap / extent if extent > 0 else (np.inf if gap > 0 else 0.0)
+        below = -np.diff(values[k : k + window + 1])  # the spacing of what remains
+        spacing = float(np.median(below)) if below.size else 0.0
+        if ratios[k - 1] >= min_gap and gap >= min_spacing * spacing:
+            chosen = k  # the deepest qualifying gap: nested outliers all count
+        if extent <= 0:
+            break  # the median reached
+    return chosen, ratios
+
+
+def _spread(nodes: np.ndarray) -> np.ndarray:
+    """How far the probes' values at each rank differ: the interquartile range, so that a
+    minority of probes (a split or a missed node) does not hide an agreement."""
+    return np.percentile(nodes, 75, axis=0) - np.percentile(nodes, 25, axis=0)
+
+
+def _weighted_median(nodes: np.ndarray, weights: np.ndarray) -> float:
+    order = np.argsort(nodes, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    return float(nodes[order][np.searchsorted(cumulative, 0.5 * cumulative[-1])])
+
+
+def outliers(
+    spectrum: Any,
+    *,
+    min_gap: float = 0.5,
+    min_spacing: float = 4.0,
+    tol: float = 1e-4,
+    max_fraction: float = 0.1,
+) -> Outliers:
+    """The eigenvalues isolated from the bulk of the spectrum, above and below it.
+
+    Lanczos resolves isolated eigenvalues first, so every SLQ probe finds the outliers at
+    the same Ritz values, while each probe samples the bulk at different nodes. With
+    ``c_1 > c_2 > ...`` the top Ritz values (the median over probes at each rank) and
+    ``m`` the spectrum's median, ``c_1 .. c_k`` are outliers when the probes agree on them
+    (they are resolved) and the gap below them is wide twice over: against the distance
+    of what remains from the median, ``(c_k - c_{k+1}) / (c_{k+1} - m) >= min_gap``, and
+    against the spacing of what remains, ``c_k - c_{k+1} >= min_spacing`` times the median
+    of the next five gaps below. The first keeps a smoothly decaying tail (an exponential
+    one, whose top gaps are wide against their neighbours) from counting; the second keeps
+    the values near a bulk that is dense at the median from counting. The deepest such
+    ``k`` is taken, so large outliers above a group of smaller ones all count; the same
+    rule, mirrored, finds outliers below the bulk.
+
+    It is a heuristic with thresholds, not a test: ``upper_ratios`` and ``lower_ratios``
+    hold the first ratio at each rank where a boundary was sought, to show how clear the
+    separation is. What a probe resolves grows with ``order``.
+
+    Parameters
+    ----------
+    spectrum:
+        :func:`jax_spectral.slq`'s result with at least two probes, or a record of
+        :func:`jax_spectral.training.record` (any object or dict with ``nodes`` and
+        ``weights`` of shape ``(probes, order)``).
+    min_gap:
+        The smallest ratio of the gap to the distance of what remains from the median.
+    min_spacing:
+        The smallest ratio of the gap to the spacing of the values below it.
+    tol:
+        A Ritz value is resolved when the probes' values at its rank differ by at most
+        ``tol`` times the spectrum's width (the interquartile range over probes, so a
+        minority of probes that split or miss a node does not count).
+    max_fraction:
+        Outliers are a small part of the spectrum: a boundary is sought only among the
+        extreme values whose quadrature weight (the median over probes) sums to at most this.
+
+    Returns
+    -------
+    Outliers
+        ``upper`` (largest first) and ``lower`` (smallest first), the ``bulk``'s two
+        extreme eigenvalues as the Ritz values see them, the median, and the ratios.
+        A repeated outlier appears once: Lanczos from one vector sees one copy of it.
+    """
+    if not np.isfinite(min_gap) or min_gap <= 0:
+        raise ValueError(f"min_gap must be positive and finite, got {min_gap}.")
+    if not np.isfinite(min_spacing) or min_spacing < 0:
+        raise ValueError(f"min_spacing must be non-negative and finite, got {min_spacing}.")
+    if not np.isfinite(tol) or tol < 0:
+        raise ValueError(f"tol must be non-negative and finite, got {tol}.")
+    if not 0 < max_fraction <= 1:
+        raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}.")
+    nodes, weights = _ranked(spectrum)
+    center = _weighted_median(nodes.ravel(), weights.ravel())
+    width = float(nodes.max() - nodes.min()) or 1.0
+    settings = {
+        "min_gap": min_gap,
+        "min_spacing": min_spacing,
+        "tol": tol * width,
+        "max_fraction": max_fraction,
+    }
+    k_up, upper_ratios = _side(
+        np.median(nodes, axis=0) - center,
+        _spread(nodes),
+        np.median(np.cumsum(weights, axis=1), axis=0),
+        **settings,
+    )
+    k_down, lower_ratios = _side(
+        center - np.median(nodes[:, ::-1], axis=0),
+        _spread(nodes[:, ::-1]),
+        np.median(np.cumsum(weights[:, ::-1], axis=1), axis=0),
+        **settings,
+    )
+    top, bottom = np.median(nodes, axis=0), np.median(nodes[:, ::-1], axis=0)
+    return Outliers(
+        upper=top[:k_up],
+        lower=bottom[:k_down],
+        bulk=(float(bottom[k_down]), float(top[k_up])),
+        center=center,
+        upper_ratios=upper_ratios,
+        lower_ratios=lower_ratios,
     )

@@ -469,7 +469,7 @@ class _Run:
         """SLQ and its density (kept when Ctrl-C ends SLQ early), saved and drawn."""
         import numpy as np
 
-        from . import Interrupted, slq, spectral_density
+        from . import Interrupted, outliers, slq, spectral_density
 
         self.stage = "density"
         try:
@@ -491,6 +491,13 @@ class _Run:
         )
         _save_npz(self.out, **self.arrays)
         self.summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
+        if num_probes >= 2:  # an outlier is a Ritz value that the probes agree on
+            found = outliers(result)
+            self.summary["outliers"] = {
+                "upper": found.upper.tolist(),
+                "lower": found.lower.tolist(),
+                "bulk": list(found.bulk),
+            }
         self.save()
         self.stage = "figure"
         steps = int(np.max(result.lanczos.num_steps))
@@ -585,6 +592,13 @@ def _report(summary, num_probes, plan, pairs, trace, out, figure) -> None:
     matrix = CURVATURES[summary.get("settings", {}).get("curvature", "hessian")]
     print(f"SLQ: {num_probes} probes x {plan.order} Lanczos steps on the dataset {matrix}")
     print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in pairs.values))
+    found = summary.get("outliers")
+    if found is not None:
+        low, high = found["bulk"]
+        print(
+            f"outliers: {len(found['upper'])} above the bulk [{low:.4g}, {high:.4g}], "
+            f"{len(found['lower'])} below it (js.outliers, a gap rule)"
+        )
     if not all(pairs.converged):
         print(f"  (not all converged: residuals {', '.join(f'{r:.2g}' for r in pairs.residuals)})")
     print(

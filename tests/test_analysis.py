@@ -231,3 +231,74 @@ def test_review_cases_of_the_analyses(x64, tmp_path):
     assert np.isnan(js.training.load(tmp_path)[0]["gradient_share"]).all()
     with pytest.raises(ValueError, match="top_k=5 is more"):
         js.training.record(tmp_path, 1, zero, jax.random.key(0), order=3, top_k=5)
+
+
+def _diagonal_slq(values, order=60, probes=5, seed=0):
+    d = jnp.asarray(values, jnp.float64)
+    op = js.as_operator(lambda v: d * v, dim=len(values), dtype=jnp.float64)
+    return js.slq(op, jax.random.key(seed), order, num_probes=probes)
+
+
+def test_outliers_are_the_planted_ones(x64):
+    """Known spectra: the planted outliers come back exactly, above and below, nested
+    (one huge outlier above a group) included; a bulk without outliers gives none."""
+    rng = np.random.default_rng(0)
+    gamma = rng.gamma(2.0, 0.5, 995)
+    normal = rng.normal(0.0, 1.0, 990)
+    wishart = np.linalg.eigvalsh((lambda a: a.T @ a / 2000)(rng.standard_normal((2000, 600))))
+    cases = [  # (bulk, upper outliers, lower outliers)
+        (gamma, [60.0, 50.0, 40.0, 30.0, 20.0], []),
+        (gamma, [1000.0, 12.0, 11.0, 10.5, 10.0], []),
+        (normal, [110.0, 100.0, 90.0, 80.0, 60.0, 50.0, 45.0, 40.0], [-30.0, -25.0]),
+        (wishart[:-3], [7.0, 6.0, 5.0], []),  # a Marchenko-Pastur bulk and three spikes
+        (gamma, [], []),
+        (wishart, [], []),
+    ]
+    for bulk, upper, lower in cases:
+        values = np.concatenate([bulk, upper, lower])
+        found = js.outliers(_diagonal_slq(values))
+        np.testing.assert_allclose(found.upper, upper, rtol=1e-9)
+        np.testing.assert_allclose(found.lower, lower, rtol=1e-9)
+        # the bulk's edges as the Ritz values see them: inside the bulk, near its ends
+        width = bulk.max() - bulk.min()
+        assert bulk.max() - 0.02 * width <= found.bulk[1] <= bulk.max() + 1e-9
+        assert bulk.min() - 1e-9 <= found.bulk[0] <= bulk.min() + 0.05 * width
+        assert np.isfinite(found.upper_ratios[: max(len(upper), 1)]).all()
+    # the same from a training record (a dict of nested lists, as JSON gives it back)
+    result = _diagonal_slq(np.concatenate([gamma, [60.0, 50.0]]))
+    record = {"nodes": result.nodes.tolist(), "weights": result.weights.tolist()}
+    np.testing.assert_array_equal(js.outliers(record).upper, js.outliers(result).upper)
+
+
+def test_outliers_ignore_a_tail_that_decays_into_a_dense_bulk(x64):
+    """A trained network's shape without a gap: most eigenvalues at zero and a tail that
+    thins out geometrically. The gaps near the dense spike are wide against their distance
+    from the median (which is zero), so the first ratio alone would call the whole tail
+    outliers; the probes do not agree on those Ritz values, and the spacing below the gaps
+    is no narrower than the gaps, so none is one. Planting a group above a gap finds it."""
+    rng = np.random.default_rng(2)
+    spike = rng.normal(0.0, 1e-5, 1700)
+    tail = 0.6 * 0.97 ** np.arange(200)  # 0.6 down to 0.0013 by a constant ratio
+    found = js.outliers(_diagonal_slq(np.concatenate([spike, tail]), order=40, probes=4))
+    assert len(found.upper) == 0 and len(found.lower) == 0, found
+    group = np.array([9.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.6, 1.4, 0.9])
+    found = js.outliers(_diagonal_slq(np.concatenate([spike, tail, group]), order=40, probes=4))
+    np.testing.assert_allclose(found.upper, group, rtol=1e-9)
+
+
+def test_outliers_check_their_input(x64):
+    result = _diagonal_slq(np.linspace(0.0, 1.0, 50), order=10, probes=2)
+    one = {"nodes": result.nodes[:1], "weights": result.weights[:1]}
+    with pytest.raises(ValueError, match="at least two probes"):
+        js.outliers(one)
+    with pytest.raises(TypeError, match="SLQ result or a training record"):
+        js.outliers(np.linspace(0.0, 1.0, 50))
+    bad = {
+        "nodes": np.where(np.eye(2, 10, dtype=bool), np.nan, result.nodes),
+        "weights": result.weights,
+    }
+    with pytest.raises(ValueError, match="NaN"):
+        js.outliers(bad)
+    for kwargs in ({"min_gap": 0}, {"min_spacing": -1}, {"tol": np.inf}, {"max_fraction": 0}):
+        with pytest.raises(ValueError):
+            js.outliers(result, **kwargs)

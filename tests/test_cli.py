@@ -94,6 +94,13 @@ def test_keras_command_on_digits_matches_the_dense_hessian(saved_model, tmp_path
     eigenvalues, trace = _dense_reference(saved_model)
     np.testing.assert_allclose(summary["top_eigenvalues"], eigenvalues[:3], rtol=1e-4)
     assert all(summary["converged"]) and summary["num_params"] == 610
+    # the gap rule's outliers (7 above, 1 below here) are the dense extreme eigenvalues
+    upper, lower = summary["outliers"]["upper"], summary["outliers"]["lower"]
+    assert upper and eigenvalues[0] > eigenvalues[-1]
+    np.testing.assert_allclose(upper, eigenvalues[: len(upper)], rtol=1e-4)
+    np.testing.assert_allclose(lower, eigenvalues[::-1][: len(lower)], rtol=1e-4)
+    assert summary["outliers"]["bulk"][1] <= eigenvalues[len(upper)] * (1 + 1e-4)
+    assert "outliers:" in printed
     assert abs(summary["trace"] - trace) <= 3 * summary["trace_stderr"] + 1e-6 * abs(trace)
     assert saved["tridiags"].shape == (2, 40, 40)
     assert np.sum(saved["density"]) * (saved["grid"][1] - saved["grid"][0]) == pytest.approx(1.0)

@@ -8,7 +8,7 @@ import pytest
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
-pytestmark = pytest.mark.slow  # executes both notebooks (TensorFlow, Jupyter kernels)
+pytestmark = pytest.mark.slow  # executes the notebooks (TensorFlow, Jupyter kernels)
 
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -19,6 +19,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
     [
         ("jax_example.ipynb", 2, [], "top eigenvalues (dense)"),
         ("keras_example.ipynb", 3, ["keras", "tensorflow_datasets"], "train (1500, 8, 8, 1)"),
+        ("training_spectra.ipynb", 4, [], "outliers after training: plain 9"),
     ],
 )
 def test_notebook_runs_and_draws_its_figures(name, figures, needs, printed, tmp_path, monkeypatch):
