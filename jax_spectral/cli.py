@@ -255,6 +255,11 @@ class Stopped(Exception):
     """Ctrl-C: what was finished is written; reported in one line, exit code 130."""
 
 
+class TrainingStopped(Exception):
+    """Ctrl-C while ``--over-training`` trains: the spectra recorded so far are kept (and
+    drawn); reported in one line, exit code 130."""
+
+
 def _say(text: str) -> None:
     """A line of the run's report, printed by process 0 only."""
     if _lead():
@@ -760,6 +765,7 @@ class _Recorder:
     def __init__(self, out, seed, batch_size, every, progress):
         self.out, self.seed, self.batch_size, self.every = out, seed, batch_size, every
         self.progress, self.loss, self.data = progress, None, None
+        self.recorded = 0  # records written by this run
 
     def __call__(self, step, params):
         import jax
@@ -772,6 +778,7 @@ class _Recorder:
         H = hessian_operator(self.loss, params, self.data, batch_size=self.batch_size)
         key = jax.random.fold_in(jax.random.key(self.seed + 1), step)
         record = training.record(self.out / "training", step, H, key, order=40, num_probes=3)
+        self.recorded += 1
         if self.progress:
             _say(f"  step {step}: top eigenvalue {record['top_eigenvalues'][0]:.4g}")
 
@@ -822,14 +829,26 @@ def _train_digits_mlp(seed: int, train_steps: int, record=None) -> tuple[_Traine
     loss = datasets.cross_entropy_loss(model.apply)
     if record is not None:  # the spectrum through training (--over-training)
         record.loss, record.data = loss, (X, y)
-    params = datasets.train_classifier(
-        loss,
-        params,
-        (X, y),
-        steps=train_steps,
-        every=None if record is None else record.every,
-        callback=record,
-    )
+    try:
+        params = datasets.train_classifier(
+            loss,
+            params,
+            (X, y),
+            steps=train_steps,
+            every=None if record is None else record.every,
+            callback=record,
+        )
+    except KeyboardInterrupt:
+        if record is None or not record.recorded:
+            raise
+        try:  # keep what was recorded: the figure of the spectra so far
+            figure = record.finish().get("figure")
+        except Exception as err:  # noqa: BLE001 - the records stay; the figure is extra
+            figure = f"not drawn ({_one_line(err)})"
+        raise TrainingStopped(
+            f"during training, after {record.recorded} recorded spectra: they are in "
+            f"{record.out / 'training'} (figure: {figure})"
+        ) from None
     if jax.process_count() > 1:  # every process analyses process 0's weights
         from jax.experimental import multihost_utils
 
@@ -1162,6 +1181,9 @@ def main(argv: list[str] | None = None) -> int:
         # FloatingPointError: a NaN or Inf product, from the data, the model or the loss.
         print(f"jax-spectral {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:
+        print(f"jax-spectral {args.command}: interrupted {stop}", file=sys.stderr)
+        return 130
     except Stopped as stop:
         print(
             f"jax-spectral {args.command}: interrupted ({stop}); the finished stages are in "

@@ -162,6 +162,27 @@ def test_demo_over_training_records_and_draws(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_over_training_keeps_the_records_and_says_so(tmp_path, capsys, monkeypatch):
+    """It said "interrupted before any result" although the records were on disk."""
+    from jax_spectral import cli, training
+
+    original = cli._Recorder.__call__
+
+    def record_then_interrupt(self, step, params):
+        if step > 0:  # Ctrl-C in the second recording
+            raise KeyboardInterrupt
+        original(self, step, params)
+
+    monkeypatch.setattr(cli._Recorder, "__call__", record_then_interrupt)
+    argv = ["demo", "--out", str(tmp_path), "--order", "20", "--train-steps", "40"]
+    assert main(argv + ["--num-probes", "2", "--over-training", "2", "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "after 1 recorded spectra" in err and "before any result" not in err
+    assert [r["step"] for r in training.load(tmp_path / "training")] == [0]
+    assert (tmp_path / "training.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
 def test_a_rerun_replaces_every_output_and_records_adjustments(tmp_path, capsys, monkeypatch):
     """An earlier run's files went unreplaced when a stage was skipped (a png beside new
     npz and json); settings changed without a word (--trace-matvecs 3 became 6)."""
