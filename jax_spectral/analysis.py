@@ -118,10 +118,29 @@ class Outliers(NamedTuple):
         return np.concatenate([self.upper, self.lower])
 
 
-def _ranked(spectrum: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Each probe's valid nodes in descending order and their weights, ``(probes, count)``,
-    ``count`` the fewest valid nodes of any probe (a breakdown pads with zero weights; a
-    probe with more loses some from the middle)."""
+def _merged(nodes: np.ndarray, weights: np.ndarray, tol: float):
+    """One probe's nodes in descending order with copies closer than ``tol`` merged into
+    the heaviest (a breakdown leaves near-copies of converged values with tiny weights)."""
+    order = np.argsort(-nodes, kind="stable")
+    nodes, weights = nodes[order], weights[order]
+    out_nodes, out_weights = [nodes[0]], [weights[0]]
+    heaviest = weights[0]
+    for node, weight in zip(nodes[1:], weights[1:], strict=True):
+        if out_nodes[-1] - node <= tol:
+            if weight > heaviest:
+                out_nodes[-1], heaviest = node, weight
+            out_weights[-1] += weight
+        else:
+            out_nodes.append(node)
+            out_weights.append(weight)
+            heaviest = weight
+    return np.array(out_nodes), np.array(out_weights)
+
+
+def _ranked(spectrum: Any, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each probe's distinct nodes in descending order and their weights,
+    ``(probes, count)``, ``count`` the fewest of any probe (a probe with more loses some
+    from the middle), and the spectrum's width."""
     if isinstance(spectrum, dict):
         nodes, weights = spectrum.get("nodes"), spectrum.get("weights")
     else:
@@ -136,40 +155,42 @@ def _ranked(spectrum: Any) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(
             f"nodes {nodes.shape} and weights {weights.shape} must both be (probes, order)."
         )
+    if not (np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))):
+        raise ValueError("the spectrum contains NaN or Inf.")
     if nodes.shape[0] < 2:
         raise ValueError(
             "outliers need at least two probes: an outlier is a Ritz value that every probe "
             "finds (run slq with num_probes >= 2)."
         )
-    if not (np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))):
-        raise ValueError("the spectrum contains NaN or Inf.")
-    count = int((weights > 0).sum(axis=1).min())
+    if np.any(weights < 0) or not np.allclose(weights.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError(
+            "each probe's weights must be non-negative and sum to one (a quadrature rule); "
+            "are nodes and weights (probes, order), not transposed?"
+        )
+    valid = weights > 0
+    width = float(np.ptp(nodes[valid])) or 1.0
+    rows = [_merged(n[v], w[v], tol * width) for n, w, v in zip(nodes, weights, valid, strict=True)]
+    count = min(len(n) for n, _ in rows)
     if count < 2:
-        raise ValueError("outliers need at least two nodes of nonzero weight in every probe.")
+        raise ValueError("outliers need at least two distinct nodes in every probe.")
     top = (count + 1) // 2
-    ranked_nodes, ranked_weights = [], []
-    for row_nodes, row_weights in zip(nodes, weights, strict=True):
-        keep = row_weights > 0
-        order = np.argsort(-row_nodes[keep], kind="stable")
-        row_nodes, row_weights = row_nodes[keep][order], row_weights[keep][order]
-        pick = np.r_[0:top, len(row_nodes) - (count - top) : len(row_nodes)]
-        ranked_nodes.append(row_nodes[pick])
-        ranked_weights.append(row_weights[pick])
-    return np.array(ranked_nodes), np.array(ranked_weights)
+    pick = lambda row: np.r_[row[:top], row[len(row) - (count - top) :]]  # noqa: E731
+    return np.array([pick(n) for n, _ in rows]), np.array([pick(w) for _, w in rows]), width
 
 
-def _side(values, spread, mass, *, min_gap, min_spacing, tol, max_fraction, window=5):
+def _side(values, resolved, mass, *, min_gap, min_spacing, max_fraction, window=5):
     """How many of ``values`` (descending ranks, measured from the median) lie above the
     deepest qualifying gap, and each rank's ratio of gap to extent (NaN where no boundary
     is sought)."""
     ratios = np.full(len(values) - 1, np.nan)
     chosen = 0
     for k in range(1, len(values)):
-        if spread[k - 1] > tol or mass[k - 1] > max_fraction:
-            break  # c_k unconverged (the bulk, as probes see it) or too heavy for an outlier
+        if not resolved[k - 1] or mass[k - 1] > max_fraction:
+            break  # c_k unresolved (the bulk, as probes see it) or too heavy for an outlier
         gap, extent = values[k - 1] - values[k], values[k]
         ratios[k - 1] = gap / extent if extent > 0 else (np.inf if gap > 0 else 0.0)
-        below = -np.diff(values[k : k + window + 1])  # the spacing of what remains
+        rest = values[k : k + window + 1]
+        below = -np.diff(rest[rest >= 0])  # the spacing of what remains, on this side
         spacing = float(np.median(below)) if below.size else 0.0
         if ratios[k - 1] >= min_gap and gap >= min_spacing * spacing:
             chosen = k  # the deepest qualifying gap: nested outliers all count
@@ -178,10 +199,15 @@ def _side(values, spread, mass, *, min_gap, min_spacing, tol, max_fraction, wind
     return chosen, ratios
 
 
-def _spread(nodes: np.ndarray) -> np.ndarray:
-    """How far the probes' values at each rank differ: the interquartile range, so that a
-    minority of probes (a split or a missed node) does not hide an agreement."""
-    return np.percentile(nodes, 75, axis=0) - np.percentile(nodes, 25, axis=0)
+def _resolved(nodes: np.ndarray, tol: float) -> np.ndarray:
+    """Whether the probes agree on each rank's value: its spread over probes (the
+    interquartile range, so that a minority of probes does not count) is below ``tol``
+    and a tenth of the gaps to the neighbouring ranks' values."""
+    values = np.median(nodes, axis=0)
+    spread = np.percentile(nodes, 75, axis=0) - np.percentile(nodes, 25, axis=0)
+    gaps = np.abs(np.diff(values))
+    nearest = np.minimum(np.r_[np.inf, gaps], np.r_[gaps, np.inf])
+    return (spread <= tol) & (spread <= 0.1 * nearest)
 
 
 def _weighted_median(nodes: np.ndarray, weights: np.ndarray) -> float:
@@ -207,15 +233,18 @@ def outliers(
     (they are resolved) and the gap below them is wide twice over: against the distance
     of what remains from the median, ``(c_k - c_{k+1}) / (c_{k+1} - m) >= min_gap``, and
     against the spacing of what remains, ``c_k - c_{k+1} >= min_spacing`` times the median
-    of the next five gaps below. The first keeps a smoothly decaying tail (an exponential
-    one, whose top gaps are wide against their neighbours) from counting; the second keeps
-    the values near a bulk that is dense at the median from counting. The deepest such
+    of the next five gaps below on the same side of the median. The first keeps a smoothly
+    decaying tail (an exponential one, whose top gaps are wide against their neighbours)
+    from counting; the second keeps the values near a bulk that is dense at the median from
+    counting. The deepest such
     ``k`` is taken, so large outliers above a group of smaller ones all count; the same
     rule, mirrored, finds outliers below the bulk.
 
     It is a heuristic with thresholds, not a test: ``upper_ratios`` and ``lower_ratios``
     hold the first ratio at each rank where a boundary was sought, to show how clear the
-    separation is. What a probe resolves grows with ``order``.
+    separation is. What a probe resolves grows with ``order``: a group of more outliers
+    than the probes resolve stays in the bulk, whose reported edge ``bulk[1]`` then lies
+    far above its body (run a larger ``order``).
 
     Parameters
     ----------
@@ -229,18 +258,20 @@ def outliers(
         The smallest ratio of the gap to the spacing of the values below it.
     tol:
         A Ritz value is resolved when the probes' values at its rank differ by at most
-        ``tol`` times the spectrum's width (the interquartile range over probes, so a
-        minority of probes that split or miss a node does not count).
+        ``tol`` times the spectrum's width and a tenth of the gaps to its neighbours (the
+        interquartile range over probes, so that a minority of probes does not count).
+        Nodes of one probe closer than ``tol`` times the width are one node.
     max_fraction:
         Outliers are a small part of the spectrum: a boundary is sought only among the
-        extreme values whose quadrature weight (the median over probes) sums to at most this.
+        extreme values whose quadrature weight (the mean over probes) sums to at most this.
 
     Returns
     -------
     Outliers
         ``upper`` (largest first) and ``lower`` (smallest first), the ``bulk``'s two
         extreme eigenvalues as the Ritz values see them, the median, and the ratios.
-        A repeated outlier appears once: Lanczos from one vector sees one copy of it.
+        A repeated outlier appears once: Lanczos from one vector sees one copy of it (and
+        near-copies that a breakdown leaves are merged).
     """
     if not np.isfinite(min_gap) or min_gap <= 0:
         raise ValueError(f"min_gap must be positive and finite, got {min_gap}.")
@@ -250,25 +281,19 @@ def outliers(
         raise ValueError(f"tol must be non-negative and finite, got {tol}.")
     if not 0 < max_fraction <= 1:
         raise ValueError(f"max_fraction must be in (0, 1], got {max_fraction}.")
-    nodes, weights = _ranked(spectrum)
+    nodes, weights, width = _ranked(spectrum, tol)
     center = _weighted_median(nodes.ravel(), weights.ravel())
-    width = float(nodes.max() - nodes.min()) or 1.0
-    settings = {
-        "min_gap": min_gap,
-        "min_spacing": min_spacing,
-        "tol": tol * width,
-        "max_fraction": max_fraction,
-    }
+    settings = {"min_gap": min_gap, "min_spacing": min_spacing, "max_fraction": max_fraction}
     k_up, upper_ratios = _side(
         np.median(nodes, axis=0) - center,
-        _spread(nodes),
-        np.median(np.cumsum(weights, axis=1), axis=0),
+        _resolved(nodes, tol * width),
+        np.mean(np.cumsum(weights, axis=1), axis=0),
         **settings,
     )
     k_down, lower_ratios = _side(
         center - np.median(nodes[:, ::-1], axis=0),
-        _spread(nodes[:, ::-1]),
-        np.median(np.cumsum(weights[:, ::-1], axis=1), axis=0),
+        _resolved(nodes[:, ::-1], tol * width),
+        np.mean(np.cumsum(weights[:, ::-1], axis=1), axis=0),
         **settings,
     )
     top, bottom = np.median(nodes, axis=0), np.median(nodes[:, ::-1], axis=0)

@@ -496,7 +496,8 @@ class _Run:
         )
         _save_npz(self.out, **self.arrays)
         self.summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
-        if num_probes >= 2:  # an outlier is a Ritz value that the probes agree on
+        # an outlier is a Ritz value that the probes agree on: only from a finished run
+        if num_probes >= 2 and self.status["density"] == "done":
             found = outliers(result)
             self.summary["outliers"] = {
                 "upper": found.upper.tolist(),

@@ -302,3 +302,33 @@ def test_outliers_check_their_input(x64):
     for kwargs in ({"min_gap": 0}, {"min_spacing": -1}, {"tol": np.inf}, {"max_fraction": 0}):
         with pytest.raises(ValueError):
             js.outliers(result, **kwargs)
+
+
+def test_review_cases_of_outliers(x64):
+    """An independent review found these wrong answers; each failed before its fix."""
+    rng = np.random.default_rng(0)
+    gamma = rng.gamma(2.0, 0.5, 1000)
+
+    def found(values, dtype=jnp.float64):
+        d = jnp.asarray(values, dtype)
+        op = js.as_operator(lambda v: d * v, dim=len(values), dtype=dtype)
+        return js.outliers(js.slq(op, jax.random.key(0), 60, num_probes=5))
+
+    # a bulk seen by one or two nodes: the spacing below a gap was read across the median,
+    # from the other side's outliers, and both sides' outliers went missing
+    f = found(np.r_[np.zeros(1000), np.linspace(10.0, 100.0, 10), -5.0, -10.0, -20.0])
+    np.testing.assert_allclose(f.upper, np.linspace(100.0, 10.0, 10), rtol=1e-9)
+    np.testing.assert_allclose(f.lower, [-20.0, -10.0, -5.0], rtol=1e-9)
+    f = found(np.r_[rng.normal(0.0, 1e-4, 1000), 100.0, 80.0, 60.0, -10.0, -5.0], jnp.float32)
+    np.testing.assert_allclose(f.upper, [100.0, 80.0, 60.0], rtol=1e-6)
+    np.testing.assert_allclose(f.lower, [-10.0, -5.0], rtol=1e-6)
+    # one huge outlier made the probes' agreement tolerance (relative to the width) so
+    # loose that unconverged Ritz values inside a cluster of 50 counted as outliers
+    f = found(np.r_[gamma[:950], np.linspace(10.0, 11.0, 50), 1000.0])
+    np.testing.assert_allclose(f.upper, [1000.0], rtol=1e-9)
+    # a repeated outlier came back once per near-copy that the breakdown left
+    np.testing.assert_allclose(found(np.r_[gamma[:996], 50.0, 50.0, 50.0, 40.0]).upper, [50, 40])
+    # transposed nodes and weights were taken as probes
+    result = _diagonal_slq(np.r_[gamma[:995], 20.0, 30.0])
+    with pytest.raises(ValueError, match="transposed"):
+        js.outliers({"nodes": result.nodes.T, "weights": result.weights.T})
