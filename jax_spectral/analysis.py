@@ -236,9 +236,8 @@ def outliers(
     of the next five gaps below on the same side of the median. The first keeps a smoothly
     decaying tail (an exponential one, whose top gaps are wide against their neighbours)
     from counting; the second keeps the values near a bulk that is dense at the median from
-    counting. The deepest such
-    ``k`` is taken, so large outliers above a group of smaller ones all count; the same
-    rule, mirrored, finds outliers below the bulk.
+    counting. The deepest such ``k`` is taken, so large outliers above a group of smaller
+    ones all count; the same rule, mirrored, finds outliers below the bulk.
 
     It is a heuristic with thresholds, not a test: ``upper_ratios`` and ``lower_ratios``
     hold the first ratio at each rank where a boundary was sought, to show how clear the

@@ -498,12 +498,15 @@ class _Run:
         self.summary["slq_steps"] = np.asarray(result.lanczos.num_steps).tolist()
         # an outlier is a Ritz value that the probes agree on: only from a finished run
         if num_probes >= 2 and self.status["density"] == "done":
-            found = outliers(result)
-            self.summary["outliers"] = {
-                "upper": found.upper.tolist(),
-                "lower": found.lower.tolist(),
-                "bulk": list(found.bulk),
-            }
+            try:
+                found = outliers(result)
+                self.summary["outliers"] = {
+                    "upper": found.upper.tolist(),
+                    "lower": found.lower.tolist(),
+                    "bulk": list(found.bulk),
+                }
+            except ValueError as err:  # e.g. one distinct node (--order 1)
+                self.summary["outliers"] = {"not sought": _one_line(err)}
         self.save()
         self.stage = "figure"
         steps = int(np.max(result.lanczos.num_steps))
@@ -599,7 +602,9 @@ def _report(summary, num_probes, plan, pairs, trace, out, figure) -> None:
     print(f"SLQ: {num_probes} probes x {plan.order} Lanczos steps on the dataset {matrix}")
     print("top eigenvalues: " + ", ".join(f"{v:.5g}" for v in pairs.values))
     found = summary.get("outliers")
-    if found is not None:
+    if found is not None and "bulk" not in found:
+        print(f"outliers: not sought ({found['not sought']})")
+    elif found is not None:
         low, high = found["bulk"]
         print(
             f"outliers: {len(found['upper'])} above the bulk [{low:.4g}, {high:.4g}], "

@@ -162,6 +162,16 @@ def test_demo_over_training_records_and_draws(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_demo_of_order_one_reports_that_outliers_were_not_sought(tmp_path, capsys):
+    """One Lanczos step leaves one node a probe: outliers() raised, and the demo crashed."""
+    argv = ["demo", "--out", str(tmp_path), "--order", "1", "--num-probes", "2"]
+    assert main(argv + ["--train-steps", "20", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "spectrum.json").read_text())
+    assert "at least two distinct nodes" in summary["outliers"]["not sought"]
+    assert "outliers: not sought" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_ctrl_c_during_over_training_keeps_the_records_and_says_so(tmp_path, capsys, monkeypatch):
     """It said "interrupted before any result" although the records were on disk."""
     from jax_spectral import cli, training
