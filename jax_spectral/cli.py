@@ -5,7 +5,7 @@ MODEL.keras --data ...`` does the same analysis for a saved Keras model. Both pr
 estimate first, show progress bars on long loops (``--quiet`` turns them off), and write
 three files into ``--out``: ``spectrum.npz`` (grid, density, its standard error,
 tridiagonals, nodes, weights, top eigenvalues), ``spectrum.json`` (eigenvalues, residuals,
-trace, settings, versions, which stages finished) and ``density.png`` (when matplotlib is
+outliers, trace, settings, versions, which stages finished) and ``density.png`` (when matplotlib is
 installed). The density files are written as soon as SLQ finishes, so a failure later loses
 nothing computed; the folder is created only once the inputs are valid, and an earlier
 run's files in it are removed before the first new one is written.
