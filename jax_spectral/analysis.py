@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from .density import _checked_draws, _weighted
 from .linop import flat_rows, nested_basis
 
 __all__ = ["GradientShare", "Outliers", "gradient_share", "outliers"]
@@ -150,13 +151,7 @@ def _ranked(spectrum: Any, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
             "spectrum must be an SLQ result or a training record (nodes and weights of "
             f"several probes), got {type(spectrum).__name__}."
         )
-    nodes, weights = np.asarray(nodes, np.float64), np.asarray(weights, np.float64)
-    if nodes.shape != weights.shape or nodes.ndim != 2:
-        raise ValueError(
-            f"nodes {nodes.shape} and weights {weights.shape} must both be (probes, order)."
-        )
-    if not (np.all(np.isfinite(nodes)) and np.all(np.isfinite(weights))):
-        raise ValueError("the spectrum contains NaN or Inf.")
+    nodes, weights = _checked_draws(nodes, weights)  # (probes, order), finite
     if nodes.shape[0] < 2:
         raise ValueError(
             "outliers need at least two probes: an outlier is a Ritz value that every probe "
@@ -167,9 +162,8 @@ def _ranked(spectrum: Any, tol: float) -> tuple[np.ndarray, np.ndarray, float]:
             "each probe's weights must be non-negative and sum to one (a quadrature rule); "
             "are nodes and weights (probes, order), not transposed?"
         )
-    valid = weights > 0
-    width = float(np.ptp(nodes[valid])) or 1.0
-    rows = [_merged(n[v], w[v], tol * width) for n, w, v in zip(nodes, weights, valid, strict=True)]
+    width = float(np.ptp(nodes[weights > 0])) or 1.0
+    rows = [_merged(n, w, tol * width) for n, w in _weighted(nodes, weights)]
     count = min(len(n) for n, _ in rows)
     if count < 2:
         raise ValueError("outliers need at least two distinct nodes in every probe.")
