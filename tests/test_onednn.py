@@ -164,13 +164,15 @@ def test_conv_refuses_what_it_cannot_run():
         jax.eval_shape(lambda x, w: onednn.conv_p.bind(x, w, **params), x, w[:2])
 
 
-def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+def _run(
+    script: str, *args: str, timeout: float = 120, env: dict | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})},
     )
 
 
@@ -250,6 +252,43 @@ def test_openmp_threads_instead_of_xla_s_pool_give_the_same_kernels():
         env={**os.environ, "JAX_PLATFORMS": "cpu", "JAX_SPECTRAL_ONEDNN_THREADS": "openmp"},
     )
     assert done.returncode == 0 and done.stdout.strip() == "same", done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: OpenMP starts no threads")
+@pytest.mark.parametrize("threads", ["xla", "openmp"])
+def test_the_kernels_start_no_threads_beside_xla_s_pool(threads):
+    # oneDNN fixes a primitive's thread count when it builds it: primitives built for all
+    # cores and run on each of XLA's threads started an OpenMP team per thread (4 busy
+    # threads on 2 cores). The process's threads are counted around the first run of a
+    # compiled gradient whose convolutions split over XLA's threads. With
+    # JAX_SPECTRAL_ONEDNN_THREADS=openmp oneDNN's own threads do the work: the control
+    # that shows the count sees them.
+    done = _run(
+        """
+        import os, sys
+        import jax, jax.numpy as jnp
+        from jax_spectral import onednn
+        def threads():
+            return len(os.listdir(f"/proc/{os.getpid()}/task"))
+        a = jnp.ones((300, 300))  # XLA's own threads start here
+        jax.block_until_ready(jax.jit(lambda a: jnp.cumsum(jnp.sin(a) @ a, axis=0))(a))
+        x, w = jnp.ones((64, 18, 18, 16)), jnp.ones((3, 3, 16, 16))
+        conv = lambda x, w: onednn.conv(x, w, (1, 1), ((0, 0), (0, 0)), (1, 1))
+        grad = jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)))
+        compiled = grad.lower(x, w).compile()
+        before = threads()
+        jax.block_until_ready(compiled(x, w))
+        print("new threads", threads() - before)
+        """,
+        env={"JAX_SPECTRAL_ONEDNN_THREADS": threads},
+    )
+    assert done.returncode == 0, done.stderr
+    started = int(done.stdout.split("new threads")[-1])
+    if threads == "xla":
+        assert started == 0, done.stdout
+    else:
+        assert started > 0, done.stdout
 
 
 @pytest.mark.slow

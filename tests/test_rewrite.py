@@ -394,7 +394,9 @@ def test_python_leaves_and_keyword_arguments_reach_the_function_as_given():
         lambda: iter([{**half, "scale": 2}, {**half, "scale": 3}]),
     ):
         op = hessian_operator(loss, w, data)
-        np.testing.assert_allclose(op.matvec(v), (dense2[0] + dense2[1]) / 2 @ v, rtol=1e-4)
+        np.testing.assert_allclose(
+            op.matvec(v), (dense2[0] + dense2[1]) / 2 @ v, rtol=1e-4, atol=1e-5
+        )
         other = data[:1] + [{**half, "scale": 5}] if isinstance(data, list) else None
         if other is None:
             other = lambda: iter([{**half, "scale": 2}, {**half, "scale": 5}])  # noqa: E731

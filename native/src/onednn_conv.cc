@@ -175,7 +175,29 @@ void Adopt(Entry* entry, const DescT& pd, const dnnl::memory::desc& packed) {
   entry->scratch = pd.scratchpad_desc().get_size();
 }
 
-std::shared_ptr<Entry> Build(Kernel kernel, const Geometry& g, int64_t images) {
+// oneDNN fixes a primitive's thread count when it builds it (from omp_get_max_threads())
+// and runs it on that many OpenMP threads whatever the caller's setting then: a primitive
+// built for all cores and run on each of XLA's threads would start a team per thread.
+// Built inside this guard with one thread, it runs on the calling thread alone.
+class OmpThreads {
+ public:
+  explicit OmpThreads(int threads) : saved_(omp_get_max_threads()), set_(threads > 0) {
+    if (set_) omp_set_num_threads(threads);
+  }
+  ~OmpThreads() {
+    if (set_) omp_set_num_threads(saved_);
+  }
+  OmpThreads(const OmpThreads&) = delete;
+  OmpThreads& operator=(const OmpThreads&) = delete;
+
+ private:
+  const int saved_;
+  const bool set_;
+};
+
+// `threads`: the OpenMP threads the primitive will run on (0: oneDNN's default, all cores).
+std::shared_ptr<Entry> Build(Kernel kernel, const Geometry& g, int64_t images, int threads) {
+  OmpThreads scope(threads);
   auto entry = std::make_shared<Entry>();
   entry->x = ImagesDesc(images, g.c, g.spatial);
   entry->y = ImagesDesc(images, g.o, g.out);
@@ -216,8 +238,9 @@ std::shared_ptr<Entry> Build(Kernel kernel, const Geometry& g, int64_t images) {
 
 class Cache {
  public:
-  std::shared_ptr<Entry> Get(Kernel kernel, const Geometry& g, int64_t images) {
+  std::shared_ptr<Entry> Get(Kernel kernel, const Geometry& g, int64_t images, int threads) {
     std::vector<int64_t> key = g.Key(kernel, images);
+    key.push_back(threads);
     std::lock_guard<std::mutex> lock(mutex_);
     auto found = entries_.find(key);
     if (found != entries_.end()) {
@@ -230,7 +253,7 @@ class Cache {
       });
       entries_.erase(oldest);  // a call still running keeps its own reference
     }
-    auto entry = Build(kernel, g, images);
+    auto entry = Build(kernel, g, images, threads);
     entry->used = ++clock_;
     entries_.emplace(std::move(key), entry);
     return entry;
@@ -307,6 +330,15 @@ void RunChunk(Kernel kernel, const Entry& e, float* a, float* b, float* out) {
   stream.wait();
 }
 
+// JAX_SPECTRAL_ONEDNN_THREADS=openmp: each call runs whole on oneDNN's own OpenMP threads.
+bool UseOpenmp() {
+  static const bool use_openmp = [] {
+    const char* setting = std::getenv("JAX_SPECTRAL_ONEDNN_THREADS");
+    return setting && std::string(setting) == "openmp";
+  }();
+  return use_openmp;
+}
+
 // Chunks handed out to whichever thread asks next: the calling thread works through them
 // too, and waits only for chunks another thread has already started, so a task still
 // queued behind a busy pool never holds the call up (and cannot deadlock it).
@@ -363,19 +395,16 @@ ffi::Error Convolve(Kernel kernel, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a
                                        " and " + Shape(b.dimensions()) + ", result " +
                                        Shape(result->dimensions()));
   }
-  static const bool use_openmp = [] {
-    const char* setting = std::getenv("JAX_SPECTRAL_ONEDNN_THREADS");
-    return setting && std::string(setting) == "openmp";
-  }();
-  const int64_t threads = use_openmp ? 0 : pool.num_threads();
+  const int64_t threads = UseOpenmp() ? 0 : pool.num_threads();
+  const bool pooled = threads > 0;  // without XLA's pool, oneDNN's own threads do the work
   int64_t chunks = std::min<int64_t>({g.n, std::max<int64_t>(threads, 1),
                                       std::max<int64_t>(g.Work() / kMinChunkWork, 1)});
   const int64_t base = g.n / chunks, extra = g.n % chunks;  // `extra` chunks get one more
   std::shared_ptr<Entry> small, large;
   std::vector<std::unique_ptr<Aligned>> partials;  // kernel_grad: one sum per extra chunk
   try {
-    small = Primitives().Get(kernel, g, base);
-    large = extra ? Primitives().Get(kernel, g, base + 1) : small;
+    small = Primitives().Get(kernel, g, base, pooled ? 1 : 0);
+    large = extra ? Primitives().Get(kernel, g, base + 1, pooled ? 1 : 0) : small;
     if (kernel == kKernelGrad) {
       for (int64_t i = 1; i < chunks; ++i)
         partials.push_back(std::make_unique<Aligned>(g.KernelSize() * sizeof(float)));
@@ -400,7 +429,6 @@ ffi::Error Convolve(Kernel kernel, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a
                            : pout + start * out_image;
     RunChunk(kernel, e, pa + start * in_image, chunk_b, chunk_out);
   });
-  const bool pooled = threads > 0;  // without XLA's pool, oneDNN's own threads do the work
   for (int64_t i = 1; i < chunks; ++i) pool.Schedule([job] { job->Drain(true); });
   job->Drain(pooled);
   job->Wait();
@@ -473,7 +501,7 @@ int JaxSpectralOnednnCheck(int rank, const int64_t* x_shape, const int64_t* w_sh
   } else {
     try {
       for (Kernel kernel : {kForward, kInputGrad, kKernelGrad}) {
-        auto entry = Primitives().Get(kernel, g, g.n);
+        auto entry = Primitives().Get(kernel, g, g.n, UseOpenmp() ? 0 : 1);
         text += std::string(text.empty() ? "" : "; ") + kKernelNames[kernel] + ": " +
                 entry->implementation;
         if (entry->implementation.rfind("ref", 0) == 0) status = 0;
