@@ -155,6 +155,41 @@ def _tf_lanczos(hvp, shapes, order, seed):
     return tridiag
 
 
+def _cpu() -> str:
+    """The CPU's model and its widest vector instructions: TensorFlow turns its oneDNN
+    kernels on by default only on CPUs with AVX-512 VNNI/BF16 or AMX, and runs Eigen's
+    kernels elsewhere, so its baseline differs between machines."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in text.splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    flags = next(
+        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
+        [],
+    )
+    wide = sorted(f for f in set(flags) if f.startswith(("avx512", "amx")) or f == "avx2")
+    return f"{model} ({', '.join(wide) or 'no AVX2'})"
+
+
+def _tf_onednn(tf) -> str:
+    if tf is None:
+        return "n/a"
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+
+        return "on" if _pywrap_util_port.IsMklEnabled() else "off (Eigen kernels)"
+    except (ImportError, AttributeError):
+        return f"unknown (TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')})"
+
+
 def _relative(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
@@ -178,6 +213,7 @@ def main():
         f"oneDNN {onednn.version() or 'not installed'}; backend {jax.default_backend()}; "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')}"
     )
+    print(f"cpu: {_cpu()}; TensorFlow's oneDNN kernels: {_tf_onednn(tf)}")
     loss, params, (images, labels) = cifar_problem()
     x, y = images[:128], labels[:128]
     modes = {"stock": "none", "patches": "patches"}
