@@ -351,18 +351,19 @@ struct Job {
       const int64_t i = next.fetch_add(1);
       if (i >= chunks) return;
       std::string failure;
-      const int saved = omp_get_max_threads();
-      if (single_threaded) omp_set_num_threads(1);
-      try {
-        work(i);
-      } catch (const dnnl::error& e) {
-        failure = std::string("oneDNN: ") + e.what() + " (status " + std::to_string(e.status) + ")";
-      } catch (const std::exception& e) {
-        failure = e.what();
-      } catch (...) {
-        failure = "unknown exception";
+      {
+        OmpThreads scope(single_threaded ? 1 : 0);
+        try {
+          work(i);
+        } catch (const dnnl::error& e) {
+          failure =
+              std::string("oneDNN: ") + e.what() + " (status " + std::to_string(e.status) + ")";
+        } catch (const std::exception& e) {
+          failure = e.what();
+        } catch (...) {
+          failure = "unknown exception";
+        }
       }
-      if (single_threaded) omp_set_num_threads(saved);
       std::lock_guard<std::mutex> lock(mutex);
       if (!failure.empty() && error.empty()) error = failure;
       if (++finished == chunks) done.notify_all();
