@@ -444,7 +444,7 @@ def _scan_segment(fn, operand, template, state, start, stop, *, steps):
 
 _init_jit = jax.jit(init_state, static_argnums=1)
 _step_jit = jax.jit(lanczos_step, static_argnames=("reorthogonalize", "tol"), donate_argnums=0)
-_pack_jit = jax.jit(pack_result)
+_pack_jit = jax.jit(pack_result, donate_argnums=0)
 
 
 def host_loop(product, step_fn, state, start, stop, *, bar, watch, describe=None):

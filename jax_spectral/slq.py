@@ -117,7 +117,7 @@ def _many_step(reorthogonalize: bool, tol: float):
 
 
 _init_many = jax.jit(jax.vmap(init_state, in_axes=(0, None)), static_argnums=1)
-_pack_many = jax.jit(jax.vmap(pack_result))
+_pack_many = jax.jit(jax.vmap(pack_result), donate_argnums=0)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
