@@ -692,7 +692,6 @@ def test_basis_stays_orthonormal_on_hard_spectra_float32(spectrum):
     np.testing.assert_allclose(v @ v.T, np.eye(k), atol=2e-6)
 
 
-
 @pytest.mark.parametrize("many", [False, True], ids=["lanczos", "slq"])
 def test_the_result_of_an_eager_run_reuses_the_memory_of_its_bases(many):
     """An eager run packs its state into the result in place. ``check_fits`` admits bases
