@@ -127,8 +127,19 @@ def _linearize(kernel, params, batch, zero):
         value, out = kernel(params, batch, t)
         return out, value
 
+    product = jax.checkpoint(product, policy=_keep_unless_broadcast, prevent_cse=False)
     _, linear, value = jax.linearize(product, zero, has_aux=True)
     return linear, value
+
+
+def _keep_unless_broadcast(primitive, *avals, **params) -> bool:
+    """What a linearisation keeps for the tangent's passes: every value the passes need,
+    except broadcasts, which they recompute from the broadcast operand. Derivative rules
+    fill arrays with a constant this way (``jnp.where(x > 0, g, 0)`` in a ReLU's rule, the
+    unselected branches of max pooling): kept, they were arrays of zeros the size of
+    activations, half of the CIFAR CNN's linearisation (192 of 355 MB), read by every
+    product; recomputed, they are one scalar each, and the products are unchanged."""
+    return primitive is not jax.lax.broadcast_in_dim_p
 
 
 def _apply_linear(linear, v, acc, loss_sum, weight, value, chunk):
