@@ -127,8 +127,14 @@ def _linearize(kernel, params, batch, zero):
         value, out = kernel(params, batch, t)
         return out, value
 
-    product = jax.checkpoint(product, policy=_keep_unless_broadcast, prevent_cse=False)
-    _, linear, value = jax.linearize(product, zero, has_aux=True)
+    def kept(fn):
+        return _tree_bytes(jax.eval_shape(lambda z: jax.linearize(fn, z, has_aux=True)[1], zero))
+
+    rebuilt = jax.checkpoint(product, policy=_keep_unless_broadcast, prevent_cse=False)
+    # The policy replaces any jax.checkpoint in the loss by its own (everything kept but
+    # broadcasts): where the loss's remat kept less, as it can, linearise it as written.
+    chosen = rebuilt if kept(rebuilt) <= kept(product) else product
+    _, linear, value = jax.linearize(chosen, zero, has_aux=True)
     return linear, value
 
 
