@@ -7,7 +7,7 @@ Every long-running function takes ``progress``:
 * a callable: called as ``progress(done, total, elapsed_seconds)`` after each step.
 
 Host-driven loops report after every step; compiled loops, which run in segments of about
-half a second (see :func:`jax_spectral.lanczos.run_steps`), after every segment, from the
+three seconds (see :func:`jax_spectral.lanczos.run_steps`), after every segment, from the
 host: nothing is compiled into the program, so progress works on meshes too. Under the
 caller's own ``jit`` or ``vmap`` progress is off (there is nothing to report to while
 tracing). On several processes (``jax.distributed``) the bar shows on process 0 only; a
