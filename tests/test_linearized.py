@@ -191,8 +191,7 @@ def test_a_linearisation_keeps_no_arrays_of_constants(x64):
     g, 0)``); a linearisation used to keep them, as big as the activations (on the CIFAR
     CNN 192 of its 355 MB). Now it keeps the scalar and the products rebuild the array, so
     every floating-point array it keeps (beyond one scalar per batch) holds more than one
-    value;
-    its products still equal the dense float64 Hessian."""
+    value; its products still equal the dense float64 Hessian."""
     keys = jax.random.split(jax.random.key(0), 5)
     params = {
         "conv": jax.random.normal(keys[0], (3, 3, 2, 2), jnp.float64) * 0.5,
