@@ -223,7 +223,7 @@ def test_a_loss_s_own_remat_still_saves_memory_once_linearised():
     sizes = [16, 64, 64, 64, 10]
     params = [
         jax.random.normal(k, (a, b)) / 8
-        for k, a, b in zip(keys[2:], sizes[:-1], sizes[1:], strict=False)
+        for k, a, b in zip(keys[2:6], sizes[:-1], sizes[1:], strict=True)
     ]
 
     def loss(params, batch, remat):
