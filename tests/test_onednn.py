@@ -26,7 +26,20 @@ GEOMETRIES = {
     # enough work to split 7 images over XLA's threads in uneven chunks (4 and 3), whose
     # kernel gradients are summed
     "chunked": ((7, 26, 26, 8), (3, 3, 8, 16), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    # stride 1 and 16 or more channels: the kernel gradient as row GEMMs over the padded
+    # input (padding on both sides, dilation, 1-3 spatial dimensions, tiles over threads)
+    "rows, padded, dilated": ((3, 10, 11, 16), (3, 2, 16, 24), (1, 1), ((1, 2), (1, 1)), (2, 1)),
+    "rows, 1-D": ((2, 40, 16), (3, 16, 16), (1,), ((1, 1),), (1,)),
+    "rows, 3-D": (
+        (2, 6, 7, 5, 16),
+        (2, 3, 2, 16, 16),
+        (1, 1, 1),
+        ((0, 0), (1, 1), (0, 1)),
+        (1, 1, 1),
+    ),
+    "rows, three tiles": ((13, 40, 40, 16), (3, 3, 16, 16), (1, 1), ((0, 0), (0, 0)), (1, 1)),
 }
+ROWS = [case for case in GEOMETRIES if case.startswith("rows")]
 
 
 def _dimension_numbers(rank):
@@ -69,6 +82,8 @@ def test_three_kernels_equal_xla(case):
     x_shape, w_shape, *geometry = GEOMETRIES[case]
     x, w = _random(x_shape, 0), _random(w_shape, 1)
     assert onednn.supports(x_shape, w_shape, *geometry, jnp.float32)
+    kernel_grad = onednn.implementations(x_shape, w_shape, *geometry).split("kernel_grad: ")[1]
+    assert kernel_grad.startswith("rows+") == (case in ROWS)
     expected, pullback = jax.vjp(lambda x, w: _xla(x, w, *geometry), x, w)
     _close(_mine(x, w, *geometry), expected)  # eager
     _close(jax.jit(lambda x, w: _mine(x, w, *geometry))(x, w), expected)
@@ -234,14 +249,15 @@ def test_openmp_threads_instead_of_xla_s_pool_give_the_same_kernels():
     script = """
         import jax, jax.numpy as jnp, numpy as np
         from jax_spectral import onednn
-        x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 26, 26, 8)), jnp.float32)
-        w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, 8, 16)), jnp.float32)
         geometry = ((1, 1), ((1, 0), (0, 1)), (1, 1))
         mine = lambda x, w: jnp.sum(jnp.tanh(onednn.conv(x, w, *geometry)) ** 2)
         xla = lambda x, w: jnp.sum(jnp.tanh(jax.lax.conv_general_dilated(
             x, w, (1, 1), geometry[1], dimension_numbers=("NHWC", "HWIO", "NHWC"))) ** 2)
-        for a, b in zip(jax.jit(jax.grad(mine, (0, 1)))(x, w), jax.grad(xla, (0, 1))(x, w)):
-            assert np.max(np.abs(a - b)) <= 2e-5 * np.max(np.abs(b)), np.max(np.abs(a - b))
+        for c in (8, 16):  # oneDNN's kernel gradient, and row GEMMs
+            x = jnp.asarray(np.random.default_rng(0).standard_normal((7, 26, 26, c)), jnp.float32)
+            w = jnp.asarray(np.random.default_rng(1).standard_normal((3, 3, c, 16)), jnp.float32)
+            for a, b in zip(jax.jit(jax.grad(mine, (0, 1)))(x, w), jax.grad(xla, (0, 1))(x, w)):
+                assert np.max(np.abs(a - b)) <= 2e-5 * np.max(np.abs(b)), np.max(np.abs(a - b))
         print("same")
         """
     done = subprocess.run(

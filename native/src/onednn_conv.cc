@@ -163,7 +163,45 @@ struct Entry {
   size_t scratch = 0;
   std::string implementation;
   uint64_t used = 0;
+  // Kernel gradients as row GEMMs (see RowGemms): `primitive` writes a tile's product,
+  // `accumulate` adds it; a tile is `tile` rows of the padded input.
+  bool rows = false;
+  dnnl::primitive accumulate;
+  dnnl::memory::desc a, b, c;
+  int64_t tile = 0;
 };
+
+// The kernel gradient of a stride-1 convolution as matrix products, which oneDNN's GEMM
+// runs about twice as fast as its direct kernel-gradient kernel (jit:avx2) on a CIFAR CNN's
+// 3x3 layers. Number the positions of the zero-padded input (n, p) row by row; the output
+// gradient, zero-extended to the same positions (rows outside the output are zero), is a
+// matrix D of those rows by O channels, and the padded input a matrix X by C channels. A
+// kernel tap k shifts the input by a fixed number of rows, off_k = sum_d k_d dil_d
+// stride_d(padded), and never across an image for a nonzero row of D, so
+//   dW[k] = X[off_k:]^T D,  a (C x rows) (rows x O) product.
+// The rows go in tiles that stay in cache across the taps: each tile's D rows and the
+// X rows it reaches are copied (padding and the zero rows made on the way), then one GEMM
+// per tap adds to dW. It costs the padded positions' extra rows, so it is used where they
+// are few (at most twice the output's) and the channels fill a GEMM.
+bool UseRows(const Geometry& g) {
+  // JAX_SPECTRAL_ONEDNN_ROWS=0 keeps oneDNN's own kernel gradient (to compare the two).
+  static const bool allowed = [] {
+    const char* setting = std::getenv("JAX_SPECTRAL_ONEDNN_ROWS");
+    return !(setting && std::string(setting) == "0");
+  }();
+  if (!allowed) return false;
+  int64_t padded = 1, out = 1;
+  for (int d = 0; d < g.rank; ++d) {
+    if (g.strides[d] != 1) return false;
+    padded *= g.spatial[d] + g.low[d] + g.high[d];
+    out *= g.out[d];
+  }
+  return g.c >= 16 && g.o >= 16 && padded <= 2 * out;
+}
+
+int64_t RowTile(const Geometry& g) {  // about 1 MB of tile operands
+  return std::max<int64_t>(256, (int64_t{1} << 18) / (g.c + g.o));
+}
 
 // The primitive of `pd`, its implementation's name, its scratchpad size and the kernel
 // layout `packed` it chose.
@@ -199,6 +237,25 @@ class OmpThreads {
 std::shared_ptr<Entry> Build(Kernel kernel, const Geometry& g, int64_t images, int threads) {
   OmpThreads scope(threads);
   auto entry = std::make_shared<Entry>();
+  if (kernel == kKernelGrad && UseRows(g)) {
+    auto& engine = Engine();
+    const int64_t t = RowTile(g);
+    entry->rows = true;
+    entry->tile = t;
+    entry->a = dnnl::memory::desc({g.c, t}, dnnl::memory::data_type::f32, {1, g.c});
+    entry->b = dnnl::memory::desc({t, g.o}, dnnl::memory::data_type::f32, {g.o, 1});
+    entry->c = dnnl::memory::desc({g.c, g.o}, dnnl::memory::data_type::f32, {g.o, 1});
+    dnnl::primitive_attr write, add;
+    dnnl::post_ops sum;
+    sum.append_sum(1.0f);
+    add.set_post_ops(sum);
+    dnnl::matmul::primitive_desc first(engine, entry->a, entry->b, entry->c, write);
+    dnnl::matmul::primitive_desc rest(engine, entry->a, entry->b, entry->c, add);
+    entry->primitive = dnnl::matmul(first);
+    entry->accumulate = dnnl::matmul(rest);
+    entry->implementation = std::string("rows+") + rest.impl_info_str();
+    return entry;
+  }
   entry->x = ImagesDesc(images, g.c, g.spatial);
   entry->y = ImagesDesc(images, g.o, g.out);
   entry->w = KernelDesc(g);
@@ -330,6 +387,99 @@ void RunChunk(Kernel kernel, const Entry& e, float* a, float* b, float* out) {
   stream.wait();
 }
 
+// Copies rows [begin, end) of a padded-position matrix into `to`: row r is position
+// (n, p) of images with `padded` spatial extents; the source holds (n, *extent, ch)
+// channels last at positions p - lo; rows outside it, or past `total`, are zeros. Runs
+// along the last spatial dimension go in one copy.
+void CopyRows(float* to, const float* from, int64_t begin, int64_t end, int64_t total,
+              const dnnl::memory::dims& padded, const dnnl::memory::dims& lo,
+              const dnnl::memory::dims& extent, int64_t ch) {
+  const size_t rank = padded.size(), last = rank - 1;
+  const int64_t positions = Geometry::Product(padded), image = Geometry::Product(extent) * ch;
+  std::vector<int64_t> p(rank);
+  int64_t n = begin / positions, rem = begin % positions;
+  for (size_t d = rank; d-- > 0;) {
+    p[d] = rem % padded[d];
+    rem /= padded[d];
+  }
+  int64_t r = begin;
+  const int64_t stop = std::min(end, total);
+  while (r < stop) {
+    bool inside = true;
+    int64_t offset = 0;
+    for (size_t d = 0; d < last && inside; ++d) {
+      const int64_t q = p[d] - lo[d];
+      inside = q >= 0 && q < extent[d];
+      offset = offset * extent[d] + q;
+    }
+    const int64_t q = p[last] - lo[last];
+    int64_t run;  // rows to the next change along the last dimension
+    if (inside && q >= 0 && q < extent[last]) {
+      run = std::min(extent[last] - q, stop - r);
+      const float* source = from + n * image + (offset * extent[last] + q) * ch;
+      std::memcpy(to, source, run * ch * sizeof(float));
+    } else {
+      run = std::min((inside && q < 0 ? lo[last] : padded[last]) - p[last], stop - r);
+      std::memset(to, 0, run * ch * sizeof(float));
+    }
+    to += run * ch;
+    r += run;
+    p[last] += run;
+    for (size_t d = rank; d-- > 0 && p[d] >= padded[d];) {  // carry into the next position
+      p[d] = 0;
+      if (d == 0) {
+        ++n;
+      } else {
+        ++p[d - 1];
+      }
+    }
+  }
+  if (end > r) std::memset(to, 0, (end - r) * ch * sizeof(float));
+}
+
+// A kernel gradient by row GEMMs (see UseRows): takes tiles from `next` until all `tiles`
+// are taken and sums their products into `out`, laid out (*window, C, O). Returns
+// whether it took any (then `out` is written, otherwise untouched).
+bool RunRows(const Entry& e, const Geometry& g, std::atomic<int64_t>& next, int64_t tiles,
+             const float* x, const float* dy, float* out) {
+  using Args = std::unordered_map<int, dnnl::memory>;
+  auto& engine = Engine();
+  thread_local dnnl::stream stream(engine);
+  dnnl::memory::dims padded(g.rank), zeros(g.rank, 0), stride(g.rank);
+  for (int d = 0; d < g.rank; ++d) padded[d] = g.spatial[d] + g.low[d] + g.high[d];
+  for (int d = g.rank; d-- > 0;) stride[d] = d + 1 < g.rank ? stride[d + 1] * padded[d + 1] : 1;
+  std::vector<int64_t> offsets = {0};  // the taps' row shifts, in the kernel's order
+  int64_t reach = 0;
+  for (int d = 0; d < g.rank; ++d) {
+    const int64_t step = (g.dilation[d] + 1) * stride[d];
+    std::vector<int64_t> more;
+    for (int64_t o : offsets)
+      for (int64_t k = 0; k < g.window[d]; ++k) more.push_back(o + k * step);
+    offsets.swap(more);
+    reach += (g.window[d] - 1) * step;
+  }
+  const int64_t rows = g.n * Geometry::Product(padded), t = e.tile;
+  thread_local std::vector<float> xs, ds;
+  xs.resize((t + reach) * g.c);
+  ds.resize(t * g.o);
+  bool wrote = false;
+  for (int64_t tile = next.fetch_add(1); tile < tiles; tile = next.fetch_add(1)) {
+    const int64_t begin = tile * t;
+    CopyRows(ds.data(), dy, begin, begin + t, rows, padded, zeros, g.out, g.o);
+    CopyRows(xs.data(), x, begin, begin + t + reach, rows, padded, g.low, g.spatial, g.c);
+    const dnnl::primitive& gemm = wrote ? e.accumulate : e.primitive;
+    dnnl::memory b(e.b, engine, ds.data());
+    for (size_t k = 0; k < offsets.size(); ++k) {
+      dnnl::memory a(e.a, engine, xs.data() + offsets[k] * g.c);
+      dnnl::memory c(e.c, engine, out + k * g.c * g.o);
+      gemm.execute(stream, Args{{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+    }
+    wrote = true;
+  }
+  stream.wait();
+  return wrote;
+}
+
 // JAX_SPECTRAL_ONEDNN_THREADS=openmp: each call runs whole on oneDNN's own OpenMP threads.
 bool UseOpenmp() {
   static const bool use_openmp = [] {
@@ -383,6 +533,52 @@ struct Job {
   std::string error;
 };
 
+// A kernel gradient by row GEMMs (see UseRows). Each of XLA's threads (or, when `threads`
+// is 0, the calling one on oneDNN's own threads) sums the tiles it takes into its own
+// output; a thread that starts late takes fewer, so none waits on a busy one.
+ffi::Error ConvolveRows(const std::string& name, ffi::ThreadPool pool, int64_t threads,
+                        const Geometry& g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                        ffi::ResultBuffer<ffi::F32> result) {
+  const bool pooled = threads > 0;
+  std::shared_ptr<Entry> entry;
+  int64_t padded = 1;
+  for (int d = 0; d < g.rank; ++d) padded *= g.spatial[d] + g.low[d] + g.high[d];
+  std::vector<std::unique_ptr<Aligned>> partials;  // one sum per worker after the first
+  int64_t tiles = 0, workers = 0;
+  try {
+    entry = Primitives().Get(kKernelGrad, g, g.n, pooled ? 1 : 0);
+    tiles = (g.n * padded + entry->tile - 1) / entry->tile;
+    workers = std::min<int64_t>({tiles, std::max<int64_t>(threads, 1),
+                                 std::max<int64_t>(g.Work() / kMinChunkWork, 1)});
+    for (int64_t i = 1; i < workers; ++i)
+      partials.push_back(std::make_unique<Aligned>(g.KernelSize() * sizeof(float)));
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(name + "oneDNN: " + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(name + e.what());
+  }
+  const float* px = x.typed_data();
+  const float* pdy = dy.typed_data();
+  float* pout = result->typed_data();
+  std::atomic<int64_t> next{0};
+  std::vector<char> wrote(workers, 0);
+  auto job = std::make_shared<Job>(workers, [&](int64_t i) {
+    float* out = i == 0 ? pout : static_cast<float*>(partials[i - 1]->data);
+    wrote[i] = RunRows(*entry, g, next, tiles, px, pdy, out);
+  });
+  for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->Drain(true); });
+  job->Drain(pooled);
+  job->Wait();
+  if (!job->error.empty()) return ffi::Error::Internal(name + job->error);
+  if (!wrote[0]) std::memset(pout, 0, g.KernelSize() * sizeof(float));
+  for (int64_t i = 1; i < workers; ++i) {
+    if (!wrote[i]) continue;
+    const float* p = static_cast<const float*>(partials[i - 1]->data);
+    for (int64_t k = 0; k < g.KernelSize(); ++k) pout[k] += p[k];
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error Convolve(Kernel kernel, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
                     ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> result,
                     ffi::Span<const int64_t> strides, ffi::Span<const int64_t> low,
@@ -398,6 +594,8 @@ ffi::Error Convolve(Kernel kernel, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a
   }
   const int64_t threads = UseOpenmp() ? 0 : pool.num_threads();
   const bool pooled = threads > 0;  // without XLA's pool, oneDNN's own threads do the work
+  if (kernel == kKernelGrad && UseRows(g))
+    return ConvolveRows(name, pool, threads, g, a, b, result);
   int64_t chunks = std::min<int64_t>({g.n, std::max<int64_t>(threads, 1),
                                       std::max<int64_t>(g.Work() / kMinChunkWork, 1)});
   const int64_t base = g.n / chunks, extra = g.n % chunks;  // `extra` chunks get one more
