@@ -240,7 +240,6 @@ std::shared_ptr<Entry> Build(Kernel kernel, const Geometry& g, int64_t images, i
   if (kernel == kKernelGrad && UseRows(g)) {
     auto& engine = Engine();
     const int64_t t = RowTile(g);
-    entry->rows = true;
     entry->tile = t;
     entry->a = dnnl::memory::desc({g.c, t}, dnnl::memory::data_type::f32, {1, g.c});
     entry->b = dnnl::memory::desc({t, g.o}, dnnl::memory::data_type::f32, {g.o, 1});
@@ -249,12 +248,19 @@ std::shared_ptr<Entry> Build(Kernel kernel, const Geometry& g, int64_t images, i
     dnnl::post_ops sum;
     sum.append_sum(1.0f);
     add.set_post_ops(sum);
+    for (auto* attr : {&write, &add}) attr->set_scratchpad_mode(dnnl::scratchpad_mode::user);
     dnnl::matmul::primitive_desc first(engine, entry->a, entry->b, entry->c, write);
     dnnl::matmul::primitive_desc rest(engine, entry->a, entry->b, entry->c, add);
-    entry->primitive = dnnl::matmul(first);
-    entry->accumulate = dnnl::matmul(rest);
-    entry->implementation = std::string("rows+") + rest.impl_info_str();
-    return entry;
+    const std::string name = rest.impl_info_str();
+    if (name.rfind("ref", 0) != 0 && std::string(first.impl_info_str()).rfind("ref", 0) != 0) {
+      entry->rows = true;
+      entry->primitive = dnnl::matmul(first);
+      entry->accumulate = dnnl::matmul(rest);
+      entry->implementation = "rows+" + name;
+      entry->scratch = std::max(first.scratchpad_desc().get_size(),
+                                rest.scratchpad_desc().get_size());
+      return entry;
+    }  // oneDNN's reference loops for these GEMMs: its kernel gradient below instead
   }
   entry->x = ImagesDesc(images, g.c, g.spatial);
   entry->y = ImagesDesc(images, g.o, g.out);
@@ -462,6 +468,9 @@ bool RunRows(const Entry& e, const Geometry& g, std::atomic<int64_t>& next, int6
   thread_local std::vector<float> xs, ds;
   xs.resize((t + reach) * g.c);
   ds.resize(t * g.o);
+  Aligned scratch(e.scratch);  // user-managed: threads never share oneDNN's
+  dnnl::memory::desc scratch_bytes({static_cast<int64_t>(e.scratch)},
+                                   dnnl::memory::data_type::u8, dnnl::memory::format_tag::x);
   bool wrote = false;
   for (int64_t tile = next.fetch_add(1); tile < tiles; tile = next.fetch_add(1)) {
     const int64_t begin = tile * t;
@@ -472,7 +481,10 @@ bool RunRows(const Entry& e, const Geometry& g, std::atomic<int64_t>& next, int6
     for (size_t k = 0; k < offsets.size(); ++k) {
       dnnl::memory a(e.a, engine, xs.data() + offsets[k] * g.c);
       dnnl::memory c(e.c, engine, out + k * g.c * g.o);
-      gemm.execute(stream, Args{{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}});
+      Args args{{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}};
+      if (e.scratch)
+        args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(scratch_bytes, engine, scratch.data));
+      gemm.execute(stream, args);
     }
     wrote = true;
   }
@@ -537,17 +549,15 @@ struct Job {
 // is 0, the calling one on oneDNN's own threads) sums the tiles it takes into its own
 // output; a thread that starts late takes fewer, so none waits on a busy one.
 ffi::Error ConvolveRows(const std::string& name, ffi::ThreadPool pool, int64_t threads,
-                        const Geometry& g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                        ffi::ResultBuffer<ffi::F32> result) {
+                        const Geometry& g, const Entry& entry, ffi::Buffer<ffi::F32> x,
+                        ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> result) {
   const bool pooled = threads > 0;
-  std::shared_ptr<Entry> entry;
   int64_t padded = 1;
   for (int d = 0; d < g.rank; ++d) padded *= g.spatial[d] + g.low[d] + g.high[d];
   std::vector<std::unique_ptr<Aligned>> partials;  // one sum per worker after the first
-  int64_t tiles = 0, workers = 0;
+  const int64_t tiles = (g.n * padded + entry.tile - 1) / entry.tile;
+  int64_t workers = 0;
   try {
-    entry = Primitives().Get(kKernelGrad, g, g.n, pooled ? 1 : 0);
-    tiles = (g.n * padded + entry->tile - 1) / entry->tile;
     workers = std::min<int64_t>({tiles, std::max<int64_t>(threads, 1),
                                  std::max<int64_t>(g.Work() / kMinChunkWork, 1)});
     for (int64_t i = 1; i < workers; ++i)
@@ -564,7 +574,7 @@ ffi::Error ConvolveRows(const std::string& name, ffi::ThreadPool pool, int64_t t
   std::vector<char> wrote(workers, 0);
   auto job = std::make_shared<Job>(workers, [&](int64_t i) {
     float* out = i == 0 ? pout : static_cast<float*>(partials[i - 1]->data);
-    wrote[i] = RunRows(*entry, g, next, tiles, px, pdy, out);
+    wrote[i] = RunRows(entry, g, next, tiles, px, pdy, out);
   });
   for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->Drain(true); });
   job->Drain(pooled);
@@ -594,8 +604,17 @@ ffi::Error Convolve(Kernel kernel, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a
   }
   const int64_t threads = UseOpenmp() ? 0 : pool.num_threads();
   const bool pooled = threads > 0;  // without XLA's pool, oneDNN's own threads do the work
-  if (kernel == kKernelGrad && UseRows(g))
-    return ConvolveRows(name, pool, threads, g, a, b, result);
+  if (kernel == kKernelGrad && UseRows(g)) {
+    std::shared_ptr<Entry> entry;
+    try {
+      entry = Primitives().Get(kKernelGrad, g, g.n, pooled ? 1 : 0);
+    } catch (const dnnl::error& e) {
+      return ffi::Error::Internal(name + "oneDNN: " + e.what());
+    } catch (const std::exception& e) {
+      return ffi::Error::Internal(name + e.what());
+    }
+    if (entry->rows) return ConvolveRows(name, pool, threads, g, *entry, a, b, result);
+  }
   int64_t chunks = std::min<int64_t>({g.n, std::max<int64_t>(threads, 1),
                                       std::max<int64_t>(g.Work() / kMinChunkWork, 1)});
   const int64_t base = g.n / chunks, extra = g.n % chunks;  // `extra` chunks get one more
