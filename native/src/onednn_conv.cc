@@ -163,7 +163,7 @@ struct Entry {
   size_t scratch = 0;
   std::string implementation;
   uint64_t used = 0;
-  // Kernel gradients as row GEMMs (see RowGemms): `primitive` writes a tile's product,
+  // Kernel gradients as row GEMMs (see UseRows): `primitive` writes a tile's product,
   // `accumulate` adds it; a tile is `tile` rows of the padded input.
   bool rows = false;
   dnnl::primitive accumulate;
