@@ -545,6 +545,19 @@ struct Job {
   std::string error;
 };
 
+// Runs `fn`; an exception it throws comes back as an ffi::Error prefixed with `name`.
+template <typename Fn>
+ffi::Error Guarded(const std::string& name, Fn&& fn) {
+  try {
+    fn();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(name + "oneDNN: " + e.what());
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(name + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 // A kernel gradient by row GEMMs (see UseRows). Each of XLA's threads (or, when `threads`
 // is 0, the calling one on oneDNN's own threads) sums the tiles it takes into its own
 // output; a thread that starts late takes fewer, so none waits on a busy one.
@@ -556,17 +569,13 @@ ffi::Error ConvolveRows(const std::string& name, ffi::ThreadPool pool, int64_t t
   for (int d = 0; d < g.rank; ++d) padded *= g.spatial[d] + g.low[d] + g.high[d];
   std::vector<std::unique_ptr<Aligned>> partials;  // one sum per worker after the first
   const int64_t tiles = (g.n * padded + entry.tile - 1) / entry.tile;
-  int64_t workers = 0;
-  try {
-    workers = std::min<int64_t>({tiles, std::max<int64_t>(threads, 1),
-                                 std::max<int64_t>(g.Work() / kMinChunkWork, 1)});
+  const int64_t workers = std::min<int64_t>({tiles, std::max<int64_t>(threads, 1),
+                                             std::max<int64_t>(g.Work() / kMinChunkWork, 1)});
+  ffi::Error made = Guarded(name, [&] {
     for (int64_t i = 1; i < workers; ++i)
       partials.push_back(std::make_unique<Aligned>(g.KernelSize() * sizeof(float)));
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(name + "oneDNN: " + e.what());
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(name + e.what());
-  }
+  });
+  if (made.failure()) return made;
   const float* px = x.typed_data();
   const float* pdy = dy.typed_data();
   float* pout = result->typed_data();
@@ -606,13 +615,9 @@ ffi::Error Convolve(Kernel kernel, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a
   const bool pooled = threads > 0;  // without XLA's pool, oneDNN's own threads do the work
   if (kernel == kKernelGrad && UseRows(g)) {
     std::shared_ptr<Entry> entry;
-    try {
-      entry = Primitives().Get(kKernelGrad, g, g.n, pooled ? 1 : 0);
-    } catch (const dnnl::error& e) {
-      return ffi::Error::Internal(name + "oneDNN: " + e.what());
-    } catch (const std::exception& e) {
-      return ffi::Error::Internal(name + e.what());
-    }
+    ffi::Error got =
+        Guarded(name, [&] { entry = Primitives().Get(kKernelGrad, g, g.n, pooled ? 1 : 0); });
+    if (got.failure()) return got;
     if (entry->rows) return ConvolveRows(name, pool, threads, g, *entry, a, b, result);
   }
   int64_t chunks = std::min<int64_t>({g.n, std::max<int64_t>(threads, 1),
@@ -620,18 +625,15 @@ ffi::Error Convolve(Kernel kernel, ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a
   const int64_t base = g.n / chunks, extra = g.n % chunks;  // `extra` chunks get one more
   std::shared_ptr<Entry> small, large;
   std::vector<std::unique_ptr<Aligned>> partials;  // kernel_grad: one sum per extra chunk
-  try {
+  ffi::Error made = Guarded(name, [&] {
     small = Primitives().Get(kernel, g, base, pooled ? 1 : 0);
     large = extra ? Primitives().Get(kernel, g, base + 1, pooled ? 1 : 0) : small;
     if (kernel == kKernelGrad) {
       for (int64_t i = 1; i < chunks; ++i)
         partials.push_back(std::make_unique<Aligned>(g.KernelSize() * sizeof(float)));
     }
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(name + "oneDNN: " + e.what());
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(name + e.what());
-  }
+  });
+  if (made.failure()) return made;
   float* pa = a.typed_data();
   float* pb = b.typed_data();
   float* pout = result->typed_data();
