@@ -146,6 +146,41 @@ def test_max_pool_equals_reduce_window_and_sends_the_derivative_to_one_element()
     )
 
 
+@pytest.mark.parametrize(
+    "shape, window",
+    [((2, 7, 9, 3), (1, 2, 3, 1)), ((2, 5, 4, 6, 2), (1, 2, 2, 3, 1)), ((3, 8), (1, 4))],
+)
+def test_max_pool_second_derivatives_equal_xla_s(shape, window):
+    """The HVP (forward over reverse) and the tangent of the pooled values, against
+    ``reduce_window``'s own rules, including trailing elements that fill no window, a 3-D
+    and a 1-D window, and under vmap; with ties the tangent of the first element wins."""
+    x, t = _random(shape, 0), _random(shape, 1)
+
+    def xla_pool(x):
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, window, window, "VALID")
+
+    def loss(pool):
+        return lambda x: jnp.sum(jnp.tanh(pool(x)) ** 2)
+
+    def hvp(f, x, t):
+        return jax.jvp(jax.grad(f), (x,), (t,))[1]
+
+    ours, theirs = loss(lambda x: reshape_max_pool(x, window)), loss(xla_pool)
+    np.testing.assert_array_equal(hvp(ours, x, t), hvp(theirs, x, t))
+    np.testing.assert_array_equal(
+        jax.jvp(lambda x: reshape_max_pool(x, window), (x,), (t,))[1],
+        jax.jvp(xla_pool, (x,), (t,))[1],
+    )
+    many = jnp.stack([t, -3 * t])
+    np.testing.assert_array_equal(
+        jax.vmap(lambda t: hvp(ours, x, t))(many), jax.vmap(lambda t: hvp(theirs, x, t))(many)
+    )
+    tied = jnp.zeros((1, 2, 2, 1))
+    tangent = jnp.arange(1.0, 5.0).reshape(tied.shape)
+    _, out = jax.jvp(lambda x: reshape_max_pool(x, (1, 2, 2, 1)), (tied,), (tangent,))
+    assert float(out[0, 0, 0, 0]) == 1.0  # the first of four equal elements
+
+
 def test_what_is_not_rewritten_stays_and_still_agrees():
     x, w = _random((2, 6, 6, 4), 0), _random((3, 3, 2, 4), 1)
 
