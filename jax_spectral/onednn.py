@@ -5,7 +5,7 @@ XLA's CPU backend runs the input and kernel gradients of a convolution several t
 slower than the forward pass. oneDNN (the library TensorFlow uses on CPUs) has fast kernels
 for all three: the forward convolution, its input gradient (``backward_data``) and its
 kernel gradient (``backward_weights``; for stride-1 convolutions with 16 or more
-channels, matrix products over the padded input's positions instead). The optional
+channels, matrix products over the padded input's rows instead). The optional
 ``jax-spectral-onednn`` package (``native/`` in the repository, built from source by pip)
 compiles them as XLA FFI handlers in C++: XLA calls them with its own buffers and no
 Python runs on the call path. Three JAX primitives wrap them:

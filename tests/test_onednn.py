@@ -26,9 +26,12 @@ GEOMETRIES = {
     # enough work to split 7 images over XLA's threads in uneven chunks (4 and 3), whose
     # kernel gradients are summed
     "chunked": ((7, 26, 26, 8), (3, 3, 8, 16), (1, 1), ((0, 0), (0, 0)), (1, 1)),
-    # stride 1 and 16 or more channels: the kernel gradient as row GEMMs over the padded
-    # input (padding on both sides, dilation, 1-3 spatial dimensions, tiles over threads)
+    # stride 1 and 16 or more channels: the kernel gradient as row GEMMs over a grid of
+    # the padded input's leading positions and the output's last (padding on both sides,
+    # dilation of a leading and of the last dimension, 1-3 spatial dimensions, five tiles
+    # over the threads)
     "rows, padded, dilated": ((3, 10, 11, 16), (3, 2, 16, 24), (1, 1), ((1, 2), (1, 1)), (2, 1)),
+    "rows, last dilated": ((2, 9, 12, 16), (2, 3, 16, 20), (1, 1), ((1, 0), (2, 3)), (1, 2)),
     "rows, 1-D": ((2, 40, 16), (3, 16, 16), (1,), ((1, 1),), (1,)),
     "rows, 3-D": (
         (2, 6, 7, 5, 16),
@@ -37,7 +40,7 @@ GEOMETRIES = {
         ((0, 0), (1, 1), (0, 1)),
         (1, 1, 1),
     ),
-    "rows, three tiles": ((13, 40, 40, 16), (3, 3, 16, 16), (1, 1), ((0, 0), (0, 0)), (1, 1)),
+    "rows, tiles": ((13, 40, 40, 16), (3, 3, 16, 16), (1, 1), ((0, 0), (0, 0)), (1, 1)),
 }
 ROWS = [case for case in GEOMETRIES if case.startswith("rows")]
 

@@ -164,7 +164,7 @@ struct Entry {
   std::string implementation;
   uint64_t used = 0;
   // Kernel gradients as row GEMMs (see UseRows): `primitive` writes a tile's product,
-  // `accumulate` adds it; a tile is `tile` rows of the padded input.
+  // `accumulate` adds it; a tile is `tile` rows of the grid (see RowGrid).
   bool rows = false;
   dnnl::primitive accumulate;
   dnnl::memory::desc a, b, c;
@@ -173,16 +173,45 @@ struct Entry {
 
 // The kernel gradient of a stride-1 convolution as matrix products, which oneDNN's GEMM
 // runs about twice as fast as its direct kernel-gradient kernel (jit:avx2) on a CIFAR CNN's
-// 3x3 layers. Number the positions of the zero-padded input (n, p) row by row; the output
-// gradient, zero-extended to the same positions (rows outside the output are zero), is a
-// matrix D of those rows by O channels, and the padded input a matrix X by C channels. A
-// kernel tap k shifts the input by a fixed number of rows, off_k = sum_d k_d dil_d
-// stride_d(padded), and never across an image for a nonzero row of D, so
-//   dW[k] = X[off_k:]^T D,  a (C x rows) (rows x O) product.
-// The rows go in tiles that stay in cache across the taps: each tile's D rows and the
-// X rows it reaches are copied (padding and the zero rows made on the way), then one GEMM
-// per tap adds to dW. It costs the padded positions' extra rows, so it is used where they
-// are few (at most twice the output's) and the channels fill a GEMM.
+// 3x3 layers. Number the positions (n, p) of a grid row by row: the zero-padded input's
+// extents in the leading spatial dimensions, the output's in the last. The output gradient,
+// zero-extended to the grid (rows outside the output are zero), is a matrix D of those rows
+// by O channels. The window matrix X has a row per grid position too: the window's taps
+// along the last dimension, p_last + k dil_last for k < window_last, of that line of the
+// padded input, C channels each (im2col along the last dimension only). A tap k of the
+// leading dimensions shifts X by a fixed number of rows, off_k = sum_d k_d dil_d
+// stride_d(grid), and never across an image for a nonzero row of D, so
+//   dW[k, :, :, :] = X[off_k:]^T D,  a (window_last C x rows) (rows x O) product
+// that fills the kernel's (window_last, C, O) block of leading tap k. The rows go in tiles
+// that stay in cache across the leading taps: each tile's D rows and the X rows it reaches
+// are copied (padding and zero rows made on the way), then one GEMM per leading tap adds
+// to dW. It costs the grid's extra rows (the padding of the leading dimensions), so it is
+// used where they are few (at most twice the output's positions) and the channels fill a
+// GEMM; a 1-D convolution has none.
+struct RowGrid {
+  dnnl::memory::dims grid, zeros, stride;  // the grid's extents and row strides
+  std::vector<int64_t> offsets;            // the leading taps' row shifts, in kernel order
+  int64_t reach = 0, rows = 0, width = 0;  // the largest shift; all rows; X's columns
+
+  explicit RowGrid(const Geometry& g) : grid(g.rank), zeros(g.rank, 0), stride(g.rank) {
+    const int last = g.rank - 1;
+    for (int d = 0; d < g.rank; ++d)
+      grid[d] = d == last ? g.out[d] : g.spatial[d] + g.low[d] + g.high[d];
+    for (int d = g.rank; d-- > 0;) stride[d] = d < last ? stride[d + 1] * grid[d + 1] : 1;
+    offsets = {0};
+    for (int d = 0; d < last; ++d) {
+      const int64_t step = (g.dilation[d] + 1) * stride[d];
+      std::vector<int64_t> more;
+      for (int64_t o : offsets)
+        for (int64_t k = 0; k < g.window[d]; ++k) more.push_back(o + k * step);
+      offsets.swap(more);
+      reach += (g.window[d] - 1) * step;
+    }
+    rows = g.n * Geometry::Product(grid);
+    width = g.window[last] * g.c;
+  }
+};
+
 bool UseRows(const Geometry& g) {
   // JAX_SPECTRAL_ONEDNN_ROWS=0 keeps oneDNN's own kernel gradient (to compare the two).
   static const bool allowed = [] {
@@ -190,17 +219,13 @@ bool UseRows(const Geometry& g) {
     return !(setting && std::string(setting) == "0");
   }();
   if (!allowed) return false;
-  int64_t padded = 1, out = 1;
-  for (int d = 0; d < g.rank; ++d) {
+  for (int d = 0; d < g.rank; ++d)
     if (g.strides[d] != 1) return false;
-    padded *= g.spatial[d] + g.low[d] + g.high[d];
-    out *= g.out[d];
-  }
-  return g.c >= 16 && g.o >= 16 && padded <= 2 * out;
+  return g.c >= 16 && g.o >= 16 && RowGrid(g).rows <= 2 * g.n * Geometry::Product(g.out);
 }
 
 int64_t RowTile(const Geometry& g) {  // about 1 MB of tile operands
-  return std::max<int64_t>(256, (int64_t{1} << 18) / (g.c + g.o));
+  return std::max<int64_t>(256, (int64_t{1} << 18) / (RowGrid(g).width + g.o));
 }
 
 // The primitive of `pd`, its implementation's name, its scratchpad size and the kernel
@@ -241,9 +266,10 @@ std::shared_ptr<Entry> Build(Kernel kernel, const Geometry& g, int64_t images, i
     auto& engine = Engine();
     const int64_t t = RowTile(g);
     entry->tile = t;
-    entry->a = dnnl::memory::desc({g.c, t}, dnnl::memory::data_type::f32, {1, g.c});
+    const int64_t width = RowGrid(g).width;
+    entry->a = dnnl::memory::desc({width, t}, dnnl::memory::data_type::f32, {1, width});
     entry->b = dnnl::memory::desc({t, g.o}, dnnl::memory::data_type::f32, {g.o, 1});
-    entry->c = dnnl::memory::desc({g.c, g.o}, dnnl::memory::data_type::f32, {g.o, 1});
+    entry->c = dnnl::memory::desc({width, g.o}, dnnl::memory::data_type::f32, {g.o, 1});
     dnnl::primitive_attr write, add;
     dnnl::post_ops sum;
     sum.append_sum(1.0f);
@@ -393,10 +419,10 @@ void RunChunk(Kernel kernel, const Entry& e, float* a, float* b, float* out) {
   stream.wait();
 }
 
-// Copies rows [begin, end) of a padded-position matrix into `to`: row r is position
-// (n, p) of images with `padded` spatial extents; the source holds (n, *extent, ch)
-// channels last at positions p - lo; rows outside it, or past `total`, are zeros. Runs
-// along the last spatial dimension go in one copy.
+// Copies rows [begin, end) of a position matrix into `to`: row r is position (n, p) of
+// a grid with extents `padded`; the source holds (n, *extent, ch) channels last at
+// positions p - lo; rows outside it, or past `total`, are zeros. Runs along the last
+// spatial dimension go in one copy.
 void CopyRows(float* to, const float* from, int64_t begin, int64_t end, int64_t total,
               const dnnl::memory::dims& padded, const dnnl::memory::dims& lo,
               const dnnl::memory::dims& extent, int64_t ch) {
@@ -443,30 +469,73 @@ void CopyRows(float* to, const float* from, int64_t begin, int64_t end, int64_t 
   if (end > r) std::memset(to, 0, (end - r) * ch * sizeof(float));
 }
 
-// A kernel gradient by row GEMMs (see UseRows): takes tiles from `next` until all `tiles`
+// Copies rows [begin, end) of the window matrix X (see RowGrid) into `to`: row r is grid
+// position (n, p) and holds positions p_last + k step (k < taps) of line p of the padded
+// input, `ch` channels each; the source holds (n, *extent, ch) channels last at positions
+// p - lo; positions outside it, and rows past `total`, are zeros.
+void CopyWindows(float* to, const float* from, int64_t begin, int64_t end, int64_t total,
+                 const dnnl::memory::dims& grid, const dnnl::memory::dims& lo,
+                 const dnnl::memory::dims& extent, int64_t ch, int64_t taps, int64_t step) {
+  const size_t rank = grid.size(), last = rank - 1;
+  const int64_t positions = Geometry::Product(grid), image = Geometry::Product(extent) * ch;
+  const int64_t width = taps * ch;
+  std::vector<int64_t> p(rank);
+  int64_t n = begin / positions, rem = begin % positions;
+  for (size_t d = rank; d-- > 0;) {
+    p[d] = rem % grid[d];
+    rem /= grid[d];
+  }
+  const int64_t stop = std::min(end, total);
+  for (int64_t r = begin; r < stop; ++r, to += width) {
+    bool inside = true;
+    int64_t offset = 0;
+    for (size_t d = 0; d < last && inside; ++d) {
+      const int64_t q = p[d] - lo[d];
+      inside = q >= 0 && q < extent[d];
+      offset = offset * extent[d] + q;
+    }
+    if (!inside) {
+      std::memset(to, 0, width * sizeof(float));
+    } else {
+      const float* line = from + n * image + offset * extent[last] * ch;
+      const int64_t first = p[last] - lo[last];  // the line's position of tap 0
+      if (step == 1) {  // the taps are one run: zeros, the part inside the line, zeros
+        const int64_t a = std::clamp<int64_t>(-first, 0, taps);
+        const int64_t b = std::clamp<int64_t>(extent[last] - first, a, taps);
+        std::memset(to, 0, a * ch * sizeof(float));
+        std::memcpy(to + a * ch, line + (first + a) * ch, (b - a) * ch * sizeof(float));
+        std::memset(to + b * ch, 0, (taps - b) * ch * sizeof(float));
+      } else {
+        for (int64_t k = 0; k < taps; ++k) {
+          const int64_t q = first + k * step;
+          if (q >= 0 && q < extent[last]) {
+            std::memcpy(to + k * ch, line + q * ch, ch * sizeof(float));
+          } else {
+            std::memset(to + k * ch, 0, ch * sizeof(float));
+          }
+        }
+      }
+    }
+    for (size_t d = rank; d-- > 0 && ++p[d] >= grid[d];) {  // the next position
+      p[d] = 0;
+      if (d == 0) ++n;
+    }
+  }
+  if (end > stop) std::memset(to, 0, (end - stop) * width * sizeof(float));
+}
+
+// A kernel gradient by row GEMMs (see RowGrid): takes tiles from `next` until all `tiles`
 // are taken and sums their products into `out`, laid out (*window, C, O). Returns
 // whether it took any (then `out` is written, otherwise untouched).
-bool RunRows(const Entry& e, const Geometry& g, std::atomic<int64_t>& next, int64_t tiles,
-             const float* x, const float* dy, float* out) {
+bool RunRows(const Entry& e, const Geometry& g, const RowGrid& rg, std::atomic<int64_t>& next,
+             int64_t tiles, const float* x, const float* dy, float* out) {
   using Args = std::unordered_map<int, dnnl::memory>;
   auto& engine = Engine();
   thread_local dnnl::stream stream(engine);
-  dnnl::memory::dims padded(g.rank), zeros(g.rank, 0), stride(g.rank);
-  for (int d = 0; d < g.rank; ++d) padded[d] = g.spatial[d] + g.low[d] + g.high[d];
-  for (int d = g.rank; d-- > 0;) stride[d] = d + 1 < g.rank ? stride[d + 1] * padded[d + 1] : 1;
-  std::vector<int64_t> offsets = {0};  // the taps' row shifts, in the kernel's order
-  int64_t reach = 0;
-  for (int d = 0; d < g.rank; ++d) {
-    const int64_t step = (g.dilation[d] + 1) * stride[d];
-    std::vector<int64_t> more;
-    for (int64_t o : offsets)
-      for (int64_t k = 0; k < g.window[d]; ++k) more.push_back(o + k * step);
-    offsets.swap(more);
-    reach += (g.window[d] - 1) * step;
-  }
-  const int64_t rows = g.n * Geometry::Product(padded), t = e.tile;
+  const int last = g.rank - 1;
+  const int64_t t = e.tile;
   thread_local std::vector<float> xs, ds;
-  xs.resize((t + reach) * g.c);
+  xs.resize((t + rg.reach) * rg.width);
   ds.resize(t * g.o);
   Aligned scratch(e.scratch);  // user-managed: threads never share oneDNN's
   dnnl::memory::desc scratch_bytes({static_cast<int64_t>(e.scratch)},
@@ -474,13 +543,14 @@ bool RunRows(const Entry& e, const Geometry& g, std::atomic<int64_t>& next, int6
   bool wrote = false;
   for (int64_t tile = next.fetch_add(1); tile < tiles; tile = next.fetch_add(1)) {
     const int64_t begin = tile * t;
-    CopyRows(ds.data(), dy, begin, begin + t, rows, padded, zeros, g.out, g.o);
-    CopyRows(xs.data(), x, begin, begin + t + reach, rows, padded, g.low, g.spatial, g.c);
+    CopyRows(ds.data(), dy, begin, begin + t, rg.rows, rg.grid, rg.zeros, g.out, g.o);
+    CopyWindows(xs.data(), x, begin, begin + t + rg.reach, rg.rows, rg.grid, g.low, g.spatial,
+                g.c, g.window[last], g.dilation[last] + 1);
     const dnnl::primitive& gemm = wrote ? e.accumulate : e.primitive;
     dnnl::memory b(e.b, engine, ds.data());
-    for (size_t k = 0; k < offsets.size(); ++k) {
-      dnnl::memory a(e.a, engine, xs.data() + offsets[k] * g.c);
-      dnnl::memory c(e.c, engine, out + k * g.c * g.o);
+    for (size_t k = 0; k < rg.offsets.size(); ++k) {
+      dnnl::memory a(e.a, engine, xs.data() + rg.offsets[k] * rg.width);
+      dnnl::memory c(e.c, engine, out + k * rg.width * g.o);
       Args args{{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b}, {DNNL_ARG_DST, c}};
       if (e.scratch)
         args.emplace(DNNL_ARG_SCRATCHPAD, dnnl::memory(scratch_bytes, engine, scratch.data));
@@ -558,17 +628,16 @@ ffi::Error Guarded(const std::string& name, Fn&& fn) {
   return ffi::Error::Success();
 }
 
-// A kernel gradient by row GEMMs (see UseRows). Each of XLA's threads (or, when `threads`
+// A kernel gradient by row GEMMs (see RowGrid). Each of XLA's threads (or, when `threads`
 // is 0, the calling one on oneDNN's own threads) sums the tiles it takes into its own
 // output; a thread that starts late takes fewer, so none waits on a busy one.
 ffi::Error ConvolveRows(const std::string& name, ffi::ThreadPool pool, int64_t threads,
                         const Geometry& g, const Entry& entry, ffi::Buffer<ffi::F32> x,
                         ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> result) {
   const bool pooled = threads > 0;
-  int64_t padded = 1;
-  for (int d = 0; d < g.rank; ++d) padded *= g.spatial[d] + g.low[d] + g.high[d];
+  const RowGrid rg(g);
   std::vector<std::unique_ptr<Aligned>> partials;  // one sum per worker after the first
-  const int64_t tiles = (g.n * padded + entry.tile - 1) / entry.tile;
+  const int64_t tiles = (rg.rows + entry.tile - 1) / entry.tile;
   const int64_t workers = std::min<int64_t>({tiles, std::max<int64_t>(threads, 1),
                                              std::max<int64_t>(g.Work() / kMinChunkWork, 1)});
   ffi::Error made = Guarded(name, [&] {
@@ -583,7 +652,7 @@ ffi::Error ConvolveRows(const std::string& name, ffi::ThreadPool pool, int64_t t
   std::vector<char> wrote(workers, 0);
   auto job = std::make_shared<Job>(workers, [&](int64_t i) {
     float* out = i == 0 ? pout : static_cast<float*>(partials[i - 1]->data);
-    wrote[i] = RunRows(entry, g, next, tiles, px, pdy, out);
+    wrote[i] = RunRows(entry, g, rg, next, tiles, px, pdy, out);
   });
   for (int64_t i = 1; i < workers; ++i) pool.Schedule([job] { job->Drain(true); });
   job->Drain(pooled);
