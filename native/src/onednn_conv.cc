@@ -419,6 +419,30 @@ void RunChunk(Kernel kernel, const Entry& e, float* a, float* b, float* out) {
   stream.wait();
 }
 
+// Grid row `row`'s image, and its position in `p`, for a grid with extents `grid`.
+int64_t GridPosition(int64_t row, const dnnl::memory::dims& grid, std::vector<int64_t>& p) {
+  const int64_t positions = Geometry::Product(grid);
+  int64_t rem = row % positions;
+  for (size_t d = grid.size(); d-- > 0;) {
+    p[d] = rem % grid[d];
+    rem /= grid[d];
+  }
+  return row / positions;
+}
+
+// Whether position p's leading coordinates (all but the last), less `lo`, lie inside
+// `extent`; if so `line` is the number of that line of the source image.
+bool SourceLine(const std::vector<int64_t>& p, const dnnl::memory::dims& lo,
+                const dnnl::memory::dims& extent, int64_t* line) {
+  *line = 0;
+  for (size_t d = 0; d + 1 < p.size(); ++d) {
+    const int64_t q = p[d] - lo[d];
+    if (q < 0 || q >= extent[d]) return false;
+    *line = *line * extent[d] + q;
+  }
+  return true;
+}
+
 // Copies rows [begin, end) of a position matrix into `to`: row r is position (n, p) of
 // a grid with extents `padded`; the source holds (n, *extent, ch) channels last at
 // positions p - lo; rows outside it, or past `total`, are zeros. Runs along the last
@@ -427,23 +451,13 @@ void CopyRows(float* to, const float* from, int64_t begin, int64_t end, int64_t 
               const dnnl::memory::dims& padded, const dnnl::memory::dims& lo,
               const dnnl::memory::dims& extent, int64_t ch) {
   const size_t rank = padded.size(), last = rank - 1;
-  const int64_t positions = Geometry::Product(padded), image = Geometry::Product(extent) * ch;
+  const int64_t image = Geometry::Product(extent) * ch;
   std::vector<int64_t> p(rank);
-  int64_t n = begin / positions, rem = begin % positions;
-  for (size_t d = rank; d-- > 0;) {
-    p[d] = rem % padded[d];
-    rem /= padded[d];
-  }
+  int64_t n = GridPosition(begin, padded, p), offset;
   int64_t r = begin;
   const int64_t stop = std::min(end, total);
   while (r < stop) {
-    bool inside = true;
-    int64_t offset = 0;
-    for (size_t d = 0; d < last && inside; ++d) {
-      const int64_t q = p[d] - lo[d];
-      inside = q >= 0 && q < extent[d];
-      offset = offset * extent[d] + q;
-    }
+    const bool inside = SourceLine(p, lo, extent, &offset);
     const int64_t q = p[last] - lo[last];
     int64_t run;  // rows to the next change along the last dimension
     if (inside && q >= 0 && q < extent[last]) {
@@ -477,24 +491,12 @@ void CopyWindows(float* to, const float* from, int64_t begin, int64_t end, int64
                  const dnnl::memory::dims& grid, const dnnl::memory::dims& lo,
                  const dnnl::memory::dims& extent, int64_t ch, int64_t taps, int64_t step) {
   const size_t rank = grid.size(), last = rank - 1;
-  const int64_t positions = Geometry::Product(grid), image = Geometry::Product(extent) * ch;
-  const int64_t width = taps * ch;
+  const int64_t image = Geometry::Product(extent) * ch, width = taps * ch;
   std::vector<int64_t> p(rank);
-  int64_t n = begin / positions, rem = begin % positions;
-  for (size_t d = rank; d-- > 0;) {
-    p[d] = rem % grid[d];
-    rem /= grid[d];
-  }
+  int64_t n = GridPosition(begin, grid, p), offset;
   const int64_t stop = std::min(end, total);
   for (int64_t r = begin; r < stop; ++r, to += width) {
-    bool inside = true;
-    int64_t offset = 0;
-    for (size_t d = 0; d < last && inside; ++d) {
-      const int64_t q = p[d] - lo[d];
-      inside = q >= 0 && q < extent[d];
-      offset = offset * extent[d] + q;
-    }
-    if (!inside) {
+    if (!SourceLine(p, lo, extent, &offset)) {
       std::memset(to, 0, width * sizeof(float));
     } else {
       const float* line = from + n * image + offset * extent[last] * ch;
