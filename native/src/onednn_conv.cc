@@ -505,7 +505,7 @@ void CopyWindows(float* to, const float* from, int64_t begin, int64_t end, int64
         const int64_t a = std::clamp<int64_t>(-first, 0, taps);
         const int64_t b = std::clamp<int64_t>(extent[last] - first, a, taps);
         std::memset(to, 0, a * ch * sizeof(float));
-        std::memcpy(to + a * ch, line + (first + a) * ch, (b - a) * ch * sizeof(float));
+        if (b > a) std::memcpy(to + a * ch, line + (first + a) * ch, (b - a) * ch * sizeof(float));
         std::memset(to + b * ch, 0, (taps - b) * ch * sizeof(float));
       } else {
         for (int64_t k = 0; k < taps; ++k) {
