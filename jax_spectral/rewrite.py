@@ -145,7 +145,9 @@ def reshape_max_pool(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
     reshaped so that each window has its own axes, and each output is its window's first
     largest element in row-major order (a NaN, once seen, wins), found by a running
     selection over the window's places. The derivative goes to that one element, as XLA's
-    ``reduce_window`` rule sends it to one: the tangent is the input's tangent kept where
+    ``reduce_window`` rule sends it to one (the same one, except in a window holding a NaN,
+    whose value is NaN either way: XLA's goes to the window's last element, this one to the
+    first NaN): the tangent is the input's tangent kept where
     a mask marks that element and summed over the window's axes, and its transpose one
     masked broadcast. XLA fuses each into one loop, where ``reduce_window``'s rules lower
     to ``select_and_gather``/``select_and_scatter`` and a selection over strided slices
