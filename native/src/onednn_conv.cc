@@ -444,16 +444,16 @@ bool SourceLine(const std::vector<int64_t>& p, const dnnl::memory::dims& lo,
 }
 
 // Copies rows [begin, end) of a position matrix into `to`: row r is position (n, p) of
-// a grid with extents `padded`; the source holds (n, *extent, ch) channels last at
+// a grid with extents `grid`; the source holds (n, *extent, ch) channels last at
 // positions p - lo; rows outside it, or past `total`, are zeros. Runs along the last
 // spatial dimension go in one copy.
 void CopyRows(float* to, const float* from, int64_t begin, int64_t end, int64_t total,
-              const dnnl::memory::dims& padded, const dnnl::memory::dims& lo,
+              const dnnl::memory::dims& grid, const dnnl::memory::dims& lo,
               const dnnl::memory::dims& extent, int64_t ch) {
-  const size_t rank = padded.size(), last = rank - 1;
+  const size_t rank = grid.size(), last = rank - 1;
   const int64_t image = Geometry::Product(extent) * ch;
   std::vector<int64_t> p(rank);
-  int64_t n = GridPosition(begin, padded, p), offset;
+  int64_t n = GridPosition(begin, grid, p), offset;
   int64_t r = begin;
   const int64_t stop = std::min(end, total);
   while (r < stop) {
@@ -465,13 +465,13 @@ void CopyRows(float* to, const float* from, int64_t begin, int64_t end, int64_t 
       const float* source = from + n * image + (offset * extent[last] + q) * ch;
       std::memcpy(to, source, run * ch * sizeof(float));
     } else {
-      run = std::min((inside && q < 0 ? lo[last] : padded[last]) - p[last], stop - r);
+      run = std::min((inside && q < 0 ? lo[last] : grid[last]) - p[last], stop - r);
       std::memset(to, 0, run * ch * sizeof(float));
     }
     to += run * ch;
     r += run;
     p[last] += run;
-    for (size_t d = rank; d-- > 0 && p[d] >= padded[d];) {  // carry into the next position
+    for (size_t d = rank; d-- > 0 && p[d] >= grid[d];) {  // carry into the next position
       p[d] = 0;
       if (d == 0) {
         ++n;
@@ -501,20 +501,12 @@ void CopyWindows(float* to, const float* from, int64_t begin, int64_t end, int64
     } else {
       const float* line = from + n * image + offset * extent[last] * ch;
       const int64_t first = p[last] - lo[last];  // the line's position of tap 0
-      if (step == 1) {  // the taps are one run: zeros, the part inside the line, zeros
-        const int64_t a = std::clamp<int64_t>(-first, 0, taps);
-        const int64_t b = std::clamp<int64_t>(extent[last] - first, a, taps);
-        std::memset(to, 0, a * ch * sizeof(float));
-        if (b > a) std::memcpy(to + a * ch, line + (first + a) * ch, (b - a) * ch * sizeof(float));
-        std::memset(to + b * ch, 0, (taps - b) * ch * sizeof(float));
-      } else {
-        for (int64_t k = 0; k < taps; ++k) {
-          const int64_t q = first + k * step;
-          if (q >= 0 && q < extent[last]) {
-            std::memcpy(to + k * ch, line + q * ch, ch * sizeof(float));
-          } else {
-            std::memset(to + k * ch, 0, ch * sizeof(float));
-          }
+      for (int64_t k = 0; k < taps; ++k) {
+        const int64_t q = first + k * step;
+        if (q >= 0 && q < extent[last]) {
+          std::memcpy(to + k * ch, line + q * ch, ch * sizeof(float));
+        } else {
+          std::memset(to + k * ch, 0, ch * sizeof(float));
         }
       }
     }
