@@ -147,11 +147,11 @@ def reshape_max_pool(x: jax.Array, window: tuple[int, ...]) -> jax.Array:
     selection over the window's places. The derivative goes to that one element, as XLA's
     ``reduce_window`` rule sends it to one (the same one, except in a window holding a NaN,
     whose value is NaN either way: XLA's goes to the window's last element, this one to the
-    first NaN): the tangent is the input's tangent kept where
-    a mask marks that element and summed over the window's axes, and its transpose one
-    masked broadcast. XLA fuses each into one loop, where ``reduce_window``'s rules lower
-    to ``select_and_gather``/``select_and_scatter`` and a selection over strided slices
-    transposes to interior padding (on the CIFAR CNN's HVP: 105 against 65 ms)."""
+    first NaN): the tangent is the input's tangent kept where a mask marks that element
+    and summed over the window's axes, and its transpose one masked broadcast. XLA fuses
+    each into one loop, where ``reduce_window``'s rules lower to ``select_and_gather``/
+    ``select_and_scatter`` and a selection over strided slices transposes to interior
+    padding (on the CIFAR CNN's HVP: 105 against 65 ms)."""
     out = [n // k for n, k in zip(x.shape, window, strict=True)]
     x = x[tuple(slice(0, n * k) for n, k in zip(out, window, strict=True))]
     split = [d for n, k in zip(out, window, strict=True) for d in (n, k)]
@@ -169,7 +169,7 @@ def _pool_windows_jvp(window, primals, tangents):
     (windows,), (dwindows,) = primals, tangents
     best, place = _first_largest(windows, window)
     inside = tuple(range(1, 2 * len(window), 2))  # the axes of places in a window
-    places = np.arange(math.prod(window), dtype=np.int32).reshape(window)
+    places = np.arange(math.prod(window), dtype=np.int32)  # row-major, on the window's axes
     first = jnp.expand_dims(place, inside) == places.reshape([d for k in window for d in (1, k)])
     kept = jnp.where(first, dwindows, jnp.zeros((), dwindows.dtype))
     return best, jnp.sum(kept, axis=inside, dtype=dwindows.dtype)
